@@ -1,0 +1,223 @@
+"""From a model definition to its Derivation: the one contract with codegen/.
+
+The step is a list of nodes, each linear (z = W v) or elementwise (z = f(args),
+f a SymPy expression over element symbols). Reverse mode over that list gives the
+local rules, all from ``sympy.diff``:
+
+* elementwise z = f(a, b, ...):   a_bar += z_bar * df/da   (a ``Partial``)
+* linear z = W v:                 v_bar += W^T z_bar,  W_bar += z_bar v^T
+
+A state's previous value h_prev is the state's value one step earlier, so its
+adjoint at step t is added to the state's adjoint at t-1. Sweeping t from T-1 down
+to 0 once gives seed 000's accumulated recurrence
+
+    delta_t = dl_t/ds_t + J_{t+1}^T delta_{t+1},
+
+in O(T). Nodes are split into three phases so code generators can hoist:
+
+* ``pre``:  depends on no state (input projections): all T steps in one batch
+            before the time loop;
+* ``loop``: on the recurrent path: step by step;
+* ``post``: reads states but feeds no update (the readout and loss): all T steps
+            in one batch after the loop.
+
+Weight gradients are sums over t of outer products, so every one is a single
+matrix product over all T*B rows once the adjoints are stored. The naive O(T^2),
+truncated and forward-mode (RTRL) algorithms reuse the same nodes and partials.
+"""
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import losses
+from .model import DefinitionError, Model
+from .simplify import DropZeroSteps, ThroughStoredValues, simplify
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple  # size names
+    kind: str  # "matrix" | "vector"
+    role: str  # "weight" | "bias" | "diagonal"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One vector of the step. ``args`` are the vectors an elementwise node reads
+    (nodes, the input, previous states); ``params`` the parameter vectors."""
+
+    name: str
+    size: str
+    kind: str  # "linear" | "elementwise"
+    phase: str  # "pre" | "loop" | "post"
+    expr: sp.Expr = None
+    args: tuple = ()
+    params: tuple = ()
+    weight: str = None
+    source: str = None
+
+
+@dataclass(frozen=True)
+class Partial:
+    """d node / d wrt, simplified through stored values: wrt_bar += node_bar * expr."""
+
+    node: str
+    wrt: str
+    expr: sp.Expr
+
+
+@dataclass(frozen=True)
+class StateInfo:
+    name: str  # the update node's name, holding s_t
+    size: str
+    prev: str  # the symbol of s_{t-1}
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    node: str  # the readout z
+    size: str
+    loss: losses.Loss
+    error: sp.Expr  # dl/dz_k in y (prediction) and d (target)
+    at: str  # "every" | "last"
+
+
+@dataclass(frozen=True)
+class Derivation:
+    name: str
+    sizes: tuple
+    input: str
+    input_size: str
+    states: tuple  # StateInfo
+    params: tuple  # Param
+    nodes: tuple  # Node, forward order
+    partials: tuple  # Partial, grouped by node in forward order
+    loss: LossInfo
+    l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
+    l2_gradient: sp.Expr
+
+    def node(self, name):
+        return self._by_name()[name]
+
+    def _by_name(self):
+        return {n.name: n for n in self.nodes}
+
+    def phase_nodes(self, phase):
+        return tuple(n for n in self.nodes if n.phase == phase)
+
+    def partials_of(self, node):
+        return tuple(p for p in self.partials if p.node == node)
+
+    def param(self, name):
+        return next(p for p in self.params if p.name == name)
+
+    def size_of(self, name):
+        """Size name of any vector: node, input, previous state or vector param."""
+        if name == self.input:
+            return self.input_size
+        for s in self.states:
+            if name == s.prev:
+                return s.size
+        for p in self.params:
+            if name == p.name:
+                return p.shape[0]
+        return self.node(name).size
+
+    def state_of_prev(self, name):
+        return next((s for s in self.states if s.prev == name), None)
+
+
+W_ELEM, LAM = sp.symbols("w lambda", real=True)
+
+
+def derive(model: Model) -> Derivation:
+    """Check a finished definition and derive its backward pass."""
+    _check_complete(model)
+    vector_params = {p.name for p in model.params.values() if p.kind == "vector"}
+    prevs = {f"{s}_prev": s for s in model.states}
+
+    # Phases: which nodes depend on a state, which feed a state update.
+    depends = {name: True for name in prevs}
+    for n in model.nodes:
+        reads = [n.source] if n.kind == "linear" else [s.name for s in n.expr.free_symbols]
+        depends[n.name] = any(depends.get(r, False) for r in reads)
+    feeds = set(model.states)
+    for n in reversed(model.nodes):
+        if n.name in feeds:
+            feeds.update([n.source] if n.kind == "linear" else
+                         [s.name for s in n.expr.free_symbols])
+
+    nodes, partials, stored = [], [], []
+    rules_tail = [DropZeroSteps()]
+    for n in model.nodes:
+        if n.name in model.states or (depends[n.name] and n.name in feeds):
+            phase = "loop"
+        elif depends[n.name]:
+            phase = "post"
+        else:
+            phase = "pre"
+        if n.kind == "linear":
+            nodes.append(Node(n.name, n.size, "linear", phase, weight=n.weight,
+                              source=n.source))
+            continue
+        names = sorted(s.name for s in n.expr.free_symbols)
+        args = tuple(a for a in names if a not in vector_params)
+        params = tuple(a for a in names if a in vector_params)
+        own = sp.Symbol(n.name, real=True)
+        if not isinstance(n.expr, sp.Symbol):
+            stored.insert(0, (n.expr, own))
+        rules = [ThroughStoredValues(tuple(stored))] + rules_tail
+        for wrt in args + params:
+            local = sp.diff(n.expr, sp.Symbol(wrt, real=True))
+            partials.append(Partial(n.name, wrt, simplify(local, rules)))
+        nodes.append(Node(n.name, n.size, "elementwise", phase, expr=n.expr, args=args,
+                          params=params))
+
+    out = model.output_node
+    if any(n.name == out and n.phase == "loop" for n in nodes):
+        raise DefinitionError("the readout feeds the recurrence; make it a state",
+                              location=model.states[next(iter(model.states))].location)
+    loss = LossInfo(out, model.size_of(out), model.loss, model.loss.error(), model.loss_at)
+    penalty = LAM / 2 * W_ELEM ** 2
+    return Derivation(
+        name=model.name,
+        sizes=model.sizes,
+        input=next(iter(model.inputs)),
+        input_size=next(iter(model.inputs.values())),
+        states=tuple(StateInfo(s, st.size, f"{s}_prev") for s, st in model.states.items()),
+        params=tuple(Param(p.name, p.shape, p.kind, p.role) for p in model.params.values()),
+        nodes=tuple(nodes),
+        partials=tuple(partials),
+        loss=loss,
+        l2_penalty=penalty,
+        l2_gradient=sp.diff(penalty, W_ELEM),
+    )
+
+
+def _check_complete(model):
+    if not model.inputs:
+        raise DefinitionError(f"model '{model.name}' declares no input (m.input(...))",
+                              location=None)
+    if not model.states:
+        raise DefinitionError(f"model '{model.name}' declares no recurrent state "
+                              "(m.state(...))", location=None)
+    for st in model.states.values():
+        if not st.updated:
+            raise DefinitionError(
+                f"state '{st.name}' is never updated: add m.update({st.name}, ...)",
+                location=st.location)
+    if model.output_node is None:
+        raise DefinitionError(f"model '{model.name}' has no output: add "
+                              "m.output(vector, loss=...)", location=None)
+    used = set(model.inputs)
+    for n in model.nodes:
+        used.update([n.weight, n.source] if n.kind == "linear" else
+                    [s.name for s in n.expr.free_symbols])
+    for p in model.params.values():
+        if p.name not in used:
+            raise DefinitionError(f"parameter '{p.name}' is declared but never used",
+                                  location=p.location)
+    if model.loss.target == "index" and model.loss_at not in ("every", "last"):
+        raise DefinitionError("unknown loss schedule")

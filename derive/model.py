@@ -1,0 +1,385 @@
+"""The model definition API: the first stage of the data flow.
+
+A definition declares sizes, inputs, recurrent states and parameters, then writes
+one time step with ``@`` (matrix-vector products) and elementwise arithmetic on
+vectors (any SymPy-differentiable function). Each vector is a SymPy expression
+over *element symbols*: the symbol ``h`` stands for one element h_k, so ``tanh(a +
+b)`` is the elementwise map. Matrix-vector products cannot be written per element,
+so each becomes a named linear node. Mistakes are reported when the line that
+makes them runs, with that line's file and number.
+
+    m = Model("elman", sizes=("I", "H", "O"))
+    x = m.input("x", "I")
+    h = m.state("h", "H")
+    W_xh, W_hh, b_h = m.matrix("W_xh", "H", "I"), m.matrix("W_hh", "H", "H"), m.bias("b_h", "H")
+    m.update(h, tanh(W_xh @ x + W_hh @ h.prev + b_h))
+    m.output(m.matrix("W_hy", "O", "H") @ h + m.bias("b_y", "O"), loss=softmax_cross_entropy)
+"""
+
+import os
+import traceback
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import functions, losses
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class DefinitionError(ValueError):
+    """A model definition that cannot be derived; names the line and symbol."""
+
+    def __init__(self, message, location=None):
+        self.location = location or _caller_location()
+        where = f"{self.location}: " if self.location else ""
+        super().__init__(where + message)
+
+
+def _caller_location():
+    """'file:line' of the innermost frame outside derive/'s engine modules.
+
+    Built-in definitions in derive/models/ count as user code: an error in one
+    should point at its line too.
+    """
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if os.path.dirname(path) != _HERE:
+            return f"{frame.filename}:{frame.lineno}"
+    return None
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    shape: tuple  # size names: (rows, cols) for a matrix, (n,) for a vector
+    kind: str  # "matrix" | "vector"
+    role: str  # "weight" | "bias" | "diagonal": for initialisation and L2
+    location: str
+
+
+@dataclass(frozen=True)
+class NodeDef:
+    name: str
+    size: str
+    kind: str  # "linear" | "elementwise"
+    expr: sp.Expr = None  # elementwise: over element symbols
+    weight: str = None  # linear: z = weight @ source
+    source: str = None
+    location: str = None
+
+
+class Vec:
+    """A vector-valued expression of one time step, held as a per-element SymPy
+    expression. Arithmetic with another Vec is elementwise and needs equal sizes."""
+
+    __array_priority__ = 100
+
+    def __init__(self, model, expr, size):
+        self.model, self.expr, self.size = model, sp.sympify(expr), size
+
+    def _combine(self, other, op, symbol):
+        if isinstance(other, State):
+            other = other.t
+        if isinstance(other, Vec):
+            if other.model is not self.model:
+                raise DefinitionError("vectors from two different models combined")
+            if other.size != self.size:
+                raise DefinitionError(
+                    f"shape mismatch in '{self.expr} {symbol} {other.expr}': sizes "
+                    f"{self.size} and {other.size} differ")
+            return Vec(self.model, op(self.expr, other.expr), self.size)
+        if isinstance(other, (int, float, sp.Expr)):
+            return Vec(self.model, op(self.expr, sp.sympify(other)), self.size)
+        return NotImplemented
+
+    def __add__(self, o): return self._combine(o, lambda a, b: a + b, "+")
+    def __radd__(self, o): return self._combine(o, lambda a, b: b + a, "+")
+    def __sub__(self, o): return self._combine(o, lambda a, b: a - b, "-")
+    def __rsub__(self, o): return self._combine(o, lambda a, b: b - a, "-")
+    def __mul__(self, o): return self._combine(o, lambda a, b: a * b, "*")
+    def __rmul__(self, o): return self._combine(o, lambda a, b: b * a, "*")
+    def __truediv__(self, o): return self._combine(o, lambda a, b: a / b, "/")
+    def __rtruediv__(self, o): return self._combine(o, lambda a, b: b / a, "/")
+    def __pow__(self, o): return self._combine(o, lambda a, b: a ** b, "**")
+    def __neg__(self): return Vec(self.model, -self.expr, self.size)
+
+    def apply(self, function):
+        """Apply a scalar SymPy function (or a lambda building a SymPy expression)
+        to every element: ``v.apply(sympy.erf)``."""
+        return Vec(self.model, function(self.expr), self.size)
+
+    def __repr__(self):
+        return f"Vec({self.expr}, size={self.size})"
+
+
+class State:
+    """A recurrent state s: ``s.prev`` is s_{t-1}; after ``m.update(s, ...)`` the
+    state itself (or ``s.t``) is s_t."""
+
+    def __init__(self, model, name, size, location):
+        self.model, self.name, self.size, self.location = model, name, size, location
+        self.prev = Vec(model, model._symbol(f"{name}_prev"), size)
+        self.updated = False
+
+    @property
+    def t(self):
+        if not self.updated:
+            raise DefinitionError(
+                f"state '{self.name}' used before m.update({self.name}, ...): write "
+                f"{self.name}.prev for its value at t-1")
+        return Vec(self.model, self.model._symbol(self.name), self.size)
+
+    def __add__(self, o): return self.t + o
+    def __radd__(self, o): return o + self.t
+    def __sub__(self, o): return self.t - o
+    def __rsub__(self, o): return o - self.t
+    def __mul__(self, o): return self.t * o
+    def __rmul__(self, o): return o * self.t
+    def __truediv__(self, o): return self.t / o
+    def __neg__(self): return -self.t
+
+    def apply(self, function):
+        return self.t.apply(function)
+
+
+class Matrix:
+    """A weight matrix; ``W @ v`` is a linear node of the step."""
+
+    def __init__(self, model, name, rows, cols):
+        self.model, self.name, self.rows, self.cols = model, name, rows, cols
+
+    def __matmul__(self, vec):
+        return self.model._linear(self, vec)
+
+    def __repr__(self):
+        return f"Matrix({self.name}, ({self.rows}, {self.cols}))"
+
+
+def _elementwise(sympy_function):
+    """Lift a scalar SymPy function to one that maps Vecs elementwise."""
+
+    def lifted(v):
+        if isinstance(v, State):
+            v = v.t
+        if isinstance(v, Vec):
+            return v.apply(sympy_function)
+        return sympy_function(v)
+
+    lifted.__name__ = getattr(sympy_function, "__name__", "f")
+    lifted.__doc__ = f"Elementwise {lifted.__name__}."
+    return lifted
+
+
+tanh = _elementwise(sp.tanh)
+exp = _elementwise(sp.exp)
+log = _elementwise(sp.log)
+sigmoid = _elementwise(functions.sigmoid)
+softplus = _elementwise(functions.softplus)
+relu = _elementwise(functions.relu)
+
+_ALLOWED_FUNCTIONS = set(functions.CUSTOM.values())
+
+
+class Model:
+    """A recurrent model under definition. See the module docstring."""
+
+    def __init__(self, name, sizes):
+        if not name.isidentifier():
+            raise DefinitionError(f"model name {name!r} is not a Python identifier")
+        self.name = name
+        self.sizes = tuple(sizes)
+        for size in self.sizes:
+            if not size.isidentifier():
+                raise DefinitionError(f"size name {size!r} is not an identifier")
+        self.inputs = {}  # name -> size
+        self.states = {}  # name -> State
+        self.params = {}  # name -> ParamDef
+        self.nodes = []  # NodeDef, in the order of the step
+        self.output_node = None
+        self.loss = None
+        self.loss_at = "every"
+        self._symbols = {}  # name -> (kind, size)
+        self._counter = 0
+
+    # -- declarations ---------------------------------------------------------
+    def _symbol(self, name):
+        return sp.Symbol(name, real=True)
+
+    def _declare(self, name, kind, size):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise DefinitionError(f"name {name!r} is not a Python identifier")
+        if name in self._symbols or name in self.sizes:
+            raise DefinitionError(f"name '{name}' is already defined")
+        if size not in self.sizes:
+            raise DefinitionError(
+                f"'{name}' has size '{size}', which is not one of the model's sizes "
+                f"{self.sizes}")
+        self._symbols[name] = (kind, size)
+
+    def input(self, name, size):
+        """The input vector x_t of the step."""
+        if self.inputs:
+            raise DefinitionError("a model has one input vector; concatenate inputs")
+        self._declare(name, "input", size)
+        self.inputs[name] = size
+        return Vec(self, self._symbol(name), size)
+
+    def state(self, name, size):
+        """A recurrent state; its initial value is an argument of the trainer."""
+        location = _caller_location()
+        self._declare(name, "state", size)
+        self._declare(f"{name}_prev", "prev", size)
+        st = State(self, name, size, location)
+        self.states[name] = st
+        return st
+
+    def matrix(self, name, rows, cols):
+        """A full weight matrix of shape (rows, cols)."""
+        self._declare(name, "matrix", rows)
+        if cols not in self.sizes:
+            raise DefinitionError(f"'{name}' has size '{cols}', which is not one of the "
+                                  f"model's sizes {self.sizes}")
+        self.params[name] = ParamDef(name, (rows, cols), "matrix", "weight",
+                                     _caller_location())
+        return Matrix(self, name, rows, cols)
+
+    def _vector_param(self, name, size, role):
+        self._declare(name, "param", size)
+        self.params[name] = ParamDef(name, (size,), "vector", role, _caller_location())
+        return Vec(self, self._symbol(name), size)
+
+    def bias(self, name, size):
+        """A bias vector, added elementwise; initialised to zero."""
+        return self._vector_param(name, size, "bias")
+
+    def diagonal(self, name, size):
+        """A diagonal weight (a vector multiplied elementwise, e.g. a peephole)."""
+        return self._vector_param(name, size, "diagonal")
+
+    # -- the step -------------------------------------------------------------
+    def _check_expr(self, expr, what):
+        """Refuse undefined symbols and functions SymPy cannot differentiate."""
+        unknown = [s for s in expr.free_symbols if s.name not in self._symbols]
+        if unknown:
+            raise DefinitionError(
+                f"{what} uses undefined symbol(s) {sorted(s.name for s in unknown)}")
+        for call in expr.atoms(sp.Function):
+            if isinstance(call, sp.core.function.AppliedUndef) and \
+                    type(call) not in _ALLOWED_FUNCTIONS:
+                raise DefinitionError(
+                    f"{what} uses the undefined function '{call.func}': define it as a "
+                    "SymPy expression or a sympy.Function with fdiff")
+        for s in expr.free_symbols:
+            derivative = sp.diff(expr, s)
+            bad = derivative.atoms(sp.Derivative, sp.Subs, sp.DiracDelta)
+            if bad:
+                raise DefinitionError(
+                    f"{what} is not differentiable with respect to '{s.name}': SymPy "
+                    f"gives {sorted(map(str, bad))[0]}")
+
+    def _materialize(self, vec, name=None):
+        """The name of a node holding ``vec``: the vector itself when it already is
+        a named symbol, otherwise a new elementwise node."""
+        if isinstance(vec, State):
+            vec = vec.t
+        if not isinstance(vec, Vec):
+            raise DefinitionError(f"expected a vector, got {vec!r}")
+        if name is None and isinstance(vec.expr, sp.Symbol):
+            return vec.expr.name
+        if name is None:
+            self._counter += 1
+            name = f"u{self._counter}"
+            while name in self._symbols:
+                self._counter += 1
+                name = f"u{self._counter}"
+        self._check_expr(vec.expr, f"the expression for '{name}'")
+        self._declare(name, "node", vec.size)
+        self.nodes.append(NodeDef(name, vec.size, "elementwise", expr=vec.expr,
+                                  location=_caller_location()))
+        return name
+
+    def _linear(self, matrix, vec):
+        if isinstance(vec, State):
+            vec = vec.t
+        if not isinstance(vec, Vec):
+            raise DefinitionError(f"{matrix.name} @ {vec!r}: the right side must be a vector")
+        if vec.size != matrix.cols:
+            raise DefinitionError(
+                f"shape mismatch in '{matrix.name} @ {vec.expr}': {matrix.name} has shape "
+                f"({matrix.rows}, {matrix.cols}) but '{vec.expr}' has size {vec.size}")
+        source = self._materialize(vec)
+        name = f"{matrix.name}_{source}"
+        self._declare(name, "node", matrix.rows)
+        self.nodes.append(NodeDef(name, matrix.rows, "linear", weight=matrix.name,
+                                  source=source, location=_caller_location()))
+        return Vec(self, self._symbol(name), matrix.rows)
+
+    def node(self, name, vec):
+        """Name an intermediate vector (a gate, say): it is stored by the forward
+        pass and derivatives are written through it."""
+        self._materialize(vec, name)
+        return Vec(self, self._symbol(name), vec.size)
+
+    def expr(self, expression, **vectors):
+        """A user's SymPy expression over symbols named by the keywords, each bound
+        to a Vec of one common size: ``m.expr(log(exp(a) + exp(b)), a=u, b=v)``."""
+        expression = sp.sympify(expression)
+        vectors = {k: (v.t if isinstance(v, State) else v) for k, v in vectors.items()}
+        unknown = sorted(s.name for s in expression.free_symbols if s.name not in vectors)
+        if unknown:
+            raise DefinitionError(f"expression {expression} uses undefined symbol(s) "
+                                  f"{unknown}; bind them as keyword arguments")
+        sizes = {v.size for v in vectors.values()}
+        if len(sizes) > 1:
+            raise DefinitionError(f"shape mismatch in {expression}: sizes {sorted(sizes)}")
+        if not sizes:
+            raise DefinitionError(f"expression {expression} uses no vector")
+        mapping = {s: vectors[s.name].expr for s in expression.free_symbols}
+        return Vec(self, expression.xreplace(mapping), sizes.pop())
+
+    def update(self, state, vec):
+        """s_t = vec: the state's value at the end of the step."""
+        if not isinstance(state, State) or state.model is not self:
+            raise DefinitionError(f"update() needs a state of this model, got {state!r}")
+        if state.updated:
+            raise DefinitionError(f"state '{state.name}' is updated twice")
+        if isinstance(vec, State):
+            vec = vec.t
+        if not isinstance(vec, Vec):
+            raise DefinitionError(f"update({state.name}, ...) needs a vector, got {vec!r}")
+        if vec.size != state.size:
+            raise DefinitionError(
+                f"shape mismatch in update of '{state.name}': the state has size "
+                f"{state.size}, the expression {vec.size}")
+        self._check_expr(vec.expr, f"the update of '{state.name}'")
+        self.nodes.append(NodeDef(state.name, state.size, "elementwise", expr=vec.expr,
+                                  location=_caller_location()))
+        state.updated = True
+        return state.t
+
+    def output(self, vec, loss, at="every"):
+        """The readout z_t and its loss; ``at`` is "every" step or only the "last"."""
+        if self.output_node is not None:
+            raise DefinitionError("output() called twice")
+        if isinstance(loss, str):
+            if loss not in losses.BUILTIN:
+                raise DefinitionError(f"unknown loss {loss!r}; built-in losses are "
+                                      f"{sorted(losses.BUILTIN)}")
+            loss = losses.BUILTIN[loss]
+        if not isinstance(loss, losses.Loss):
+            raise DefinitionError(f"loss must be a derive.Loss or a name, got {loss!r}")
+        if at not in ("every", "last"):
+            raise DefinitionError(f"at must be 'every' or 'last', got {at!r}")
+        if isinstance(vec, State):
+            vec = vec.t
+        # Always a node of its own, so the readout never sits inside the recurrence.
+        self.output_node = self._materialize(vec, name="z")
+        self.loss, self.loss_at = loss, at
+        return Vec(self, self._symbol(self.output_node), vec.size)
+
+    def size_of(self, name):
+        return self._symbols[name][1]
+
+    def kind_of(self, name):
+        return self._symbols[name][0]

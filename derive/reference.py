@@ -1,0 +1,154 @@
+"""A plain NumPy evaluation of a Derivation: the specification kernels are tested against.
+
+Slow on purpose: one step at a time, every expression through ``sympy.lambdify``,
+no hoisting, no fusing. Forward, then the accumulated backward sweep of
+derivation.py. Loss convention, shared by every generated module:
+
+    L = sum_{t,b} w_tb l_tb / sum_{t,b} w_tb  +  lambda/2 sum_W ||W||^2
+
+with w the mask (all ones by default; only the last step for ``at="last"``).
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from .functions import numpy_implementations
+from .losses import K, d, m, z
+
+Y = sp.Symbol("y", real=True)
+
+
+@lru_cache(maxsize=None)
+def _compiled(expr, names):
+    return sp.lambdify([sp.Symbol(n, real=True) for n in names], expr,
+                       modules=[numpy_implementations(), "numpy"])
+
+
+def evaluate(expr, env):
+    """Evaluate a SymPy expression with NumPy arrays bound by symbol name."""
+    names = tuple(sorted(s.name for s in expr.free_symbols))
+    value = _compiled(expr, names)(*(env[n] for n in names))
+    return value
+
+
+def resolve_sizes(derivation, params, x):
+    """Size name -> int, read off the parameter shapes and the input."""
+    sizes = {derivation.input_size: x.shape[2]}
+    for p in derivation.params:
+        for size, n in zip(p.shape, np.shape(params[p.name])):
+            if sizes.setdefault(size, n) != n:
+                raise ValueError(f"size {size} is {sizes[size]} elsewhere but "
+                                 f"{p.name} has shape {np.shape(params[p.name])}")
+    missing = set(derivation.sizes) - set(sizes)
+    if missing:
+        raise ValueError(f"sizes {sorted(missing)} cannot be read from the parameters")
+    return sizes
+
+
+def loss_weights(derivation, T, B, mask=None):
+    """w_tb of the loss convention: the mask, restricted to the last step if the
+    model's loss is at the last step only."""
+    w = np.ones((T, B)) if mask is None else np.asarray(mask, dtype=np.float64)
+    if derivation.loss.at == "last":
+        w = w.copy()
+        w[:-1] = 0.0
+    return w
+
+
+def _run_forward(derivation, params, x, state0):
+    T, B, _ = x.shape
+    sizes = resolve_sizes(derivation, params, x)
+    state = {s.prev: (np.zeros((B, sizes[s.size])) if state0 is None else
+                      np.asarray(state0[s.name], dtype=np.float64)) for s in derivation.states}
+    vector_params = {p.name: np.asarray(params[p.name], dtype=np.float64)
+                     for p in derivation.params if p.kind == "vector"}
+    trajectory = []
+    for t in range(T):
+        env = {derivation.input: x[t], **state, **vector_params}
+        for n in derivation.nodes:
+            if n.kind == "linear":
+                env[n.name] = env[n.source] @ np.asarray(params[n.weight], np.float64).T
+            else:
+                env[n.name] = np.broadcast_to(evaluate(n.expr, env),
+                                              (B, sizes[n.size])).astype(np.float64)
+        trajectory.append(env)
+        state = {s.prev: env[s.name] for s in derivation.states}
+    return trajectory, sizes
+
+
+def _loss_terms(derivation, zt, target, sizes):
+    """Per-row loss (B,), prediction y and error dl/dz (B, O) of one step."""
+    loss = derivation.loss.loss
+    O = zt.shape[1]
+    if loss.target == "index":
+        dt = np.zeros_like(zt)
+        dt[np.arange(zt.shape[0]), np.asarray(target, dtype=np.int64)] = 1.0
+    else:
+        dt = np.asarray(target, dtype=np.float64)
+    env = {"z": zt, "d": dt, "m": zt.max(axis=1, keepdims=True), "K": O}
+    for sym, summand in loss.sums:
+        env[sym.name] = np.sum(np.broadcast_to(evaluate(summand, env), zt.shape),
+                               axis=1, keepdims=True)
+    value = np.broadcast_to(evaluate(loss.value, env), (zt.shape[0], 1))[:, 0]
+    y = np.broadcast_to(evaluate(loss.prediction, env), zt.shape)
+    error = np.broadcast_to(evaluate(derivation.loss.error, {**env, "y": y}), zt.shape)
+    return value, y, error
+
+
+def forward(derivation, params, x, state0=None):
+    """Predictions y (T, B, O) and the final states."""
+    x = np.asarray(x, dtype=np.float64)
+    trajectory, sizes = _run_forward(derivation, params, x, state0)
+    out = derivation.loss.node
+    dummy = (np.zeros(x.shape[1], dtype=np.int64) if derivation.loss.loss.target == "index"
+             else np.zeros((x.shape[1], sizes[derivation.loss.size])))
+    ys = np.stack([_loss_terms(derivation, env[out], dummy, sizes)[1] for env in trajectory])
+    final = {s.name: trajectory[-1][s.name].copy() for s in derivation.states}
+    return ys, final
+
+
+def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2=0.0):
+    """Loss and gradients (dict keyed like params) by the accumulated recurrence."""
+    x = np.asarray(x, dtype=np.float64)
+    T, B, _ = x.shape
+    trajectory, sizes = _run_forward(derivation, params, x, state0)
+    w = loss_weights(derivation, T, B, mask)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("the mask selects no loss term")
+    P = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    grads = {k: np.zeros_like(v) for k, v in P.items()}
+    loss = 0.0
+    carry = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
+    by_node = {}
+    for p in derivation.partials:
+        by_node.setdefault(p.node, []).append(p)
+    for t in reversed(range(T)):
+        env = trajectory[t]
+        value, _, error = _loss_terms(derivation, env[derivation.loss.node], targets[t], sizes)
+        loss += float(np.sum(w[t] * value)) / total
+        bar = {name: np.zeros((B, sizes[derivation.size_of(name)]))
+               for name in list(env) if name not in P}
+        bar[derivation.loss.node] += error * (w[t] / total)[:, None]
+        for s in derivation.states:
+            bar[s.name] += carry[s.prev]
+        for n in reversed(derivation.nodes):
+            zbar = bar[n.name]
+            if n.kind == "linear":
+                bar[n.source] += zbar @ P[n.weight]
+                grads[n.weight] += zbar.T @ env[n.source]
+                continue
+            for p in by_node.get(n.name, ()):
+                local = zbar * evaluate(p.expr, env)
+                if p.wrt in P:
+                    grads[p.wrt] += local.sum(axis=0)
+                else:
+                    bar[p.wrt] += local
+        carry = {s.prev: bar[s.prev] for s in derivation.states}
+    for p in derivation.params:
+        if p.role == "weight" and l2:
+            loss += float(np.sum(evaluate(derivation.l2_penalty, {"w": P[p.name], "lambda": l2})))
+            grads[p.name] += evaluate(derivation.l2_gradient, {"w": P[p.name], "lambda": l2})
+    return loss, grads
