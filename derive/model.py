@@ -201,6 +201,7 @@ class Model:
         self.loss_at = "every"
         self._symbols = {}  # name -> (kind, size)
         self._counter = 0
+        self._linear_nodes = set()
 
     # -- declarations ---------------------------------------------------------
     def _symbol(self, name):
@@ -309,7 +310,12 @@ class Model:
                 f"shape mismatch in '{matrix.name} @ {vec.expr}': {matrix.name} has shape "
                 f"({matrix.rows}, {matrix.cols}) but '{vec.expr}' has size {vec.size}")
         source = self._materialize(vec)
+        if source in self._linear_nodes:
+            # A product of a product: store the inner one as a vector of its own, so
+            # every matrix product reads a whole contiguous array.
+            source = self._materialize(vec, name=f"{source}_v")
         name = f"{matrix.name}_{source}"
+        self._linear_nodes.add(name)
         self._declare(name, "node", matrix.rows)
         self.nodes.append(NodeDef(name, matrix.rows, "linear", weight=matrix.name,
                                   source=source, location=_caller_location()))

@@ -1,0 +1,324 @@
+"""From a Derivation to a kernel plan: storage, schedule and printed code lines.
+
+This is where the layout of the generated code is decided, never its math: the
+math is the Derivation's (node expressions, partials, loss error), printed by
+printer.py after ``sympy.cse``. What is decided here:
+
+* storage: every vector of the step lives in a 2-D array with one row per
+  (t, b) pair, row = t*B + b, so a phase that runs over all steps at once (pre,
+  post) and one step of the time loop (rows t*B .. t*B+B) are the same code on
+  different row ranges. A state s has (T+1)*B rows: s_{t-1} is row t*B + b,
+  s_t is row (t+1)*B + b; its adjoint ``delta_s_seq`` has the same layout, so the
+  adjoint of s_{t-1} written at step t is the accumulated delta of step t-1.
+* linear groups: linear nodes of one phase that read the same vector become one
+  matrix product with their weights stacked (the four LSTM gates are one GEMM).
+* schedule: within a phase, products are issued as soon as their source exists
+  and the elementwise nodes that are then ready, of one size, fuse into one loop.
+"""
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from derive.losses import K as LOSS_K
+from derive.simplify import cse
+
+from .printer import pycode, pycode_factor
+
+
+class PlanError(ValueError):
+    """A derivation this code generator cannot lay out (named in the message)."""
+
+
+@dataclass
+class Group:
+    """Linear nodes of one phase reading one source: a single stacked product."""
+
+    name: str
+    phase: str
+    source: str
+    members: list = field(default_factory=list)  # (node, weight, size, offset code)
+
+    @property
+    def width(self):
+        return str(sum(sp.Symbol(size) for _, _, size, _ in self.members))
+
+
+@dataclass
+class Block:
+    kind: str  # "linear" | "elementwise"
+    phase: str
+    group: Group = None
+    size: str = None
+    nodes: list = field(default_factory=list)
+    forward: list = field(default_factory=list)  # code lines, relative indent
+    backward: list = field(default_factory=list)
+
+
+@dataclass
+class Array:
+    name: str
+    rows: str  # "TB" or "TB1" ((T+1)*B) or "B"
+    cols: str  # code for the column count
+    role: str  # "value" | "adjoint" | "grad" | "scratch"
+    window: bool = False  # adjoint private to one truncated backward window
+
+
+class Plan:
+    """Everything the templates lay out for one Derivation."""
+
+    def __init__(self, derivation):
+        self.d = derivation
+        self.sizes = list(derivation.sizes)
+        self.prev_of = {s.prev: s for s in derivation.states}
+        self.state_names = {s.name for s in derivation.states}
+        self.vector_params = [p.name for p in derivation.params if p.kind == "vector"]
+        self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
+        self.nodes = {n.name: n for n in derivation.nodes}
+        self._check()
+        self.groups = []
+        self.member_of = {}  # linear node -> (group, offset code)
+        self.blocks = {phase: self._schedule(phase) for phase in ("pre", "loop", "post")}
+        self.block_of = {n: b for bl in self.blocks.values() for b in bl
+                         if b.kind == "elementwise" for n in b.nodes}
+        self.needs_array = self._adjoint_arrays()
+        for blocks in self.blocks.values():
+            for b in blocks:
+                self._print(b)
+        self.arrays = self._arrays()
+        self.loss = self._loss_code()
+
+    # -- checks ---------------------------------------------------------------
+    def _check(self):
+        for n in self.d.nodes:
+            if n.phase == "post" and any(a in self.prev_of for a in n.args):
+                raise PlanError(f"the readout node '{n.name}' reads a previous state; "
+                                "read the state at t instead")
+            if n.kind == "linear" and n.source in self.nodes and \
+                    self.nodes[n.source].kind == "linear":
+                raise PlanError(f"'{n.name}' multiplies the product '{n.source}'")
+
+    # -- storage --------------------------------------------------------------
+    def phase_of(self, name):
+        if name == self.d.input:
+            return "input"
+        if name in self.prev_of:
+            return "loop"
+        return self.nodes[name].phase
+
+    def value(self, name, row="_r", col="_k"):
+        """Code reading element (row, col) of a vector's value."""
+        if name == self.d.input:
+            return f"x_seq[{row}, {col}]"
+        if name in self.prev_of:
+            return f"{self.prev_of[name].name}_seq[{row}, {col}]"
+        if name in self.state_names:
+            return f"{name}_seq[{row} + B, {col}]"
+        if name in self.member_of:
+            g, off = self.member_of[name]
+            return f"{g.name}_seq[{row}, {_plus(off, col)}]"
+        return f"{name}_seq[{row}, {col}]"
+
+    def adjoint(self, name, row="_r", col="_k"):
+        """Code for the adjoint array element of a vector (None: the input)."""
+        if name == self.d.input:
+            return None
+        if name in self.prev_of:
+            return f"delta_{self.prev_of[name].name}_seq[{row}, {col}]"
+        if name in self.state_names:
+            return f"delta_{name}_seq[{row} + B, {col}]"
+        if name in self.member_of:
+            g, off = self.member_of[name]
+            return f"d_{g.name}_seq[{row}, {_plus(off, col)}]"
+        return f"d_{name}_seq[{row}, {col}]"
+
+    def rows(self, name, lo="_lo", hi="_hi"):
+        """Code for the contiguous row slice of a vector's value array."""
+        if name == self.d.input:
+            return f"x_seq[{lo}:{hi}]"
+        if name in self.prev_of:
+            return f"{self.prev_of[name].name}_seq[{lo}:{hi}]"
+        if name in self.state_names:
+            return f"{name}_seq[{lo} + B:{hi} + B]"
+        return f"{name}_seq[{lo}:{hi}]"
+
+    def size_of(self, name):
+        return self.d.size_of(name)
+
+    # -- schedule -------------------------------------------------------------
+    def _schedule(self, phase):
+        todo = [n for n in self.d.nodes if n.phase == phase]
+        ready = {self.d.input, *self.prev_of}
+        ready.update(n.name for n in self.d.nodes
+                     if (phase == "loop" and n.phase == "pre")
+                     or (phase == "post" and n.phase in ("pre", "loop")))
+        ready.update(self.vector_params)
+        blocks = []
+        while todo:
+            linear = [n for n in todo if n.kind == "linear" and n.source in ready]
+            sources = list(dict.fromkeys(n.source for n in linear))
+            for source in sources:
+                group = Group(self._group_name(source, phase), phase, source)
+                offset = []
+                for n in linear:
+                    if n.source == source:
+                        off = str(sum(sp.Symbol(o) for o in offset))
+                        group.members.append((n.name, n.weight, n.size, off))
+                        self.member_of[n.name] = (group, off)
+                        offset.append(n.size)
+                        ready.add(n.name)
+                        todo.remove(n)
+                self.groups.append(group)
+                blocks.append(Block("linear", phase, group=group))
+            elementwise = [n for n in todo if n.kind == "elementwise"
+                           and set(n.args) <= ready]
+            if elementwise:
+                size = elementwise[0].size
+                block = Block("elementwise", phase, size=size)
+                progress = True
+                while progress:
+                    progress = False
+                    for n in list(todo):
+                        if n.kind == "elementwise" and n.size == size and \
+                                set(n.args) <= ready:
+                            block.nodes.append(n.name)
+                            ready.add(n.name)
+                            todo.remove(n)
+                            progress = True
+                blocks.append(block)
+            elif not linear:
+                raise PlanError(f"cannot order the {phase} nodes {[n.name for n in todo]}")
+        return blocks
+
+    def _group_name(self, source, phase):
+        name = f"P_{source}"
+        if any(g.name == name for g in self.groups):
+            name = f"P_{source}_{phase}"
+        return name
+
+    def _adjoint_arrays(self):
+        """Elementwise nodes whose adjoint must live in an array: read by another
+        block or a product, the readout, or a state (carried between steps)."""
+        needs = {self.d.loss.node} | self.state_names
+        for n in self.d.nodes:
+            if n.kind == "linear":
+                needs.add(n.source)
+                continue
+            for a in n.args:
+                if self.block_of.get(a) is not self.block_of.get(n.name):
+                    needs.add(a)
+        return needs
+
+    # -- printing -------------------------------------------------------------
+    def _print(self, block):
+        if block.kind == "linear":
+            self._print_linear(block)
+        else:
+            self._print_elementwise(block)
+
+    def _print_linear(self, block):
+        g = block.group
+        block.forward = [f"np.dot({self.rows(g.source)}, W_{g.name}.T, "
+                         f"{g.name}_seq[_lo:_hi])"]
+        target = self.adjoint(g.source, row="_r", col="_k")
+        if target is None:  # no gradient with respect to the input
+            return
+        block.backward = [
+            f"np.dot(d_{g.name}_seq[_lo:_hi], W_{g.name}, scratch_{g.name}[:_hi - _lo])",
+            "for _r in range(_lo, _hi):",
+            f"    for _k in range({self.size_of(g.source)}):",
+            f"        {target} += scratch_{g.name}[_r - _lo, _k]",
+        ]
+
+    def _local_symbols(self, expr):
+        """Vector params read as ``b[_k]``; everything else by its own name."""
+        return expr.xreplace({sp.Symbol(p, real=True): sp.Symbol(f"{p}[_k]")
+                              for p in self.vector_params})
+
+    def _loads(self, exprs, local):
+        names = sorted({s.name for e in exprs for s in e.free_symbols} - set(local))
+        return [f"{n} = {self.value(n)}" for n in names
+                if n in self.nodes or n in self.prev_of or n == self.d.input]
+
+    def _print_elementwise(self, block):
+        body, exprs, local = [], [], set()
+        for name in block.nodes:
+            temps, (expr,) = cse([self._local_symbols(self.nodes[name].expr)],
+                                 prefix=f"_{name}_")
+            exprs.extend([self.nodes[name].expr] + [e for _, e in temps])
+            body += [f"{t} = {pycode(e)}" for t, e in temps]
+            body += [f"{name} = {pycode(expr)}", f"{self.value(name)} = {name}"]
+            local.add(name)
+        block.forward = _loop(block.size, self._loads(exprs, local) + body)
+
+        body, exprs = [], []
+        for name in block.nodes:
+            init = self.adjoint(name) if name in self.needs_array else "0.0"
+            body.append(f"d_{name} = {init}")
+        for name in reversed(block.nodes):
+            partials = [p for p in self.d.partials_of(name) if p.wrt != self.d.input]
+            if not partials:
+                continue
+            temps, reduced = cse([self._local_symbols(p.expr) for p in partials],
+                                 prefix=f"_{name}_")
+            exprs.extend(p.expr for p in partials)
+            body += [f"{t} = {pycode(e)}" for t, e in temps]
+            for p, e in zip(partials, reduced):
+                contribution = f"d_{name}" if e == 1 else f"d_{name}*{pycode_factor(e)}"
+                if p.wrt in block.nodes:
+                    body.append(f"d_{p.wrt} += {contribution}")
+                elif p.wrt in self.vector_params:
+                    body.append(f"d_{p.wrt}[_k] += {contribution}")
+                else:
+                    body.append(f"{self.adjoint(p.wrt)} += {contribution}")
+        block.backward = _loop(block.size, self._loads(exprs, set()) + body)
+
+    # -- arrays and the loss ----------------------------------------------------
+    def _arrays(self):
+        arrays = [Array(f"{s.name}_seq", "TB1", s.size, "value") for s in self.d.states]
+        arrays += [Array(f"{g.name}_seq", "TB", g.width, "value") for g in self.groups]
+        arrays += [Array(f"{n.name}_seq", "TB", n.size, "value") for n in self.d.nodes
+                   if n.kind == "elementwise" and n.name not in self.state_names]
+        arrays += [Array(f"delta_{s.name}_seq", "TB1", s.size, "adjoint", True)
+                   for s in self.d.states]
+        arrays += [Array(f"d_{g.name}_seq", "TB", g.width, "adjoint", g.phase == "loop")
+                   for g in self.groups]
+        arrays += [Array(f"d_{n.name}_seq", "TB", n.size, "adjoint", n.phase == "loop")
+                   for n in self.d.nodes if n.kind == "elementwise"
+                   and n.name in self.needs_array and n.name not in self.state_names]
+        arrays += [Array(f"d_{p}", "1", self.size_of(p), "grad") for p in self.vector_params]
+        arrays += [Array(f"scratch_{g.name}", "TB", self.size_of(g.source), "scratch")
+                   for g in self.groups if g.source != self.d.input]
+        return arrays
+
+    def _loss_code(self):
+        info = self.d.loss
+        loss = info.loss
+        out_size = info.size
+        k_sym = {LOSS_K: sp.Symbol(out_size)}
+        sums = [(sym.name, pycode(e.xreplace(k_sym))) for sym, e in loss.sums]
+        return {
+            "size": out_size,
+            "node": info.node,
+            "index": loss.target == "index",
+            "sums": sums,
+            "value": pycode(loss.value.xreplace(k_sym)),
+            "prediction": pycode(loss.prediction.xreplace(k_sym)),
+            "error": pycode(info.error.xreplace(k_sym)),
+            "uses_m": any(sp.Symbol("m", real=True) in e.free_symbols
+                          for e in [loss.value, loss.prediction] + [e for _, e in loss.sums]),
+        }
+
+    # -- summaries for the templates --------------------------------------------
+    def source_rows_all(self, group):
+        """Rows of a group's source over all steps, for the weight-gradient GEMM."""
+        return self.rows(group.source, lo="0", hi="TB")
+
+
+def _plus(offset, col):
+    return col if offset == "0" else f"{offset} + {col}"
+
+
+def _loop(size, body):
+    return ["for _r in range(_lo, _hi):", f"    for _k in range({size}):"] + \
+        ["        " + line for line in body]
