@@ -47,10 +47,12 @@ def module_sources(model, command, target="cpu"):
     out = {}
     if target in ("cpu", "all"):
         out[f"{model.name}.py"] = render_cpu(derivation, command)
-    if target in ("cuda", "all"):
-        from .render_cuda import render_cuda  # optional target
+    if target in ("cuda", "all") and _has_cuda_renderer():
+        from .render_cuda import render_cuda
 
         out[f"{model.name}_cuda.py"] = render_cuda(derivation, command)
+    elif target == "cuda":
+        raise ValueError("the CUDA target is not available in this version")
     return out
 
 
@@ -65,8 +67,12 @@ def generate(model, out_dir, command, target="cpu", force=False):
     return written
 
 
-def generate_builtins(out_dir=GENERATED_DIR, target="cpu", force=False, progress=None):
-    """Regenerate generated/<model>.py for every built-in model."""
+def _has_cuda_renderer():
+    return importlib.util.find_spec("codegen.render_cuda") is not None
+
+
+def generate_builtins(out_dir=GENERATED_DIR, target="all", force=False, progress=None):
+    """Regenerate generated/<model>.py (and <model>_cuda.py) for every built-in."""
     paths = []
     for name in BUILTIN:
         model = build(name)

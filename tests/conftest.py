@@ -2,3 +2,34 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import importlib
+
+import pytest
+
+from helpers import CASES
+
+
+@pytest.fixture(scope="session")
+def generated_module(tmp_path_factory):
+    """case id -> imported generated CPU module. Built-in models come from the
+    committed generated/ folder; other cases are generated into a temporary folder
+    once per session (Numba's cache=True then spares recompiling them)."""
+    from codegen.generate import generate, import_path
+    from derive.models import BUILTIN
+
+    folder = tmp_path_factory.mktemp("generated")
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            if case in BUILTIN:
+                cache[case] = importlib.import_module(f"generated.{case}")
+            else:
+                model = CASES[case]()
+                model.name = case.replace("-", "_")
+                path, = generate(model, str(folder), "pytest")
+                cache[case] = import_path(path, f"bpttgen_test_{model.name}")
+        return cache[case]
+
+    return get

@@ -1,0 +1,134 @@
+"""Tiers 2 and 3 for the generated CPU modules, parametrised over the registry.
+
+Every case (model x loss) is checked: gradients against float64 central finite
+differences, against the NumPy reference, and the equalities theory promises
+between algorithms (bptt == naive == tbptt(T, T) == epochwise).
+"""
+
+import numpy as np
+import pytest
+
+from derive import derive, reference
+from helpers import CASES, finite_difference, max_relative_error, random_problem, tiny_sizes
+
+ALGORITHMS_EQUAL_TO_BPTT = [("naive", {}), ("epochwise", {}), ("tbptt", "T,T"), ("tbptt", "1,T")]
+
+
+@pytest.fixture(scope="module")
+def problem(case_module):
+    case, module, derivation = case_module
+    sizes = tiny_sizes(derivation, 3)
+    return module, derivation, random_problem(derivation, sizes, T=5, B=2, seed=1)
+
+
+@pytest.fixture(params=sorted(CASES), scope="module")
+def case_module(request, generated_module):
+    return request.param, generated_module(request.param), derive(CASES[request.param]())
+
+
+def test_matches_reference(problem):
+    module, D, (params, x, targets, state0) = problem
+    loss, grads = module.loss_and_grads(params, x, targets, state0=state0)
+    ref_loss, ref = reference.loss_and_grads(D, params, x, targets, state0=state0)
+    assert abs(loss - ref_loss) <= 1e-12 * max(1.0, abs(ref_loss))
+    for name in ref:
+        assert max_relative_error(grads[name], ref[name]) < 1e-10, name
+
+
+def test_finite_differences(problem):
+    module, D, (params, x, targets, state0) = problem
+    mask = np.array([[1, 1], [0, 1], [1, 0], [1, 1], [0.5, 1]])
+    kw = dict(state0=state0, mask=mask, l2=0.05)
+    _, grads = module.loss_and_grads(params, x, targets, **kw)
+    fd = finite_difference(lambda p: module.loss_and_grads(p, x, targets, **kw)[0], params)
+    for name in params:
+        assert max_relative_error(grads[name], fd[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("algorithm,k", ALGORITHMS_EQUAL_TO_BPTT)
+def test_algorithms_agree_with_bptt(problem, algorithm, k):
+    module, D, (params, x, targets, state0) = problem
+    T = x.shape[0]
+    kw = {}
+    if k:
+        k1, k2 = (T if v == "T" else int(v) for v in k.split(","))
+        kw = dict(k1=k1, k2=k2)
+    loss, bptt = module.loss_and_grads(params, x, targets, state0=state0)
+    loss2, other = module.loss_and_grads(params, x, targets, state0=state0,
+                                         algorithm=algorithm, **kw)
+    assert loss2 == pytest.approx(loss, rel=1e-12)
+    for name in bptt:
+        assert max_relative_error(other[name], bptt[name]) < 1e-10, name
+
+
+def test_tbptt_is_sum_of_truncated_windows(problem):
+    """tbptt(k1=2, k2=3) against its definition, evaluated with the reference:
+    each window's losses, differentiated with the state before the window fixed."""
+    module, D, (params, x, targets, state0) = problem
+    T, B = x.shape[:2]
+    _, grads = module.loss_and_grads(params, x, targets, state0=state0, algorithm="tbptt",
+                                     k1=2, k2=3)
+    _, states = reference._run_forward(D, params, x, state0)[0], None
+    trajectory, _ = reference._run_forward(D, params, x, state0)
+    expected = {k: np.zeros_like(v) for k, v in params.items()}
+    total = T * B
+    first = 0
+    for end in [1, 3, 4]:
+        start = max(0, end - 2)
+        s0 = state0 if start == 0 else {s.name: trajectory[start - 1][s.name]
+                                         for s in D.states}
+        w = np.zeros((end - start + 1, B))
+        w[first - start:] = 1
+        _, g = reference.loss_and_grads(D, params, x[start:end + 1], targets[start:end + 1],
+                                        state0=s0, mask=w)
+        for k in expected:
+            expected[k] += g[k] * w.sum() / total
+        first = end + 1
+    for name in grads:
+        assert max_relative_error(grads[name], expected[name]) < 1e-10, name
+
+
+def test_tbptt_truncation_changes_the_gradient(problem):
+    """A truncated gradient must differ from the full one (else truncation is a no-op)."""
+    module, D, (params, x, targets, state0) = problem
+    _, full = module.loss_and_grads(params, x, targets, state0=state0)
+    _, trunc = module.loss_and_grads(params, x, targets, state0=state0, algorithm="tbptt",
+                                     k1=1, k2=1)
+    recurrent = [p.name for p in D.params if p.kind == "matrix"]
+    assert max(max_relative_error(full[n], trunc[n]) for n in recurrent) > 1e-3
+
+
+def test_inputs_not_mutated(problem):
+    module, D, (params, x, targets, state0) = problem
+    copies = [{k: v.copy() for k, v in params.items()}, x.copy(), targets.copy(),
+              {k: v.copy() for k, v in state0.items()}]
+    module.loss_and_grads(params, x, targets, state0=state0, algorithm="tbptt", k1=2, k2=3)
+    module.forward(params, x, state0=state0)
+    for k in params:
+        np.testing.assert_array_equal(params[k], copies[0][k])
+    np.testing.assert_array_equal(x, copies[1])
+    np.testing.assert_array_equal(targets, copies[2])
+    for k in state0:
+        np.testing.assert_array_equal(state0[k], copies[3][k])
+
+
+def test_float32_close_to_float64(problem):
+    module, D, (params, x, targets, state0) = problem
+    loss64, g64 = module.loss_and_grads(params, x, targets, state0=state0)
+    f32 = lambda a: a.astype(np.float32) if a.dtype == np.float64 else a  # noqa: E731
+    loss32, g32 = module.loss_and_grads({k: f32(v) for k, v in params.items()}, f32(x),
+                                        f32(targets), state0={k: f32(v) for k, v in
+                                                              state0.items()})
+    assert loss32 == pytest.approx(loss64, rel=1e-4)
+    for name in g64:
+        assert g32[name].dtype == np.float32
+        assert max_relative_error(g32[name], g64[name]) < 2e-3, name
+
+
+def test_forward_matches_reference(problem):
+    module, D, (params, x, targets, state0) = problem
+    y, final = module.forward(params, x, state0=state0)
+    ry, rfinal = reference.forward(D, params, x, state0=state0)
+    np.testing.assert_allclose(y, ry, rtol=1e-12, atol=1e-14)
+    for k in rfinal:
+        np.testing.assert_allclose(final[k], rfinal[k], rtol=1e-12, atol=1e-14)
