@@ -1,0 +1,269 @@
+"""The one vocabulary of a Derivation: each identifier's code name and LaTeX symbol.
+
+A Derivation names every vector and parameter by the identifier the model definition
+gave it ("h", "h_prev", "W_xh", "b_h") or derived from it (the product W_xh @ x is the
+node "W_xh_x"). Generated code uses these identifiers as variable names, and the
+adjoints and gradients below add a fixed prefix, so an equation of the LaTeX
+derivation and the line of a kernel that implements it read side by side:
+
+    identifier       code name        LaTeX (vector form)
+    x                x                \\mathbf{x}_{t}
+    h (a state)      h                \\mathbf{h}_{t}
+    h_prev           h_prev           \\mathbf{h}_{t-1}
+    W_xh             W_xh             \\mathbf{W}_{xh}
+    b_h              b_h              \\mathbf{b}_{h}
+    W_xh_x           W_xh_x           \\mathbf{W}_{xh}\\mathbf{x}_{t}    (a product node)
+    adjoint of h     delta_h          \\boldsymbol{\\delta}^{h}_{t}      (accumulated, seed 000)
+    adjoint of z     d_z              \\bar{\\mathbf{z}}_{t}
+    gradient of W    d_W_xh           \\frac{\\partial L}{\\partial \\mathbf{W}_{xh}}
+
+The adjoint of h_prev at step t, written \\bar{\\mathbf{h}}_{t-1}, is the part of
+delta_h at step t-1 that flows through step t; kernels add it into delta_h in place,
+so its code name is delta_h too.
+
+An identifier is split once, the same way everywhere: the text before the first
+underscore is the base symbol, the rest a subscript, and trailing digits that
+follow a letter are a layer number written as a superscript (h1 -> h^{(1)},
+W_xh2 -> W^{(2)}_{xh}, but W_1 -> W_1). Greek names (alpha, lambda) become Greek
+letters. This module is read by derive/latex.py and by codegen/.
+"""
+
+import re
+from dataclasses import dataclass
+
+from sympy.printing.latex import translate
+
+_LAYER = re.compile(r"^(.*[A-Za-z])(\d+)$")
+_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
+          "kappa", "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau", "upsilon",
+          "phi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi",
+          "Sigma", "Upsilon", "Phi", "Psi", "Omega"}
+
+
+# -- code names ----------------------------------------------------------------------
+
+def code_adjoint(name, states):
+    """Code name of the adjoint of vector ``name``; ``states`` are the state names.
+
+    >>> code_adjoint("h", {"h"}), code_adjoint("h_prev", {"h"}), code_adjoint("z", {"h"})
+    ('delta_h', 'delta_h', 'd_z')
+    """
+    for s in states:
+        if name in (s, f"{s}_prev"):
+            return f"delta_{s}"
+    return f"d_{name}"
+
+
+def code_gradient(param):
+    """Code name of dL/dparam.
+
+    >>> code_gradient("W_xh")
+    'd_W_xh'
+    """
+    return f"d_{param}"
+
+
+# -- LaTeX symbols -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Parts:
+    """An identifier split into base symbol, subscript and layer (all LaTeX)."""
+
+    base: str
+    sub: str = ""
+    layer: str = ""
+    word: bool = False  # a multi-letter base, set as one word
+
+
+def split(identifier):
+    """Split an identifier into base, subscript and layer.
+
+    >>> split("W_xh")
+    Parts(base='W', sub='xh', layer='', word=False)
+    >>> split("W_xh1")
+    Parts(base='W', sub='xh', layer='1', word=False)
+    >>> split("h1"), split("W_1").sub
+    (Parts(base='h', sub='', layer='1', word=False), '1')
+    >>> split("zg").word, split("alpha").base
+    (True, '\\\\alpha')
+    """
+    base, _, sub = identifier.partition("_")
+    pieces = sub.split("_") if sub else []
+    if not base or any(not p for p in pieces):
+        # Leading or doubled underscores: keep the identifier whole, as a word.
+        return Parts(r"\_".join(identifier.split("_")), word=True)
+    layer = ""
+    if pieces:
+        found = _LAYER.match(pieces[-1])
+        if found:
+            pieces[-1], layer = found.groups()
+    else:
+        found = _LAYER.match(base)
+        if found:
+            base, layer = found.groups()
+    word = len(base) > 1 and base not in _GREEK
+    sub = ",".join(translate(p) if p in _GREEK else p for p in pieces)
+    return Parts(translate(base) if base in _GREEK else base, sub, layer, word)
+
+
+def _time(offset):
+    return "t" if offset == 0 else f"t{offset:+d}"
+
+
+def _join(*subscripts):
+    return ",".join(s for s in subscripts if s)
+
+
+def _bold(parts):
+    if parts.base.startswith("\\") and not parts.word:
+        return rf"\boldsymbol{{{parts.base}}}"
+    return rf"\mathbf{{{parts.base}}}"
+
+
+def _plain(parts):
+    return rf"\mathit{{{parts.base}}}" if parts.word else parts.base
+
+
+def _decorate(symbol, parts, *subscripts):
+    sup = f"^{{({parts.layer})}}" if parts.layer else ""
+    sub = _join(parts.sub, *subscripts)
+    return symbol + sup + (f"_{{{sub}}}" if sub else "")
+
+
+def bold(identifier, *subscripts):
+    """The bold symbol of a vector or matrix identifier, with more subscripts.
+
+    >>> bold("h1", "t-1"), bold("W_xh")
+    ('\\\\mathbf{h}^{(1)}_{t-1}', '\\\\mathbf{W}_{xh}')
+    """
+    parts = split(identifier)
+    return _decorate(_bold(parts), parts, *subscripts)
+
+
+def plain(identifier, *subscripts):
+    """The italic symbol of a scalar identifier, with more subscripts.
+
+    >>> plain("S", "t"), plain("b_h1", "j")
+    ('S_{t}', 'b^{(1)}_{h,j}')
+    """
+    parts = split(identifier)
+    return _decorate(_plain(parts), parts, *subscripts)
+
+
+class LatexNames:
+    """LaTeX symbols for the identifiers of one Derivation.
+
+    Vector form: bold vectors and matrices with a time subscript (``vector``,
+    ``adjoint``, ``matrix``). Index form: one element, index ``j`` (and a summation
+    index ``k``) chosen not to clash with the model's own symbols (``element``,
+    ``adjoint_element``, ``matrix_element``). ``offset`` shifts time: 0 is step t,
+    +1 is step t+1; a previous state is one step earlier than its step.
+    """
+
+    def __init__(self, derivation):
+        self.d = derivation
+        self.states = {s.name for s in derivation.states}
+        self.prevs = {s.prev: s.name for s in derivation.states}
+        self.linear = {n.name: n for n in derivation.nodes if n.kind == "linear"}
+        bases = {split(n).base for n in self._identifiers()}
+        free = [c for c in "jkilmnpq" if c not in bases]
+        self.index, self.sum_index = free[0], free[1]
+
+    def _identifiers(self):
+        d = self.d
+        return [d.input, *self.prevs, *(n.name for n in d.nodes), *(p.name for p in d.params)]
+
+    def _resolve(self, name, offset):
+        """(identifier of the stored vector, time offset): h_prev is h one step back."""
+        if name in self.prevs:
+            return self.prevs[name], offset - 1
+        return name, offset
+
+    def is_param(self, name):
+        return any(p.name == name for p in self.d.params)
+
+    # -- vector form -------------------------------------------------------------
+    def vector(self, name, offset=0):
+        """A vector of the step: x_t, h_{t-1}, a node, a bias (no time), or a product
+        node written as the matrix-vector product it is."""
+        if name in self.linear:
+            node = self.linear[name]
+            return self.matrix(node.weight) + self.vector(node.source, offset)
+        if self.is_param(name):
+            return bold(name)
+        name, offset = self._resolve(name, offset)
+        return bold(name, _time(offset))
+
+    def initial(self, name):
+        """The initial value s_0 of a state."""
+        return bold(name, "0")
+
+    def matrix(self, name):
+        return bold(name)
+
+    def adjoint(self, name, offset=0):
+        """dL/d(vector): delta^s_t for a state, a bar otherwise (h_prev: the part of
+        the adjoint of h_{t-1} that flows through step t)."""
+        if name in self.linear:
+            return rf"\overline{{{self.vector(name, offset)}}}"
+        if name in self.states:
+            return rf"\boldsymbol{{\delta}}^{{{self.element_symbol(name)}}}_{{{_time(offset)}}}"
+        stored, shifted = self._resolve(name, offset)
+        parts = split(stored)
+        bold = _bold(parts)
+        bar = rf"\bar{{{bold}}}" if not parts.word else rf"\overline{{{bold}}}"
+        return _decorate(bar, parts, _time(shifted))
+
+    def gradient(self, name):
+        symbol = self.matrix(name)
+        return rf"\frac{{\partial L}}{{\partial {symbol}}}"
+
+    def element_symbol(self, name):
+        """The plain (not bold) symbol with its layer, for superscripts: h^{(1)}."""
+        return plain(name)
+
+    # -- index form --------------------------------------------------------------
+    def element(self, name, index=None, offset=0):
+        """Element ``index`` of a vector; a product node is its sum over k."""
+        index = index or self.index
+        if name in self.linear:
+            node = self.linear[name]
+            k = self.sum_index
+            return (rf"\sum_{{{k}}} {self.matrix_element(node.weight, index, k)} "
+                    + self.element(node.source, k, offset))
+        if self.is_param(name):
+            return plain(name, index)
+        name, offset = self._resolve(name, offset)
+        return plain(name, _time(offset), index)
+
+    def matrix_element(self, name, row, col):
+        return plain(name, f"{row}{col}")
+
+    def adjoint_element(self, name, index=None, offset=0):
+        index = index or self.index
+        if name in self.linear:
+            return rf"{self.adjoint(name, offset)}_{{{index}}}"
+        if name in self.states:
+            return (rf"\delta^{{{self.element_symbol(name)}}}"
+                    rf"_{{{_time(offset)},{index}}}")
+        stored, shifted = self._resolve(name, offset)
+        parts = split(stored)
+        symbol = _plain(parts)
+        bar = rf"\overline{{{symbol}}}" if parts.word else rf"\bar{{{symbol}}}"
+        return _decorate(bar, parts, _time(shifted), index)
+
+    def gradient_element(self, name, row, col=None):
+        symbol = self.matrix_element(name, row, col) if col else plain(name, row)
+        return rf"\frac{{\partial L}}{{\partial {symbol}}}"
+
+
+def size(name):
+    """A size name as a math symbol: H, or \\mathit{Hid} for a longer one.
+
+    >>> size("H"), size("Hid")
+    ('H', '\\\\mathit{Hid}')
+    """
+    parts = split(name)
+    if parts.word or parts.sub or parts.layer:
+        return rf"\mathit{{{name}}}".replace("_", r"\_")
+    return parts.base
