@@ -132,6 +132,24 @@ class Plan:
             return f"d_{g.name}_seq[{row}, {_plus(off, col)}]"
         return f"d_{name}_seq[{row}, {col}]"
 
+    def storage(self, name, adjoint=False):
+        """(array, row shift, column offset) of a vector's value (or adjoint):
+        element (r, k) lives at array[r + shift, offset + k]. The same places
+        value() and adjoint() print, as parts, for targets that pass row offsets
+        to kernels instead of slicing (the CUDA module). None: the input's adjoint."""
+        if name == self.d.input:
+            return None if adjoint else ("x_seq", "0", "0")
+        prefix = "delta_" if adjoint else ""
+        if name in self.prev_of:
+            return f"{prefix}{self.prev_of[name].name}_seq", "0", "0"
+        if name in self.state_names:
+            return f"{prefix}{name}_seq", "B", "0"
+        prefix = "d_" if adjoint else ""
+        if name in self.member_of:
+            g, off = self.member_of[name]
+            return f"{prefix}{g.name}_seq", "0", off
+        return f"{prefix}{name}_seq", "0", "0"
+
     def rows(self, name, lo="_lo", hi="_hi"):
         """Code for the contiguous row slice of a vector's value array."""
         if name == self.d.input:

@@ -14,6 +14,7 @@ import sympy as sp
 
 from derive.derivation import LAM, W_ELEM
 
+from .kernel_functions import fingerprint
 from .plan import Plan
 from .printer import pycode
 
@@ -135,6 +136,7 @@ def cpu_context(derivation):
         states=d.states,
         l2_penalty=pycode(d.l2_penalty.xreplace(l2)),
         l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
+        kernel_functions=fingerprint(),
     )
 
 

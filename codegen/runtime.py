@@ -1,8 +1,8 @@
 """What every generated module shares at run time (NumPy and Numba only).
 
 Generated modules hold the model-specific kernels; this module holds what is the
-same for every model: scalar functions the printer calls, input checks, the
-schedule of backward windows for each algorithm, parameter initialisation, the
+same for every model: input checks, the schedule of backward windows for each
+algorithm, parameter initialisation, the
 optimizers and the Trainer. It sits at the end of the data flow and imports
 nothing from derive/, so a generated trainer runs without SymPy.
 """
@@ -10,33 +10,18 @@ nothing from derive/, so a generated trainer runs without SymPy.
 import math
 
 import numpy as np
-from numba import njit
 
-_SCALAR = dict(cache=True, inline="always")
-
-
-@njit(**_SCALAR)
-def sigmoid(x):
-    # Two branches keep exp's argument <= 0: no overflow for large |x|.
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+from .kernel_functions import JIT_OPTIONS, fingerprint  # noqa: F401 (used by modules)
 
 
-@njit(**_SCALAR)
-def softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def check_fingerprint(module_name, stated):
+    """Warn when a generated module was made against other kernel functions:
+    Numba's cache does not see changes in functions a kernel inlines."""
+    if stated != fingerprint():
+        import warnings
 
-
-@njit(**_SCALAR)
-def relu(x):
-    return max(x, 0.0)
-
-
-@njit(**_SCALAR)
-def step(x):
-    return 1.0 if x > 0 else 0.0
+        warnings.warn(f"{module_name} was generated against different kernel functions "
+                      "(codegen/kernel_functions.py changed); regenerate it", stacklevel=3)
 
 
 ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise")
@@ -105,14 +90,31 @@ def backward_windows(kernel, args, ws, T, B, plan, local):
 
 
 # -- checks -------------------------------------------------------------------
+# Every check runs before any kernel: a Numba kernel given a wrong shape or dtype
+# fails with a typing traceback, reads out of bounds or silently returns garbage.
+# Non-contiguous arrays are not refused: the generated code copies them.
+
+
 def _fail(kind, message):
     raise kind(message)
 
 
-def check_call(spec, params, x, targets=None, state0=None, mask=None):
+def _shape_of(a):
+    return getattr(a, "shape", type(a).__name__)
+
+
+def _require_finite(name, a):
+    if not np.all(np.isfinite(a)):
+        bad = np.argwhere(~np.isfinite(a))[0]
+        _fail(ValueError, f"{name} contains NaN or Inf (first at index {tuple(bad.tolist())}, "
+              f"value {a[tuple(bad)]})")
+
+
+def check_call(spec, params, x, targets=None, state0=None, mask=None, l2=None):
     """Validate a call before any kernel runs; return (sizes, T, B, dtype).
 
     Every message names the argument, the expected and the actual shape/dtype.
+    ``targets`` None means a forward call (no loss).
     """
     if not isinstance(params, dict):
         _fail(TypeError, f"params must be a dict of arrays, got {type(params).__name__}")
@@ -121,16 +123,20 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None):
         _fail(ValueError, f"params is missing {missing}; expected keys {list(spec['params'])}")
     extra = [p for p in params if p not in spec["params"]]
     if extra:
-        _fail(ValueError, f"params has unknown keys {extra}")
-    first = params[next(iter(spec["params"]))]
-    dtype = getattr(first, "dtype", None)
+        _fail(ValueError, f"params has unknown keys {extra}; expected keys "
+              f"{list(spec['params'])}")
+    for name in spec["params"]:
+        if not isinstance(params[name], np.ndarray):
+            _fail(TypeError, f"params[{name!r}] must be a numpy array, got "
+                  f"{type(params[name]).__name__}")
+    first = next(iter(spec["params"]))
+    dtype = params[first].dtype
     if dtype not in (np.float32, np.float64):
-        _fail(TypeError, f"params must be float32 or float64 arrays, got dtype {dtype}")
+        _fail(TypeError, f"params must be float32 or float64 arrays, got dtype {dtype} "
+              f"for params[{first!r}]")
     sizes = {}
     for name, shape in spec["params"].items():
         p = params[name]
-        if not isinstance(p, np.ndarray):
-            _fail(TypeError, f"params[{name!r}] must be a numpy array, got {type(p).__name__}")
         if p.dtype != dtype:
             _fail(TypeError, f"params[{name!r}] has dtype {p.dtype}, expected {dtype} "
                   "like the other parameters")
@@ -142,8 +148,10 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None):
                 _fail(ValueError, f"params[{name!r}] has shape {p.shape} but {size} = "
                       f"{sizes[size]} from the other parameters (expected "
                       f"{tuple(sizes.get(s, s) for s in shape)})")
-        if not np.all(np.isfinite(p)):
-            _fail(ValueError, f"params[{name!r}] contains NaN or Inf")
+            if n < 1:
+                _fail(ValueError, f"params[{name!r}] has shape {p.shape}: size {size} "
+                      "must be at least 1")
+        _require_finite(f"params[{name!r}]", p)
     x_name, x_size = spec["input"]
     if not isinstance(x, np.ndarray):
         _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
@@ -157,37 +165,50 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None):
     T, B = x.shape[0], x.shape[1]
     if T < 1 or B < 1:
         _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
-    if not np.all(np.isfinite(x)):
-        _fail(ValueError, "x contains NaN or Inf")
+    _require_finite("x", x)
     out_size = spec["output"][1]
     if targets is not None:
         _check_targets(spec, targets, T, B, sizes[out_size], dtype)
     if state0 is not None:
-        if not isinstance(state0, dict):
-            _fail(TypeError, f"state0 must be a dict {{state: (B, size) array}}, got "
-                  f"{type(state0).__name__}")
-        for name, size in spec["states"].items():
-            if name not in state0:
-                _fail(ValueError, f"state0 is missing the state {name!r} (expected "
-                      f"keys {list(spec['states'])})")
-            s = state0[name]
-            if not isinstance(s, np.ndarray) or s.shape != (B, sizes[size]):
-                _fail(ValueError, f"state0[{name!r}] must have shape (B, {size}) = "
-                      f"{(B, sizes[size])}, got {getattr(s, 'shape', type(s).__name__)}")
-            if s.dtype != dtype:
-                _fail(TypeError, f"state0[{name!r}] has dtype {s.dtype}, expected {dtype}")
-            if not np.all(np.isfinite(s)):
-                _fail(ValueError, f"state0[{name!r}] contains NaN or Inf")
-        extra = [k for k in state0 if k not in spec["states"]]
-        if extra:
-            _fail(ValueError, f"state0 has unknown states {extra}")
+        _check_state0(spec, state0, B, sizes, dtype)
     if mask is not None:
         if not isinstance(mask, np.ndarray) or mask.shape != (T, B):
-            _fail(ValueError, f"mask must have shape (T, B) = {(T, B)}, got "
-                  f"{getattr(mask, 'shape', type(mask).__name__)}")
-        if not np.all(np.isfinite(mask)) or np.any(mask < 0):
-            _fail(ValueError, "mask must be finite and non-negative")
+            _fail(ValueError, f"mask must have shape (T, B) = {(T, B)}, got {_shape_of(mask)}")
+        if not (np.issubdtype(mask.dtype, np.floating) or np.issubdtype(mask.dtype, np.integer)
+                or mask.dtype == np.bool_):
+            _fail(TypeError, f"mask must hold numbers (float, int or bool), got dtype "
+                  f"{mask.dtype}")
+        _require_finite("mask", mask)
+        if np.any(mask < 0):
+            _fail(ValueError, f"mask must be non-negative, got minimum {mask.min()}")
+    if l2 is not None and not (isinstance(l2, (int, float, np.floating, np.integer))
+                               and math.isfinite(l2) and l2 >= 0):
+        _fail(ValueError, f"l2 must be a finite number >= 0, got {l2!r}")
     return sizes, T, B, dtype
+
+
+def _check_state0(spec, state0, B, sizes, dtype):
+    if not isinstance(state0, dict):
+        _fail(TypeError, f"state0 must be a dict {{state: (B, size) array}} with keys "
+              f"{list(spec['states'])}, got {type(state0).__name__}")
+    for name, size in spec["states"].items():
+        if name not in state0:
+            _fail(ValueError, f"state0 is missing the state {name!r} (expected keys "
+                  f"{list(spec['states'])}; leave state0 out to start from zeros)")
+        s = state0[name]
+        if not isinstance(s, np.ndarray):
+            _fail(TypeError, f"state0[{name!r}] must be a numpy array of shape (B, {size}) = "
+                  f"{(B, sizes[size])}, got {type(s).__name__}")
+        if s.shape != (B, sizes[size]):
+            _fail(ValueError, f"state0[{name!r}] must have shape (B, {size}) = "
+                  f"{(B, sizes[size])}, got {s.shape}")
+        if s.dtype != dtype:
+            _fail(TypeError, f"state0[{name!r}] has dtype {s.dtype}, expected {dtype}")
+        _require_finite(f"state0[{name!r}]", s)
+    extra = [k for k in state0 if k not in spec["states"]]
+    if extra:
+        _fail(ValueError, f"state0 has unknown states {extra}; expected keys "
+              f"{list(spec['states'])}")
 
 
 def _check_targets(spec, targets, T, B, O, dtype):
@@ -201,17 +222,17 @@ def _check_targets(spec, targets, T, B, O, dtype):
             _fail(TypeError, f"targets must be integer class indices, got dtype "
                   f"{targets.dtype}")
         if targets.size and (targets.min() < 0 or targets.max() >= O):
-            bad = targets[(targets < 0) | (targets >= O)][0]
-            _fail(ValueError, f"targets contains class {bad}, outside [0, {O}) "
-                  f"({spec['output'][1]} = {O} output units)")
+            where = np.argwhere((targets < 0) | (targets >= O))[0]
+            _fail(ValueError, f"targets contains class {targets[tuple(where)]} at (t, b) = "
+                  f"{tuple(where.tolist())}, outside [0, {O}) ({spec['output'][1]} = {O} "
+                  "output units)")
     else:
         if targets.shape != (T, B, O):
             _fail(ValueError, f"targets must have shape (T, B, {spec['output'][1]}) = "
                   f"{(T, B, O)}, got {targets.shape}")
         if targets.dtype != dtype:
             _fail(TypeError, f"targets has dtype {targets.dtype}, expected {dtype}")
-        if not np.all(np.isfinite(targets)):
-            _fail(ValueError, "targets contains NaN or Inf")
+        _require_finite("targets", targets)
 
 
 def loss_weights(spec, T, B, mask, dtype):
@@ -250,6 +271,13 @@ def init_params(spec, sizes, *, seed=0, dtype=np.float32):
 
 
 # -- training -------------------------------------------------------------------
+_NUMBER = (int, float, np.integer, np.floating)
+
+
+def _all_finite(loss, arrays):
+    return math.isfinite(loss) and all(np.all(np.isfinite(a)) for a in arrays.values())
+
+
 class Trainer:
     """Parameters, an optimizer and a training loop around one generated module.
 
@@ -257,6 +285,11 @@ class Trainer:
     minibatches of whole sequences; with algorithm="tbptt" it updates online,
     every k1 steps, carrying the state forward (seed 003); with "epochwise" it
     sums the gradients of an epoch and updates once at its end (seed 001).
+
+    Nothing is lost silently: an update whose loss, gradients or new parameters
+    are not finite stops training, restores the last parameters that gave a finite
+    loss and says where (``self.diverged``); ``save`` writes the whole training
+    state atomically and ``fit(resume=True)`` after ``load`` goes on from it.
     """
 
     module_name = None
@@ -273,22 +306,56 @@ class Trainer:
         if algorithm not in self.module.ALGORITHMS:
             raise ValueError(f"algorithm must be one of {self.module.ALGORITHMS}, "
                              f"got {algorithm!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be positive or None, got {clip!r}")
+        for name, value, positive in (("lr", lr, True), ("l2", l2, False), ("eps", eps, True)):
+            if not (isinstance(value, _NUMBER) and math.isfinite(value)
+                    and (value > 0 if positive else value >= 0)):
+                kind = "positive" if positive else "non-negative"
+                raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+        if clip is not None and not (isinstance(clip, _NUMBER) and clip > 0):
+            raise ValueError(f"clip must be a positive number or None, got {clip!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if algorithm == "tbptt":
             windows("tbptt", 1, k1, k2)  # validates k1, k2 early
-        self.sizes = dict(zip(self.module.SIZES, sizes)) if isinstance(
-            sizes, (tuple, list)) else dict(sizes)
+        elif k1 is not None or k2 is not None:
+            raise ValueError(f"k1/k2 apply to algorithm='tbptt', not {algorithm!r}")
+        self.sizes = self._check_sizes(sizes)
         self.params = self.module.init_params(self.sizes, seed=seed, dtype=dtype)
         self.optimizer, self.lr, self.l2, self.clip = optimizer, lr, l2, clip
         self.algorithm, self.k1, self.k2 = algorithm, k1, k2
-        self.momentum, self.betas, self.eps = momentum, betas, eps
+        self.momentum, self.betas, self.eps = momentum, tuple(betas), eps
         self.dtype = dtype
         self.seed = seed
         self._slots = {}
-        self.steps = 0
+        self.steps = 0  # optimizer updates applied so far
+        self.history = {"loss": []}  # mean loss of each finished epoch
+        self.position = (0, 0)  # (epoch, minibatch) where fit(resume=True) goes on
+        self._partial = None  # running sums of the epoch in progress
+        self._good = None  # (steps, params) that last gave a finite loss
+        self.diverged = None  # None, or the message saying where training stopped
+        self.meta = {}  # what the caller stored with save(meta=...)
+
+    def _check_sizes(self, sizes):
+        names = self.module.SIZES
+        if isinstance(sizes, (tuple, list)):
+            if len(sizes) != len(names):
+                raise ValueError(f"sizes must give {len(names)} values for {names}, "
+                                 f"got {tuple(sizes)}")
+            sizes = dict(zip(names, sizes))
+        if not isinstance(sizes, dict):
+            raise TypeError(f"sizes must be a dict {{size name: int}} over {names}, got "
+                            f"{type(sizes).__name__}")
+        missing = [s for s in names if s not in sizes]
+        unknown = [s for s in sizes if s not in names]
+        if missing or unknown:
+            raise ValueError(f"sizes must name exactly {names}; missing {missing}, "
+                             f"unknown {unknown}")
+        for name, n in sizes.items():
+            if not (isinstance(n, (int, np.integer)) and n >= 1):
+                raise ValueError(f"size {name} must be a positive integer, got {n!r}")
+        return {s: int(sizes[s]) for s in names}
 
     # one optimizer step ----------------------------------------------------------
     def loss_and_grads(self, x, targets, **kw):
@@ -328,55 +395,71 @@ class Trainer:
                 vhat = v / (1 - b2 ** self.steps)
                 p -= (self.lr * mhat / (np.sqrt(vhat) + self.eps)).astype(p.dtype)
 
-    def _finite_or_stop(self, loss, grads, backup, where):
-        if math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values()):
-            return True
-        self.params = backup
-        self.diverged = where
+    def _guarded_apply(self, loss, grads):
+        """apply() unless training diverges; returns False if it did."""
+        if not _all_finite(loss, grads):
+            what = f"loss {loss}" if not math.isfinite(loss) else "a non-finite gradient"
+            return self._diverge(f"the update {self.steps + 1} got {what}", self.steps)
+        self._good = (self.steps, {k: v.copy() for k, v in self.params.items()})
+        self.apply(grads)
+        bad = [k for k, v in self.params.items() if not np.all(np.isfinite(v))]
+        if bad:
+            return self._diverge(f"the update {self.steps} made {bad[0]} non-finite",
+                                 self.steps - 1)
+        return True
+
+    def _diverge(self, what, last_finite):
+        """Stop: restore the parameters that last gave a finite loss (those before
+        the update that produced the bad ones)."""
+        if self._good is not None and self._good[0] <= last_finite:
+            self.steps, self.params = self._good[0], self._good[1]
+        self.diverged = (f"training diverged: {what}; kept the parameters after update "
+                         f"{self.steps}, the last that gave a finite loss (lower lr or "
+                         "set clip)")
         return False
 
     def step(self, x, targets, mask=None):
-        """One update on one minibatch; returns the loss before the update."""
+        """One update on one minibatch; returns the loss before the update (for
+        tbptt, the mean over its online updates). After a divergence the parameters
+        are the last good ones and ``self.diverged`` says where."""
         x, targets = self._cast(x, targets)
         if self.algorithm == "tbptt":
             return self._online_tbptt(x, targets, mask)
         loss, grads = self.loss_and_grads(x, targets, algorithm=self.algorithm, mask=mask)
-        backup = {k: v.copy() for k, v in self.params.items()}
-        if not self._finite_or_stop(loss, grads, backup, f"update {self.steps + 1}"):
-            return loss
-        self.apply(grads)
+        self._guarded_apply(loss, grads)
         return loss
 
     def _online_tbptt(self, x, targets, mask):
         """Every k1 steps, backpropagate the last k1 losses over the last k2 steps and
         update at once: later steps run with the updated weights."""
         T, B = x.shape[:2]
-        k1, k2 = self.k1, self.k2
-        history = [None]  # state at the start of each step, older first
-        state = None
+        plan = windows("tbptt", T, self.k1, self.k2)
+        needed = {int(start) for _, start, _ in plan}
+        states = {0: None}  # step -> the state entering it (None: zeros)
         losses, weights = [], []
-        for end in range(k1 - 1, T + k1 - 1, k1):
-            end = min(end, T - 1)
-            start = max(0, end - k2 + 1)
-            first = len(history) - 1
-            if first > end:
-                break
-            state0 = history[start] if start < len(history) else None
+        for i, (end, start, first) in enumerate(plan):
             w = np.zeros((end - start + 1, B), self.dtype)
             w[first - start:] = 1 if mask is None else mask[first:end + 1]
-            loss, grads = self.loss_and_grads(
-                x[start:end + 1], targets[start:end + 1], state0=state0, mask=w)
-            backup = {k: v.copy() for k, v in self.params.items()}
-            if not self._finite_or_stop(loss, grads, backup, f"update {self.steps + 1}"):
-                return loss
-            losses.append(loss)
-            weights.append(float(w.sum()))
-            # States along the window under the weights used for it, then update.
-            for t in range(first, end + 1):
-                _, st = self.module.forward(self.params, x[t:t + 1], state0=history[t])
-                history.append(st)
-            self.apply(grads)
-        return float(np.dot(losses, weights) / max(sum(weights), 1e-12))
+            if w.sum() > 0:  # a window without loss terms (a masked stretch): no update
+                loss, grads = self.loss_and_grads(
+                    x[start:end + 1], targets[start:end + 1], state0=states[start], mask=w)
+                if not self._guarded_apply(loss, grads):
+                    return loss
+                losses.append(loss)
+                weights.append(float(w.sum()))
+            if i == len(plan) - 1:
+                break
+            # Carry the state over the window under the weights now in force, keeping
+            # it where a later window starts: one forward call per stretch.
+            stops = sorted({int(end) + 1} | {s for s in needed if first < s <= end})
+            at = int(first)
+            for stop in stops:
+                _, states[stop] = self.module.forward(self.params, x[at:stop],
+                                                      state0=states[at])
+                at = stop
+        if not weights:
+            return 0.0
+        return float(np.dot(losses, weights) / sum(weights))
 
     # loops ---------------------------------------------------------------------
     def _cast(self, x, targets):
@@ -385,47 +468,100 @@ class Trainer:
             targets = np.ascontiguousarray(targets, dtype=self.dtype)
         return x, targets
 
-    def fit(self, x, targets, epochs=1, batch_size=None, progress=True, mask=None):
+    def _check_data(self, x, targets, mask):
+        for name, a in (("x", x), ("targets", targets)):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (T, N, {self.module.SPEC['input'][1]}) "
+                             f"(time-major, N sequences), got {x.shape}")
+        if targets.shape[:2] != x.shape[:2]:
+            raise ValueError(f"targets must start with x's (T, N) = {x.shape[:2]}, got "
+                             f"shape {targets.shape}")
+        if mask is not None and getattr(mask, "shape", None) != x.shape[:2]:
+            raise ValueError(f"mask must have shape (T, N) = {x.shape[:2]}, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+
+    def fit(self, x, targets, epochs=1, batch_size=None, progress=True, mask=None,
+            callback=None, resume=False):
         """Train on x (T, N, I) and targets (T, N[, O]) in minibatches of sequences.
 
-        Returns the history {"loss": [mean loss per epoch]}; stops early, keeping
-        the last good parameters, if the loss becomes NaN or Inf (``self.diverged``
-        says where).
+        Returns ``self.history``, {"loss": [mean loss of each epoch]}. If the loss
+        becomes NaN or Inf it stops, keeps the last good parameters and sets
+        ``self.diverged`` to a message saying at which update (and warns).
+        ``callback(trainer, info)`` runs after every minibatch and every epoch
+        (info: event "batch" or "epoch", epoch, batch, batches, loss: the
+        minibatch's or the epoch's mean); returning True stops training, and
+        ``self.position`` is where ``fit(..., resume=True)`` goes on (after ``load``
+        of a checkpoint: the same data and batch size give the uninterrupted run).
         """
+        import warnings
+
+        self._check_data(x, targets, mask)
         N = x.shape[1]
-        batch_size = batch_size or N
-        rng = np.random.default_rng(self.seed)
-        history = {"loss": []}
+        batch_size = N if batch_size is None else batch_size
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not (isinstance(epochs, (int, np.integer)) and epochs >= 0):
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        batches = -(-N // batch_size)
+        if not resume:
+            self.history, self.position, self._partial = {"loss": []}, (0, 0), None
+        epoch0, batch0 = self.position
+        if batch0 > batches:
+            raise ValueError(f"cannot resume at minibatch {batch0} of an epoch of "
+                             f"{batches}: use the batch size and data of the saved run")
         self.diverged = None
-        bar = _progress(epochs, progress, f"training {self.module.NAME}")
-        for epoch in range(epochs):
-            order = rng.permutation(N)
-            total, count = 0.0, 0
-            epoch_grads = None
-            for lo in range(0, N, batch_size):
-                idx = np.sort(order[lo:lo + batch_size])
-                xb, tb = x[:, idx], targets[:, idx]
-                mb = None if mask is None else mask[:, idx]
-                if self.algorithm == "epochwise":
-                    xb, tb = self._cast(xb, tb)
-                    loss, grads = self.loss_and_grads(xb, tb, mask=mb)
-                    epoch_grads = grads if epoch_grads is None else {
-                        k: epoch_grads[k] + grads[k] for k in grads}
-                else:
-                    loss = self.step(xb, tb, mb)
-                if self.diverged or not math.isfinite(loss):
-                    self.diverged = self.diverged or f"epoch {epoch + 1}"
-                    bar.close()
-                    return history
-                total += loss * len(idx)
-                count += len(idx)
-            if epoch_grads is not None:
-                batches = -(-N // batch_size)
-                self.apply({k: g / batches for k, g in epoch_grads.items()})
-            history["loss"].append(total / count)
-            bar.update(history["loss"][-1])
-        bar.close()
-        return history
+        bar = Progress(max(0, (epochs - epoch0) * batches - batch0), progress,
+                       f"training {self.module.NAME}")
+        try:
+            for epoch in range(epoch0, epochs):
+                # The order of an epoch depends on (seed, epoch) only: a resumed run
+                # sees the same minibatches as an uninterrupted one.
+                order = np.random.default_rng([self.seed, epoch]).permutation(N)
+                part = self._partial or {"total": 0.0, "count": 0, "grads": None}
+                for b in range(batch0 if epoch == epoch0 else 0, batches):
+                    idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
+                    xb, tb = x[:, idx], targets[:, idx]
+                    mb = None if mask is None else mask[:, idx]
+                    if self.algorithm == "epochwise":
+                        xb, tb = self._cast(xb, tb)
+                        loss, grads = self.loss_and_grads(xb, tb, mask=mb)
+                        if not _all_finite(loss, grads):
+                            self._diverge(f"the loss of update {self.steps + 1} became "
+                                          f"{loss}", self.steps)
+                        elif part["grads"] is None:
+                            part["grads"] = grads
+                        else:
+                            part["grads"] = {k: part["grads"][k] + grads[k] for k in grads}
+                    else:
+                        loss = self.step(xb, tb, mb)
+                    if self.diverged:
+                        warnings.warn(self.diverged, RuntimeWarning, stacklevel=2)
+                        return self.history
+                    part["total"] += loss * len(idx)
+                    part["count"] += len(idx)
+                    self._partial = part
+                    self.position = (epoch, b + 1)
+                    bar.update(loss)
+                    if callback is not None and callback(self, dict(
+                            event="batch", epoch=epoch, batch=b, batches=batches, loss=loss)):
+                        return self.history
+                if part["grads"] is not None:
+                    grads = {k: g / batches for k, g in part["grads"].items()}
+                    if not self._guarded_apply(part["total"] / part["count"], grads):
+                        warnings.warn(self.diverged, RuntimeWarning, stacklevel=2)
+                        return self.history
+                self.history["loss"].append(part["total"] / part["count"])
+                self._partial = None
+                self.position = (epoch + 1, 0)
+                if callback is not None and callback(self, dict(
+                        event="epoch", epoch=epoch, batch=None, batches=batches,
+                        loss=self.history["loss"][-1])):
+                    return self.history
+        finally:
+            bar.close()
+        return self.history
 
     def predict(self, x, state0=None):
         """Predictions (T, B, O) for x (T, B, I)."""
@@ -433,26 +569,53 @@ class Trainer:
         return self.module.forward(self.params, x, state0=state0)[0]
 
     # persistence -----------------------------------------------------------------
-    def save(self, path):
-        """Write the parameters to an .npz file atomically (temporary file, rename)."""
+    def save(self, path, meta=None):
+        """Write the parameters and the training state (step count, optimizer
+        slots, position in fit, loss history, ``meta``: any JSON the caller adds) to
+        an .npz file atomically: a temporary file in the same folder, then a rename,
+        so an interrupted save leaves the previous file whole."""
+        import json
         import os
         import tempfile
 
+        if meta is not None:
+            self.meta = dict(meta)
+        arrays = dict(self.params)
+        for name, slot in self._slots.items():
+            for i, a in enumerate(slot if isinstance(slot, tuple) else (slot,)):
+                arrays[f"__slot{i}__{name}"] = a
+        partial = None
+        if self._partial is not None:
+            partial = {"total": self._partial["total"], "count": self._partial["count"]}
+            for name, g in (self._partial["grads"] or {}).items():
+                arrays[f"__partial__{name}"] = g
+        state = dict(model=self.module.NAME, sizes=self.sizes, steps=self.steps,
+                     optimizer=self.optimizer, algorithm=self.algorithm,
+                     position=list(self.position), history=self.history, partial=partial,
+                     meta=self.meta)
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-        os.close(fd)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".npz.tmp")
         try:
-            with open(tmp, "wb") as f:
-                np.savez(f, __model__=np.array(self.module.NAME), __steps__=self.steps,
-                         **self.params)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, __model__=np.array(self.module.NAME),
+                         __steps__=np.array(self.steps),
+                         __state__=np.array(json.dumps(state)), **arrays)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
     def load(self, path):
-        """Read parameters saved by ``save``; checks model name, names and shapes."""
+        """Read a file written by ``save``: parameters, and the training state if
+        present (optimizer slots only for the same optimizer). Checks model name,
+        parameter names and shapes first: on an error nothing is changed."""
+        import json
+
         with np.load(path) as data:
+            if "__model__" not in data:
+                raise ValueError(f"{path} is not a bpttgen parameter file (no __model__)")
             name = str(data["__model__"])
             if name != self.module.NAME:
                 raise ValueError(f"{path} holds parameters of model {name!r}, not "
@@ -462,31 +625,80 @@ class Trainer:
                     raise ValueError(f"{path} lacks parameter {key!r}")
                 if data[key].shape != p.shape:
                     raise ValueError(f"{path}: {key} has shape {data[key].shape}, "
-                                     f"expected {p.shape}")
-            self.params = {k: data[k].astype(self.dtype) for k in self.params}
+                                     f"expected {p.shape} (sizes {self.sizes})")
+            params = {k: data[k].astype(self.dtype) for k in self.params}
+            state = json.loads(str(data["__state__"])) if "__state__" in data else {}
+            slots = {}
+            if state.get("optimizer") == self.optimizer:
+                for key in data.files:
+                    if key.startswith("__slot"):
+                        i, pname = key[len("__slot"):].split("__", 1)
+                        slots.setdefault(pname, {})[int(i)] = data[key].astype(self.dtype)
+            partial_grads = {key[len("__partial__"):]: data[key] for key in data.files
+                             if key.startswith("__partial__")}
+            self.params = params
             self.steps = int(data["__steps__"])
+        self._slots = {k: (v[0] if len(v) == 1 else tuple(v[i] for i in sorted(v)))
+                       for k, v in slots.items()}
+        self.history = state.get("history", {"loss": []})
+        self.position = tuple(state.get("position", (0, 0)))
+        partial = state.get("partial")
+        if partial is not None:
+            partial["grads"] = partial_grads or None
+        self._partial = partial
+        self.meta = state.get("meta", {})
+        self._good = None
+        self.diverged = None
         return self
 
 
-class _progress:
-    """A minimal progress line on a terminal; silent otherwise or when disabled."""
+class Progress:
+    """A progress line on stderr: bar, count, last loss, rate and time left.
 
-    def __init__(self, total, enabled, label):
+    Silent when stderr is not a terminal or when disabled (``--quiet``), so logs,
+    pipes and CI output stay clean. Redraws at most ten times a second.
+    """
+
+    def __init__(self, total, enabled=True, label="", stream=None):
         import sys
+        import time
 
+        self.stream = stream or sys.stderr
         self.total, self.label, self.n = total, label, 0
-        self.enabled = bool(enabled) and sys.stderr.isatty()
+        self.enabled = bool(enabled) and hasattr(self.stream, "isatty") and \
+            self.stream.isatty()
+        self.start = self._last = time.monotonic()
+        self.loss = None
 
-    def update(self, loss):
-        import sys
+    def update(self, loss=None, n=1):
+        import time
 
-        self.n += 1
-        if self.enabled:
-            sys.stderr.write(f"\r{self.label}: {self.n}/{self.total} loss {loss:.4f}")
-            sys.stderr.flush()
+        self.n += n
+        if loss is not None:
+            self.loss = loss
+        now = time.monotonic()
+        if self.enabled and (now - self._last >= 0.1 or self.n >= self.total):
+            self._last = now
+            self.stream.write("\r" + self._line(now - self.start))
+            self.stream.flush()
+
+    def _line(self, elapsed):
+        width = 24
+        done = min(1.0, self.n / self.total) if self.total else 1.0
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.n) / rate if rate > 0 else 0.0
+        loss = "" if self.loss is None else f" loss {self.loss:.4f}"
+        return (f"{self.label} [{bar}] {self.n}/{self.total}{loss} "
+                f"{rate:.1f}/s {left:.0f}s left ")
 
     def close(self):
-        import sys
+        import time
 
         if self.enabled:
-            sys.stderr.write("\n")
+            self.stream.write("\r" + self._line(time.monotonic() - self.start) + "\n")
+            self.stream.flush()
+            self.enabled = False
+
+
+_progress = Progress  # the name used before; kept for callers

@@ -1,0 +1,56 @@
+"""The scalar functions generated kernels call, in both precisions."""
+
+import math
+
+import numpy as np
+import pytest
+from numba import njit
+
+from codegen import kernel_functions as runtime
+
+
+@njit
+def _tanh_all(xs):
+    out = np.empty_like(xs)
+    for i in range(xs.size):
+        out[i] = runtime.tanh(xs[i])
+    return out
+
+
+@njit
+def _sigmoid_all(xs):
+    out = np.empty_like(xs)
+    for i in range(xs.size):
+        out[i] = runtime.sigmoid(xs[i])
+    return out
+
+
+XS = np.concatenate([np.linspace(-20, 20, 4001), [-1e30, -100.0, 0.0, 1e-6, 100.0, 1e30]])
+
+
+def test_tanh_float64_is_libm_tanh():
+    # math.tanh (libm) and NumPy's SIMD tanh may differ in the last bits.
+    np.testing.assert_array_max_ulp(_tanh_all(XS), np.tanh(XS), maxulp=2)
+
+
+def test_tanh_float32_within_a_few_ulp():
+    xs = XS.astype(np.float32)
+    err = np.abs(_tanh_all(xs).astype(np.float64) - np.tanh(xs.astype(np.float64)))
+    assert err.max() < 4 * np.finfo(np.float32).eps
+    assert _tanh_all(xs).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-15), (np.float32, 4e-7)])
+def test_sigmoid(dtype, tol):
+    xs = XS.astype(dtype)
+    exact = 1 / (1 + np.exp(-xs.astype(np.float64)))
+    got = _sigmoid_all(xs)
+    assert np.all(np.isfinite(got))
+    assert np.abs(got - exact).max() < tol
+
+
+def test_python_fallbacks_agree():
+    """With NUMBA_DISABLE_JIT the plain Python definitions run."""
+    for x in (-3.0, 0.0, 2.5):
+        assert runtime.tanh(x) == math.tanh(x)
+        assert runtime.sigmoid(x) == pytest.approx(1 / (1 + math.exp(-x)), rel=1e-15)
