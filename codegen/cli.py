@@ -1,23 +1,38 @@
 """The ``bpttgen`` command: the user-facing end of the data flow.
 
-Subcommands: list, latex, generate (more are added by the modules they drive).
-Errors a user can fix (a bad definition, a refused overwrite) print one line and
-exit with status 2 instead of a traceback.
+Subcommands: list, latex, generate, check, train, demo (``bpttgen CMD --help``).
+Errors a user can fix (a bad definition, a refused overwrite, a bad option or
+file) print one line and exit with status 2 instead of a traceback; a failed
+gradient check or a diverged training run exits with 1, an interrupted one
+with 130 after saving a checkpoint.
 """
 
 import argparse
+import importlib
+import os
+import signal
 import sys
+import tempfile
+import time
+import warnings
 
-from derive import DefinitionError, derive
+from derive import DefinitionError
 from derive.losses import LossError
-from derive.loader import load_model
-from derive.models import BUILTIN, build
 
-from .generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused, generate, \
-    generate_builtins
+from .generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+class UsageError(ValueError):
+    """A wrong combination of options or a checkpoint that does not fit them."""
+
+
+# -- list, latex, generate ----------------------------------------------------------
 def _cmd_list(args):
+    from derive import derive
+    from derive.models import BUILTIN, build
+
     for name in BUILTIN:
         d = derive(build(name))
         states = ", ".join(s.name for s in d.states)
@@ -27,8 +42,13 @@ def _cmd_list(args):
 
 
 def _cmd_latex(args):
-    from derive.latex import render
+    from derive import derive
+    from derive.loader import load_model
 
+    try:
+        from derive.latex import render
+    except ImportError:
+        raise UsageError("LaTeX output is not available in this version") from None
     text = render(derive(load_model(args.model)), form=args.form,
                   index_form=args.index_form)
     if args.output:
@@ -40,11 +60,22 @@ def _cmd_latex(args):
 
 
 def _cmd_generate(args):
+    from derive.loader import load_model
+    from derive.models import BUILTIN
+
+    from .generate import generate, generate_builtins
+    from .runtime import Progress
+
     if args.builtins == bool(args.model):
-        raise SystemExit("bpttgen generate: give either --builtins or a MODEL_OR_FILE")
+        raise UsageError("give either --builtins or a MODEL_OR_FILE")
     if args.builtins:
-        paths = generate_builtins(args.output or GENERATED_DIR, target=args.target or "all",
-                                  force=args.force)
+        bar = Progress(len(BUILTIN), not args.quiet, "generating")
+        try:
+            paths = generate_builtins(args.output or GENERATED_DIR,
+                                      target=args.target or "all", force=args.force,
+                                      progress=lambda name: bar.update())
+        finally:
+            bar.close()
     else:
         target = args.target or "cpu"
         command = f"bpttgen generate {args.model} --target {target}"
@@ -56,19 +87,253 @@ def _cmd_generate(args):
     return 0
 
 
+# -- check --------------------------------------------------------------------------
+def _cmd_check(args):
+    from derive.loader import load_model
+
+    from . import gradcheck
+    from .generate import generate, import_path
+    from .runtime import Progress
+
+    model = load_model(args.model)
+    with tempfile.TemporaryDirectory(prefix="bpttgen-check-") as folder:
+        path, = generate(model, folder, f"bpttgen check {args.model}")
+        name = f"bpttgen_check_{model.name}"
+        module = import_path(path, name)
+        try:
+            bar = Progress(len(gradcheck.algorithms(module)), not args.quiet,
+                           f"checking {model.name} (the first call compiles)")
+            rows = gradcheck.check(module, size=args.size, T=args.steps, B=args.batch,
+                                   seed=args.seed, progress=lambda a: bar.update())
+            bar.close()
+        finally:
+            sys.modules.pop(name, None)
+    print(f"{model.name}: float64 gradients vs central finite differences, sizes "
+          f"{args.size}/{args.size + 1}, T={args.steps}, B={args.batch}, with a mask, "
+          "initial states and L2 (tbptt with k1 = k2 = T)")
+    print(gradcheck.format_table(rows))
+    failed = [r.param for r in rows if not r.passed]
+    if failed:
+        print(f"FAILED: max relative error >= {gradcheck.TOLERANCE:g} for {', '.join(failed)}")
+        return EXIT_FAILED
+    print(f"all gradients agree (max relative error < {gradcheck.TOLERANCE:g})")
+    return 0
+
+
+# -- train --------------------------------------------------------------------------
+#: Options that decide the data and the shapes: a checkpoint only resumes a run
+#: made with the same ones.
+_RUN_IDENTITY = ("model", "task", "text", "seq_len", "samples", "seed", "batch_size",
+                 "hidden", "dtype")
+
+
+def _trainer_module(spec, generated_dir):
+    """The generated module of a model: the committed one for a built-in (Numba's
+    cache is warm), else generated into generated_dir or a temporary folder."""
+    from derive.loader import load_model
+    from derive.models import BUILTIN
+
+    from .generate import generate, import_path
+
+    if spec in BUILTIN and os.path.isfile(os.path.join(GENERATED_DIR, f"{spec}.py")):
+        return importlib.import_module(f"generated.{spec}")
+    model = load_model(spec)
+    folder = generated_dir or tempfile.mkdtemp(prefix="bpttgen-train-")
+    path, = generate(model, folder, f"bpttgen generate {spec} --target cpu")
+    return import_path(path, f"bpttgen_train_{model.name}")
+
+
+def _load_task(args, module):
+    from . import tasks
+
+    target = module.SPEC["target"]
+    if args.text:
+        return tasks.text(args.text, args.seq_len or 50, target=target)
+    return tasks.make(args.task, args.seq_len or 30, args.samples, target=target,
+                      seed=args.seed)
+
+
+def _sizes(module, task, hidden):
+    """Input and output sizes from the task, every other size --hidden."""
+    sizes = {s: hidden for s in module.SIZES}
+    sizes[module.SPEC["input"][1]] = task.sizes["I"]
+    sizes[module.SPEC["output"][1]] = task.sizes["O"]
+    return sizes
+
+
+def _identity(args, module):
+    values = dict(vars(args), model=module.NAME,
+                  text=os.path.abspath(args.text) if args.text else None)
+    return {k: values[k] for k in _RUN_IDENTITY}
+
+
+class _Interrupt:
+    """Ctrl-C asks training to stop after the current minibatch (the parameters
+    are then consistent and are checkpointed); a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this minibatch and saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _cmd_train(args):
+    import math
+
+    import numpy as np
+
+    if bool(args.task) == bool(args.text):
+        raise UsageError("give either --task {adding,copy,parity} or --text FILE")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    module = _trainer_module(args.model, args.generated_dir)
+    task = _load_task(args, module)
+    if args.batch_size > task.x.shape[1]:
+        args.batch_size = task.x.shape[1]
+    output = args.output or f"{module.NAME}-{args.task or 'text'}.npz"
+    checkpoint = args.checkpoint or os.path.splitext(output)[0] + ".ckpt.npz"
+    identity = _identity(args, module)
+    trainer = module.Trainer(
+        _sizes(module, task, args.hidden), optimizer=args.optimizer, lr=args.lr,
+        l2=args.l2, clip=args.clip, algorithm=args.algorithm, k1=args.k1, k2=args.k2,
+        seed=args.seed, dtype=np.float32 if args.dtype == "float32" else np.float64,
+        momentum=args.momentum)
+    if args.resume:
+        if not os.path.isfile(checkpoint):
+            raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+        trainer.load(checkpoint)
+        saved = trainer.meta.get("run", {})
+        for key in _RUN_IDENTITY:
+            if key in saved and saved[key] != identity[key]:
+                raise UsageError(
+                    f"--resume: {checkpoint} was made with {key} = {saved[key]!r}, this "
+                    f"run has {identity[key]!r}; use the same options (or a new "
+                    "--checkpoint)")
+    meta = {"run": identity, "vocabulary": task.vocabulary}
+    index_loss = module.SPEC["target"] == "index"
+    say = (lambda *a: None) if args.quiet else print
+    N = task.x.shape[1]
+    epoch0, batch0 = trainer.position if args.resume else (0, 0)
+    say(f"training {module.NAME} on {task.name}: {N} sequences of T = {task.x.shape[0]}, "
+        f"sizes {trainer.sizes}, {trainer.algorithm}, {trainer.optimizer} lr {trainer.lr}"
+        + (f"; resuming at epoch {epoch0 + 1}, minibatch {batch0 + 1}" if args.resume
+           else ""))
+    if task.baseline is not None:
+        say(f"  a model without memory reaches loss {task.baseline:.4f}"
+            + (f" (perplexity {math.exp(task.baseline):.2f})" if index_loss else ""))
+
+    since = {"n": 0}
+
+    def save_checkpoint():
+        trainer.save(checkpoint, meta=meta)
+        since["n"] = 0
+
+    def callback(tr, info):
+        if info["event"] == "epoch":
+            line = f"epoch {info['epoch'] + 1}/{args.epochs}  loss {info['loss']:.4f}"
+            if index_loss:
+                line += f"  perplexity {math.exp(min(info['loss'], 700)):.3f}"
+            say(line)
+        else:
+            since["n"] += 1
+        if interrupt.requested or (args.checkpoint_every and
+                                   since["n"] >= args.checkpoint_every):
+            save_checkpoint()
+        return interrupt.requested
+
+    start = time.perf_counter()
+    with _Interrupt() as interrupt:
+        trainer.fit(task.x, task.targets, epochs=args.epochs, batch_size=args.batch_size,
+                    mask=task.mask, progress=not args.quiet, callback=callback,
+                    resume=args.resume)
+    seconds = time.perf_counter() - start
+    if trainer.diverged:
+        trainer.save(output, meta=meta)
+        print(f"bpttgen train: {trainer.diverged}; saved them to {output}", file=sys.stderr)
+        return EXIT_FAILED
+    if interrupt.requested:
+        epoch, batch = trainer.position
+        print(f"interrupted at epoch {epoch + 1}, minibatch {batch} ({trainer.steps} "
+              f"updates); checkpoint saved to {checkpoint}. Continue with the same "
+              "command and --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    trainer.save(output, meta=meta)
+    if os.path.exists(checkpoint) and os.path.abspath(checkpoint) != os.path.abspath(output):
+        os.remove(checkpoint)  # the output holds the same, finished state
+    final = trainer.history["loss"][-1] if trainer.history["loss"] else float("nan")
+    summary = f"final loss {final:.4f}"
+    if index_loss:
+        summary += f", perplexity {math.exp(min(final, 700)):.3f}"
+    print(f"{summary}; {trainer.steps} updates in {seconds:.1f} s; parameters saved to "
+          f"{output}")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------
+def _cmd_demo(args):
+    from . import demo
+
+    config = demo.Config()
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    try:
+        demo.run(config, quiet=args.quiet, plot=None if args.no_plot else args.plot)
+    except RuntimeError as err:
+        print(f"bpttgen demo: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+# -- the parser ---------------------------------------------------------------------
+def _model_argument(s):
+    s.add_argument("model", metavar="MODEL_OR_FILE",
+                   help="a built-in name (see 'bpttgen list') or a definition file "
+                        "defining model()")
+
+
+def _quiet(s):
+    s.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or per-epoch lines")
+
+
 def parser():
+    from .runtime import ALGORITHMS, Trainer
+
     p = argparse.ArgumentParser(
         prog="bpttgen",
         description="Derive backpropagation through time with SymPy; generate Numba "
-                    "kernels and trainers.")
-    sub = p.add_subparsers(dest="command", required=True)
+                    "kernels and trainers.",
+        epilog="New here? Run 'bpttgen demo'.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("list", help="built-in models and their state equations")
+    s = sub.add_parser("list", help="built-in models and their state equations",
+                       description="List the built-in models, one line each: the states "
+                                   "and their update equations.")
     s.set_defaults(run=_cmd_list)
 
-    s = sub.add_parser("latex", help="print a model's BPTT derivation as LaTeX")
-    s.add_argument("model", metavar="MODEL_OR_FILE",
-                   help="a built-in name or a definition file defining model()")
+    s = sub.add_parser("latex", help="print a model's BPTT derivation as LaTeX",
+                       description="Print the derivation of a model's BPTT: forward "
+                                   "step, loss, accumulated recurrence, gradients.")
+    _model_argument(s)
     s.add_argument("--form", choices=("document", "fragment", "markdown"),
                    default="document")
     s.add_argument("--index-form", action="store_true",
@@ -76,7 +341,10 @@ def parser():
     s.add_argument("-o", "--output", help="write to this file instead of stdout")
     s.set_defaults(run=_cmd_latex)
 
-    s = sub.add_parser("generate", help="write Numba modules for a model")
+    s = sub.add_parser("generate", help="write Numba modules for a model",
+                       description="Write the generated module(s) of a model. A file in "
+                                   "the way is overwritten only if bpttgen generated it "
+                                   "and nobody edited it since (or with --force).")
     s.add_argument("model", metavar="MODEL_OR_FILE", nargs="?",
                    help="a built-in name or a definition file defining model()")
     s.add_argument("--builtins", action="store_true",
@@ -87,19 +355,107 @@ def parser():
                    "--builtins, the current folder otherwise)")
     s.add_argument("--force", action="store_true",
                    help="overwrite files that were edited by hand")
-    s.add_argument("-q", "--quiet", action="store_true")
+    _quiet(s)
     s.set_defaults(run=_cmd_generate)
+
+    s = sub.add_parser("check", help="check gradients against finite differences",
+                       description="Generate the model's kernels into a temporary folder "
+                                   "and compare the gradients of every algorithm with "
+                                   "float64 central finite differences. Exit status 1 "
+                                   "if any relative error is 1e-6 or more.")
+    _model_argument(s)
+    s.add_argument("--size", type=int, default=3, help="every size (3: tiny, fast)")
+    s.add_argument("--steps", type=int, default=5, metavar="T", help="sequence length")
+    s.add_argument("--batch", type=int, default=2, metavar="B", help="batch size")
+    s.add_argument("--seed", type=int, default=0)
+    _quiet(s)
+    s.set_defaults(run=_cmd_check)
+
+    s = sub.add_parser(
+        "train", help="train a model on a synthetic task or a text file",
+        description="Train a model and save its parameters. Checkpoints are written "
+                    "atomically every --checkpoint-every minibatch steps and on Ctrl-C; "
+                    "--resume continues from the checkpoint. A run whose loss becomes "
+                    "NaN/Inf stops and keeps the last good parameters.")
+    _model_argument(s)
+    data = s.add_argument_group("data (one of)")
+    data.add_argument("--task", choices=("adding", "copy", "parity"),
+                      help="adding: sum of two marked numbers (long dependency); copy: "
+                           "repeat symbols after a delay; parity: running XOR of bits")
+    data.add_argument("--text", metavar="FILE",
+                      help="a UTF-8 text file: character-level language model")
+    data.add_argument("--seq-len", type=int, default=None,
+                      help="sequence length T (default 30 for a task, 50 for text)")
+    data.add_argument("--samples", type=int, default=1000,
+                      help="number of synthetic sequences (default 1000)")
+    opt = s.add_argument_group("training")
+    opt.add_argument("--algorithm", default="bptt",
+                     help=f"one of {', '.join(ALGORITHMS)} (default bptt)")
+    opt.add_argument("--k1", type=int, help="tbptt: update every k1 steps")
+    opt.add_argument("--k2", type=int, help="tbptt: backpropagate over the last k2 steps")
+    opt.add_argument("--optimizer", choices=Trainer.OPTIMIZERS, default="adam")
+    opt.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--l2", type=float, default=0.0, help="L2 regularisation")
+    opt.add_argument("--clip", type=float, default=None,
+                     help="clip the gradient norm to this value")
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--batch-size", type=int, default=32)
+    opt.add_argument("--hidden", type=int, default=32, help="every size but input and "
+                     "output (default 32)")
+    opt.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    opt.add_argument("--seed", type=int, default=0)
+    out = s.add_argument_group("output")
+    out.add_argument("-o", "--output", help="parameter file (default MODEL-TASK.npz)")
+    out.add_argument("--checkpoint", help="checkpoint file (default OUTPUT with "
+                     ".ckpt.npz); removed when training completes")
+    out.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                     help="write the checkpoint every N minibatch steps (default 50; 0: "
+                          "only on Ctrl-C). An interruption loses at most N steps")
+    out.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint (same data options)")
+    out.add_argument("--generated-dir", metavar="DIR",
+                     help="for a definition file: generate its module here (kept, so "
+                          "Numba's compile cache works) instead of a temporary folder")
+    _quiet(s)
+    s.set_defaults(run=_cmd_train)
+
+    s = sub.add_parser("demo", help="derive, generate, check and train: the tour",
+                       description="Derive an LSTM, print an excerpt of its derivation, "
+                                   "generate and gradient-check its kernels, train an "
+                                   "Elman net and an LSTM on the adding problem and "
+                                   "compare them. About a minute on 2 cores.")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    s.add_argument("--plot", default="bpttgen_demo.png",
+                   help="PNG of the training curves, if matplotlib is installed "
+                        "(default bpttgen_demo.png)")
+    s.add_argument("--no-plot", action="store_true", help="write no PNG")
+    _quiet(s)
+    s.set_defaults(run=_cmd_demo)
     return p
+
+
+def _version():
+    try:
+        from importlib.metadata import version
+
+        return version("bpttgen")
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        return "(not installed)"
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    # Numba's internal pedantic IR check, not a problem of the user's model.
+    from numba.core.errors import NumbaIRAssumptionWarning
+
+    warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
     try:
         return args.run(args)
     except (DefinitionError, LossError, OverwriteRefused, FileNotFoundError,
             ValueError) as err:
         print(f"bpttgen {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
