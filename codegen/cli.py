@@ -260,7 +260,8 @@ def _cmd_train(args):
         return interrupt.requested
 
     start = time.perf_counter()
-    with _Interrupt() as interrupt:
+    with _Interrupt() as interrupt, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is reported below
         trainer.fit(task.x, task.targets, epochs=args.epochs, batch_size=args.batch_size,
                     mask=task.mask, progress=not args.quiet, callback=callback,
                     resume=args.resume)

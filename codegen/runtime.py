@@ -401,7 +401,8 @@ class Trainer:
             what = f"loss {loss}" if not math.isfinite(loss) else "a non-finite gradient"
             return self._diverge(f"the update {self.steps + 1} got {what}", self.steps)
         self._good = (self.steps, {k: v.copy() for k, v in self.params.items()})
-        self.apply(grads)
+        with np.errstate(over="ignore", invalid="ignore"):  # detected just below
+            self.apply(grads)
         bad = [k for k, v in self.params.items() if not np.all(np.isfinite(v))]
         if bad:
             return self._diverge(f"the update {self.steps} made {bad[0]} non-finite",
