@@ -1,0 +1,453 @@
+"""What every generated CUDA module shares at run time: products, reductions, moves.
+
+The CUDA twin of codegen/runtime.py, at the same place in the data flow (the end:
+generated/<model>_cuda.py imports it; it imports nothing from derive/). The model-
+specific kernels (fused elementwise blocks, the loss) are in the generated module;
+here are the kernels every model needs, written once:
+
+* ``gemm``: C[c0+i, j] (+)= sum_k op(A)[i, k] op(B)[k, j], op a transpose or not.
+  TILE x TILE threads per block, one output element per thread; each block stages
+  a TILE x TILE tile of op(A) and of op(B) in shared memory per step along k, read
+  from global memory along the contiguous axis (coalesced) and stored with one
+  column of padding (no bank conflicts on the transposed store). Row offsets a0,
+  b0, c0 let a kernel read and write rows t*B .. t*B+B of a trajectory array in
+  place: no slicing or copies per time step. Three uses:
+  ``gemm_nt`` (forward products, hoisted over all T*B rows or one step),
+  ``gemm_nn_add`` (adjoint of a product's source, accumulated),
+  ``gemm_tn`` (weight gradients: a sum over all T*B rows of outer products).
+* ``column_sums``: bias gradients and the loss, without atomics. Elementwise
+  kernels write each row's contribution to its own element of a (T*B, n) array
+  (each element has exactly one writer per launch, and launches on a stream run in
+  order), then the rows are summed by a two-pass tree reduction: pass 1, a grid of
+  (column tiles x row chunks) blocks, each thread summing a strided set of rows of
+  one column, then a shared-memory tree over the TILE threads of that column; one
+  thread writes the chunk's partial sum. Pass 2 reduces the partials the same way
+  in one chunk. Every output has one writer and a fixed summation order, so the
+  result is deterministic (the same bits on every run with the same settings).
+* ``move``: zero, copy or add a range of rows (workspace set-up, truncated-BPTT
+  windows, stacking weights), a grid-stride loop.
+
+Arguments may be NumPy arrays (copied to the device once per call) or CUDA device
+arrays (used in place). ``configure`` changes tile and block sizes (the CUDA
+simulator tests use small ones so that ragged tiles and several blocks are
+exercised with tiny problems).
+"""
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda, njit
+
+from . import runtime
+from .kernel_functions import relu, softplus, step  # noqa: F401 (shared with the CPU)
+
+#: Tile edge of the matrix-product and reduction kernels (a power of two).
+TILE = 16
+#: Threads per block of the one-dimensional (elementwise) kernels.
+BLOCK = 128
+#: At most this many row chunks in pass 1 of a column sum.
+CHUNKS = 64
+#: At most this many blocks for the grid-stride ``move`` kernel.
+MOVE_GRID = 1024
+
+
+def configure(tile=None, block=None, chunks=None, move_grid=None):
+    """Set launch sizes for all later launches (kernels are built per tile size)."""
+    global TILE, BLOCK, CHUNKS, MOVE_GRID
+    if tile is not None:
+        if tile < 1 or tile & (tile - 1):
+            raise ValueError(f"tile must be a power of two, got {tile}")
+        TILE = int(tile)
+    if block is not None:
+        BLOCK = int(block)
+    if chunks is not None:
+        CHUNKS = int(chunks)
+    if move_grid is not None:
+        MOVE_GRID = int(move_grid)
+
+
+# -- scalar functions the printed lines call ---------------------------------------
+# The CPU modules call kernel_functions.tanh and .sigmoid, which in float32 CPU
+# kernels become a vectorisable rational approximation (numba.extending.overload).
+# Neither an overload nor a cuda.jit(device=True) function compiles to PTX where no
+# GPU is present (numba-cuda then asks the current device for its compute
+# capability), while a plain @njit function does, inlined as a device function. A
+# GPU evaluates tanh and exp in hardware, so these are the exact formulas; relu,
+# softplus and step are kernel_functions' own @njit functions, shared with the CPU modules.
+@njit(inline="always")
+def tanh(x):
+    return math.tanh(x)
+
+
+@njit(inline="always")
+def sigmoid(x):
+    # Two branches keep exp's argument <= 0: no overflow for large |x|.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+# -- kernels ---------------------------------------------------------------------
+_BUILT = {}
+
+
+def kernels(dtype, tile=None):
+    """The shared-memory kernels for one float dtype and tile size (built once).
+
+    Shared arrays need their element type and shape at compile time, hence one
+    set per (dtype, tile)."""
+    tile = TILE if tile is None else tile
+    key = (np.dtype(dtype).str, tile)
+    if key not in _BUILT:
+        _BUILT[key] = _build(numba.from_dtype(np.dtype(dtype)), tile)
+    return _BUILT[key]
+
+
+def _build(nbtype, TS):
+    TS1 = TS + 1  # shapes of shared arrays must be literal constants
+    @cuda.jit
+    def gemm(A, a0, ta, Bm, b0, tb, C, c0, M, N, K, acc):
+        """C[c0+i, j] (+)= sum_k op(A)[i, k] op(B)[k, j] for i < M, j < N, k < K.
+
+        op(A)[i, k] = A[a0+k, i] if ta else A[a0+i, k]; op(B)[k, j] = B[b0+j, k]
+        if tb else B[b0+k, j]."""
+        sa = cuda.shared.array((TS, TS1), nbtype)  # sa[i, k] of this tile
+        sb = cuda.shared.array((TS, TS1), nbtype)  # sb[k, j] of this tile
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        i0 = cuda.blockIdx.y * TS
+        j0 = cuda.blockIdx.x * TS
+        s = nbtype(0)
+        for k0 in range(0, K, TS):
+            # Stage both tiles; tx runs along each array's contiguous axis.
+            if ta:
+                i = i0 + tx
+                k = k0 + ty
+                if i < M and k < K:
+                    sa[tx, ty] = A[a0 + k, i]
+                else:
+                    sa[tx, ty] = nbtype(0)
+            else:
+                i = i0 + ty
+                k = k0 + tx
+                if i < M and k < K:
+                    sa[ty, tx] = A[a0 + i, k]
+                else:
+                    sa[ty, tx] = nbtype(0)
+            if tb:
+                j = j0 + ty
+                k = k0 + tx
+                if j < N and k < K:
+                    sb[tx, ty] = Bm[b0 + j, k]
+                else:
+                    sb[tx, ty] = nbtype(0)
+            else:
+                k = k0 + ty
+                j = j0 + tx
+                if j < N and k < K:
+                    sb[ty, tx] = Bm[b0 + k, j]
+                else:
+                    sb[ty, tx] = nbtype(0)
+            cuda.syncthreads()
+            # Zero padding makes the ragged last tile safe to sum in full.
+            for kk in range(TS):
+                s += sa[ty, kk] * sb[kk, tx]
+            cuda.syncthreads()
+        i = i0 + ty
+        j = j0 + tx
+        if i < M and j < N:
+            if acc:
+                C[c0 + i, j] += s
+            else:
+                C[c0 + i, j] = s
+
+    @cuda.jit
+    def colsum(A, a0, M, N, P):
+        """P[chunk, j] = sum of A[a0 + r, j] over the rows r < M of this chunk."""
+        acc = cuda.shared.array((TS, TS), nbtype)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        j = cuda.blockIdx.x * TS + tx
+        s = nbtype(0)
+        if j < N:
+            # Rows chunk*TS + ty, then every TS*chunks rows: a fixed order.
+            r = cuda.blockIdx.y * TS + ty
+            stride = TS * cuda.gridDim.y
+            while r < M:
+                s += A[a0 + r, j]
+                r += stride
+        acc[ty, tx] = s
+        cuda.syncthreads()
+        # Tree over the TS threads of one column: each step halves the live rows.
+        h = TS // 2
+        while h > 0:
+            if ty < h:
+                acc[ty, tx] += acc[ty + h, tx]
+            cuda.syncthreads()
+            h //= 2
+        if ty == 0 and j < N:
+            P[cuda.blockIdx.y, j] = acc[0, tx]
+
+    return {"gemm": gemm, "colsum": colsum}
+
+
+@cuda.jit
+def move(dst, d0, src, s0, rows, op):
+    """Rows d0 .. d0+rows of dst: op 0 zero, 1 = src rows s0.., 2 += src rows s0..
+    (all of dst's columns; a grid-stride loop)."""
+    n = dst.shape[1]
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < rows * n:
+        r = i // n
+        k = i - r * n
+        if op == 0:
+            dst[d0 + r, k] = 0
+        elif op == 1:
+            dst[d0 + r, k] = src[s0 + r, k]
+        else:
+            dst[d0 + r, k] += src[s0 + r, k]
+        i += stride
+
+
+def ptx_kernels(dtype):
+    """(name, Python function, argument kinds) of every kernel here for one float
+    dtype, for tests that compile them to PTX. Kinds: "i" int64, "m" 2-D array."""
+    k = kernels(dtype)
+    return [
+        ("gemm", k["gemm"].py_func, "miimiimiiiii"),
+        ("colsum", k["colsum"].py_func, "miiim"),
+        ("move", move.py_func, "mimiii"),
+    ]
+
+
+# -- host side: launches ---------------------------------------------------------
+def launch(kernel, n):
+    """A one-dimensional launch over n threads, BLOCK per block."""
+    return kernel[max(1, -(-n // BLOCK)), BLOCK]
+
+
+def _gemm(A, a0, ta, Bm, b0, tb, C, c0, M, N, K, acc):
+    if M <= 0 or N <= 0:
+        return
+    grid = (-(-N // TILE), -(-M // TILE))
+    kernels(C.dtype)["gemm"][grid, (TILE, TILE)](A, a0, ta, Bm, b0, tb, C, c0, M, N, K, acc)
+
+
+def gemm_nt(A, a0, W, C, c0, M, N, K):
+    """C[c0:c0+M] = A[a0:a0+M] @ W.T, W (N, K): a product z = W v for M rows."""
+    _gemm(A, a0, 0, W, 0, 1, C, c0, M, N, K, 0)
+
+
+def gemm_nn_add(A, a0, W, C, c0, M, N, K):
+    """C[c0:c0+M] += A[a0:a0+M] @ W, W (K, N): the adjoint W^T z_bar, accumulated."""
+    _gemm(A, a0, 0, W, 0, 0, C, c0, M, N, K, 1)
+
+
+def gemm_tn(A, a0, Bm, b0, M, N, K):
+    """A[a0:a0+K].T @ Bm[b0:b0+K], a new (M, N) array: sum over K rows of outer
+    products (a weight gradient over all steps)."""
+    C = cuda.device_array((M, N), A.dtype)
+    if K <= 0:
+        zero(C)
+        return C
+    _gemm(A, a0, 1, Bm, b0, 0, C, 0, M, N, K, 0)
+    return C
+
+
+def column_sums(A, a0=0, rows=None):
+    """Sums over rows a0 .. a0+rows of A (default all), a new 1-D device array."""
+    rows = A.shape[0] - a0 if rows is None else rows
+    N = A.shape[1]
+    k = kernels(A.dtype)
+    chunks = max(1, min(CHUNKS, -(-rows // TILE)))
+    grid_x = max(1, -(-N // TILE))
+    partial = cuda.device_array((chunks, N), A.dtype)
+    k["colsum"][(grid_x, chunks), (TILE, TILE)](A, a0, rows, N, partial)
+    if chunks > 1:
+        out = cuda.device_array((1, N), A.dtype)
+        k["colsum"][(grid_x, 1), (TILE, TILE)](partial, 0, chunks, N, out)
+        partial = out
+    return partial.reshape(N)
+
+
+def total(A):
+    """Sum of all elements of a (rows, 1) device array, as a Python float."""
+    return float(column_sums(A).copy_to_host()[0])
+
+
+def _move(dst, d0, src, s0, rows, op):
+    n = rows * dst.shape[1]
+    if n > 0:
+        move[max(1, min(MOVE_GRID, -(-n // BLOCK))), BLOCK](dst, d0, src, s0, rows, op)
+
+
+def zero(a, lo=0, hi=None):
+    """Zero rows lo .. hi of a 2-D device array."""
+    hi = a.shape[0] if hi is None else hi
+    _move(a, lo, a, lo, hi - lo, 0)
+
+
+def copy_rows(dst, d0, src, s0, rows):
+    _move(dst, d0, src, s0, rows, 1)
+
+
+def add_rows(dst, d0, src, s0, rows):
+    _move(dst, d0, src, s0, rows, 2)
+
+
+def empty(shape, dtype):
+    return cuda.device_array(shape, dtype)
+
+
+def zeros(shape, dtype):
+    a = cuda.device_array(shape, dtype)
+    zero(a if a.ndim == 2 else a.reshape(a.shape[0], -1))
+    return a
+
+
+def stack_rows(arrays):
+    """Device arrays (rows_i, n) stacked into one (sum rows_i, n): a product group's
+    weights (the four LSTM gate matrices become one GEMM operand)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    out = cuda.device_array((sum(a.shape[0] for a in arrays), arrays[0].shape[1]),
+                            arrays[0].dtype)
+    row = 0
+    for a in arrays:
+        copy_rows(out, row, a, 0, a.shape[0])
+        row += a.shape[0]
+    return out
+
+
+def take_rows(src, s0, rows):
+    """A new device array holding rows s0 .. s0+rows of src."""
+    out = cuda.device_array((rows, src.shape[1]), src.dtype)
+    copy_rows(out, 0, src, s0, rows)
+    return out
+
+
+# -- host side: arguments ----------------------------------------------------------
+def is_device_array(a):
+    """A Numba device array, or any object with the CUDA array interface (CuPy,
+    PyTorch); Numba's simulator arrays count too."""
+    return cuda.devicearray.is_cuda_ndarray(a) or hasattr(a, "__cuda_array_interface__")
+
+
+def to_device(a):
+    """A C-contiguous Numba device array of a (no copy if it already is one)."""
+    if cuda.devicearray.is_cuda_ndarray(a):
+        d = a
+    elif hasattr(a, "__cuda_array_interface__") and hasattr(cuda, "as_cuda_array"):
+        d = cuda.as_cuda_array(a)
+    else:
+        return cuda.to_device(np.ascontiguousarray(a))
+    if not d.is_c_contiguous():
+        raise ValueError(f"device arrays must be C-contiguous, got shape {d.shape} "
+                         "with other strides (copy it first)")
+    return d
+
+
+def _standin(a):
+    """A zero-memory NumPy array with a device array's shape and dtype, so that
+    runtime.check_call checks shapes and dtypes; the values (NaN, Inf, class
+    range) stay unchecked on the device: checking them would cost a copy."""
+    if is_device_array(a):
+        d = to_device(a)
+        return np.broadcast_to(np.zeros((), d.dtype), d.shape)
+    return a
+
+
+class Call:
+    """The arguments of one call, checked and on the device.
+
+    ``on_device``: the parameters were device arrays; results are then device
+    arrays too, NumPy arrays otherwise."""
+
+    def __init__(self, spec, params, x, targets=None, state0=None, mask=None):
+        if isinstance(params, dict):
+            check_params = {k: _standin(v) for k, v in params.items()}
+        else:
+            check_params = params
+        if mask is not None and is_device_array(mask):
+            mask = to_device(mask).copy_to_host()
+        check_state = state0
+        if isinstance(state0, dict):
+            check_state = {k: _standin(v) for k, v in state0.items()}
+        self.sizes, self.T, self.B, self.dtype = runtime.check_call(
+            spec, check_params, _standin(x), None if targets is None else _standin(targets),
+            check_state, mask)
+        self.on_device = is_device_array(next(iter(params.values())))
+        self.params = {k: to_device(v) for k, v in params.items()}
+        self.x = to_device(x)
+        self.state0 = None if state0 is None else {k: to_device(v) for k, v in state0.items()}
+        self.mask = mask
+        TB = self.T * self.B
+        if targets is None:
+            self.targets = None
+        elif spec["target"] == "index":
+            if is_device_array(targets):
+                self.targets = to_device(targets).reshape(TB)
+            else:
+                self.targets = cuda.to_device(np.ascontiguousarray(targets.reshape(TB),
+                                                                   np.int64))
+        else:
+            self.targets = to_device(targets).reshape(TB, targets.shape[2])
+
+    def weights(self, spec):
+        """Per-row loss weights on the device and their sum (runtime.loss_weights)."""
+        w, total_weight = runtime.loss_weights(spec, self.T, self.B, self.mask, self.dtype)
+        return cuda.to_device(w), total_weight
+
+    def output(self, a):
+        """A result array as the caller gets it: on the device or copied to NumPy."""
+        return a if self.on_device else a.copy_to_host()
+
+
+def backward_windows(loop, ws, T, B, plan, local):
+    """runtime.backward_windows on the device: run ``loop(ws, t_hi, t_lo)`` over each
+    window of ``plan`` (None: one full sweep on ws itself). ``local`` lists (array,
+    rows are (T+1)*B, accumulated over windows) for adjoints private to a window."""
+    if plan is None:
+        loop(ws, T - 1, 0)
+        return
+    win = {name: zeros(ws[name].shape, ws[name].dtype) for name, _, _ in local}
+    acc = {name: zeros(ws[name].shape, ws[name].dtype) for name, _, keep in local if keep}
+    view = dict(ws, **win)
+    for end, start, first in plan.tolist():
+        for name, shifted, _ in local:
+            s = B if shifted else 0
+            zero(win[name], start * B, (end + 1) * B + s)
+            copy_rows(win[name], first * B + s, ws[name], first * B + s, (end + 1 - first) * B)
+        loop(view, end, start)
+        for name, a in acc.items():
+            add_rows(a, start * B, win[name], start * B, (end + 1 - start) * B)
+    for name, a in acc.items():
+        ws[name] = a
+
+
+# -- training ----------------------------------------------------------------------
+class Trainer(runtime.Trainer):
+    """codegen.runtime.Trainer around a CUDA module.
+
+    The optimizer, clipping, fit() and save/load are the CPU Trainer's: parameters
+    and optimizer slots stay NumPy arrays on the host, and each step's loss and
+    gradients are computed on the device (parameters and the minibatch copied in,
+    gradients copied out: a few arrays per step, never one per time step).
+    """
+
+
+def device_name():
+    """The current GPU's name ("CUDA simulator" under NUMBA_ENABLE_CUDASIM=1), or
+    None where no GPU is usable."""
+    try:
+        if not cuda.is_available():
+            return None
+        if numba.config.ENABLE_CUDASIM:
+            return "CUDA simulator"
+        name = cuda.get_current_device().name
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - any driver error means "no usable GPU"
+        return None

@@ -1,0 +1,191 @@
+"""The CUDA modules under Numba's CUDA simulator, against the CPU modules.
+
+tests/test_cuda.py runs this file in a subprocess with NUMBA_ENABLE_CUDASIM=1: the
+simulator must be chosen before numba.cuda is first imported, which the main test
+process has already done (it compiles the same kernels to PTX). Each case writes
+its numbers (or its traceback) to a JSON file as soon as it is done; the test
+process asserts on them, one test per case.
+
+    NUMBA_ENABLE_CUDASIM=1 python tests/cuda_sim_worker.py OUT.json [CASE ...]
+
+Sizes are tiny and ragged (3 and 5 against tiles of 4 and blocks of 8 threads): the
+simulator runs every GPU thread as a Python thread.
+"""
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import CASES  # noqa: E402
+
+USER_CELL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_cell.py")
+OWN_CELL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cuda_cell.py")
+
+#: Launch sizes under the simulator: small enough that tiny problems span several
+#: tiles, blocks and reduction chunks, each with a ragged edge.
+SIM_LAUNCH = dict(tile=4, block=8, chunks=2, move_grid=2)
+SIZES = (3, 5)  # sizes alternate: neither divides the tile of 4
+T, B = 3, 3
+TBPTT = dict(algorithm="tbptt", k1=1, k2=2)  # windows overlap and truncate at T = 3
+
+_BUILTIN = ("elman", "elman_sigmoid", "lstm", "gru", "deep", "elman2", "lstm2")
+
+
+def user_cell_path():
+    """tests/user_cell.py where present (the project's own user-model example),
+    else this suite's tests/data/cuda_cell.py."""
+    return USER_CELL if os.path.exists(USER_CELL) else OWN_CELL
+
+
+def case_ids():
+    """Every case, "model:check". Built-in models: bptt (with a mask, L2 and an
+    initial state), tbptt and forward; a regression loss; the user's cell, generated
+    by the command line; launch sizes, device arrays, naive BPTT and float32."""
+    ids = []
+    for name in _BUILTIN:
+        ids += [f"{name}:bptt", f"{name}:tbptt", f"{name}:forward"]
+    ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
+    ids += ["user:bptt", "user:tbptt", "user:forward"]
+    ids += ["elman:device-arrays", "elman:default-launch", "gru:naive", "lstm:float32"]
+    return ids
+
+
+# -- everything below runs in the simulator process only ------------------------------
+def _modules(case, folder, cache={}):
+    """(CPU module, CUDA module, derivation) of a case."""
+    from codegen.cli import main as bpttgen
+    from codegen.generate import generate, import_path
+    from derive import derive
+    from derive.loader import load_model
+
+    if case in cache:
+        return cache[case]
+    if case in _BUILTIN:
+        model = CASES[case]()
+        cpu = importlib.import_module(f"generated.{case}")
+        gpu = importlib.import_module(f"generated.{case}_cuda")
+    elif case == "user":
+        # As a user would: bpttgen generate FILE --target all -o DIR.
+        model = load_model(user_cell_path())
+        out = os.path.join(folder, "user")
+        if bpttgen(["generate", user_cell_path(), "--target", "all", "-o", out,
+                    "--quiet"]) != 0:
+            raise RuntimeError("bpttgen generate failed")
+        cpu, gpu = (import_path(os.path.join(out, f"{model.name}{suffix}.py"),
+                                f"bpttgen_sim_user{suffix}") for suffix in ("", "_cuda"))
+    else:
+        model = CASES[case]()
+        model.name = "sim_" + case.replace("-", "_")
+        paths = generate(model, os.path.join(folder, model.name), "pytest", target="all")
+        cpu, gpu = (import_path(p, f"bpttgen_sim_{os.path.basename(p)[:-3]}")
+                    for p in paths)
+    cache[case] = (cpu, gpu, derive(model))
+    return cache[case]
+
+
+def _problem(derivation, seed=1):
+    from helpers import random_problem
+
+    sizes = {s: SIZES[i % 2] for i, s in enumerate(derivation.sizes)}
+    return random_problem(derivation, sizes, T=T, B=B, seed=seed)
+
+
+def _compare(cpu_result, gpu_result):
+    import numpy as np
+
+    from helpers import max_relative_error
+
+    (l0, g0), (l1, g1) = cpu_result, gpu_result
+    bad = [k for k in g0 if not isinstance(g1[k], np.ndarray) or g1[k].shape != g0[k].shape
+           or g1[k].dtype != g0[k].dtype]
+    return {"loss": abs(l1 - l0) / max(1.0, abs(l0)),
+            "grads": max(max_relative_error(g1[k], g0[k]) for k in g0),
+            "bad_arrays": bad}
+
+
+def run_case(case_id, folder):
+    import numpy as np
+    from numba import cuda
+
+    from codegen import cuda_runtime as crt
+
+    case, check = case_id.split(":")
+    cpu, gpu, D = _modules(case, folder)
+    params, x, targets, state0 = _problem(D)
+    crt.configure(**SIM_LAUNCH)
+    if check == "bptt":
+        mask = np.ones((T, B))
+        mask[1, 0], mask[2, 2] = 0.0, 0.5
+        kw = dict(state0=state0, mask=mask, l2=0.05)
+        return _compare(cpu.loss_and_grads(params, x, targets, **kw),
+                        gpu.loss_and_grads(params, x, targets, **kw))
+    if check in ("tbptt", "naive"):
+        kw = TBPTT if check == "tbptt" else dict(algorithm="naive")
+        return _compare(cpu.loss_and_grads(params, x, targets, state0=state0, **kw),
+                        gpu.loss_and_grads(params, x, targets, state0=state0, **kw))
+    if check == "forward":
+        y0, s0 = cpu.forward(params, x, state0=state0)
+        y1, s1 = gpu.forward(params, x, state0=state0)
+        err = max([float(np.max(np.abs(y1 - y0)))] +
+                  [float(np.max(np.abs(s1[k] - s0[k]))) for k in s0])
+        return {"loss": 0.0, "grads": err, "bad_arrays": []}
+    if check == "device-arrays":
+        # Everything on the device: gradients come back as device arrays.
+        dev = {k: cuda.to_device(v) for k, v in params.items()}
+        loss, grads = gpu.loss_and_grads(dev, cuda.to_device(x), cuda.to_device(targets),
+                                         state0={k: cuda.to_device(v)
+                                                 for k, v in state0.items()})
+        on_device = all(crt.is_device_array(g) for g in grads.values())
+        result = _compare(cpu.loss_and_grads(params, x, targets, state0=state0),
+                          (loss, {k: g.copy_to_host() for k, g in grads.items()}))
+        result["bad_arrays"] += [] if on_device else ["gradients not on the device"]
+        return result
+    if check == "default-launch":
+        # The launch sizes a real GPU gets (tiles of 16, blocks of 128).
+        crt.configure(tile=16, block=128, chunks=64, move_grid=1024)
+        try:
+            return _compare(cpu.loss_and_grads(params, x, targets, state0=state0),
+                            gpu.loss_and_grads(params, x, targets, state0=state0))
+        finally:
+            crt.configure(**SIM_LAUNCH)
+    if check == "float32":
+        f32 = {k: v.astype(np.float32) for k, v in params.items()}
+        r0 = cpu.loss_and_grads(params, x, targets, state0=state0)
+        r1 = gpu.loss_and_grads(f32, x.astype(np.float32), targets,
+                                state0={k: v.astype(np.float32) for k, v in state0.items()})
+        bad = [k for k, g in r1[1].items() if g.dtype != np.float32]
+        r1 = (r1[0], {k: g.astype(np.float64) for k, g in r1[1].items()})
+        result = _compare(r0, r1)
+        result["bad_arrays"] = bad
+        return result
+    raise ValueError(f"unknown check {check!r}")
+
+
+def main(out, ids):
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or "numba.cuda" in sys.modules:
+        raise SystemExit("run with NUMBA_ENABLE_CUDASIM=1 in a fresh process")
+    # Many short simulator threads: a short GIL switch interval makes them ~3x faster.
+    sys.setswitchinterval(1e-4)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for case_id in ids:
+            start = time.perf_counter()
+            try:
+                results[case_id] = run_case(case_id, folder)
+            except Exception:  # noqa: BLE001 - reported per case by the test process
+                results[case_id] = {"error": traceback.format_exc()}
+            results[case_id]["seconds"] = time.perf_counter() - start
+            tmp = out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:] or case_ids())

@@ -1,0 +1,211 @@
+"""Tier 4: the CUDA modules compile to PTX, and equal the CPU modules under the simulator.
+
+No GPU is needed; two halves run side by side on the two cores:
+
+* in this process, every kernel of every generated CUDA module (the built-ins and a
+  user's cell) and of codegen/cuda_runtime.py compiles to PTX for compute
+  capabilities 8.0 and 9.0, float32 and float64, with ``numba.cuda.compile_ptx``.
+  The simulator runs any Python, so only this catches typing and lowering errors;
+* in a subprocess with NUMBA_ENABLE_CUDASIM=1 (tests/cuda_sim_worker.py, started
+  when this module's first test runs): loss_and_grads and forward of each CUDA
+  module against its CPU module, to 1e-10 in float64, at tiny ragged sizes.
+
+Where numba-cuda is missing the tests skip, except in CI (CI=true): there they fail.
+"""
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import cuda_sim_worker as worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
+MISSING = 'numba-cuda is not installed: pip install -e ".[cuda]" (or ".[test]")'
+BUILTIN = worker._BUILTIN
+CCS = [(8, 0), (9, 0)]
+SIM_TIMEOUT = 1200  # seconds for the whole simulator run
+
+#: Tolerances per check (relative, see helpers.max_relative_error): float64 checks
+#: differ from the CPU only in summation order; float32 in the CPU's rational tanh.
+TOLERANCE = {"float32": (1e-5, 2e-3)}
+DEFAULT_TOLERANCE = (1e-10, 1e-10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def numba_cuda():
+    if not HAVE_NUMBA_CUDA:
+        if os.environ.get("CI"):
+            pytest.fail(MISSING + "; CI must run the CUDA tests")
+        pytest.skip(MISSING)
+
+
+# -- the simulator run, in the background ---------------------------------------------
+class SimulatorRun:
+    """tests/cuda_sim_worker.py in a subprocess; results read once it is done."""
+
+    def __init__(self, folder):
+        self.out = os.path.join(folder, "cuda_sim.json")
+        self.log = open(os.path.join(folder, "cuda_sim.log"), "w+")
+        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+        self.start = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "cuda_sim_worker.py"), self.out],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._results = None
+
+    def results(self):
+        if self._results is None:
+            try:
+                self.process.wait(timeout=SIM_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.seconds = time.perf_counter() - self.start
+            self._results = {}
+            if os.path.exists(self.out):
+                with open(self.out) as f:
+                    self._results = json.load(f)
+        return self._results
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def simulator(numba_cuda, tmp_path_factory):
+    """Started before the first test of this module, so it overlaps the PTX tests."""
+    run = SimulatorRun(str(tmp_path_factory.mktemp("cuda_sim")))
+    yield run
+    if run.process.poll() is None:
+        run.process.kill()
+        run.process.wait()
+    run.log.close()
+
+
+# -- PTX --------------------------------------------------------------------------------
+def _signature(kinds, float_type):
+    from numba import types
+
+    table = {"i": types.int64, "f": types.float64, "v": float_type[::1],
+             "m": float_type[:, ::1], "t": types.int64[::1]}
+    return tuple(table[k] for k in kinds)
+
+
+#: Kernels already compiled in this session, by source text, kinds and dtype: many
+#: modules emit the very same kernel (the loss, the L2 term, a readout), and the same
+#: source with the same imported names compiles to the same PTX.
+_COMPILED = set()
+
+
+def _compile_all(kernels, dtype):
+    """Compile (name, function, kinds) for both compute capabilities; failures by name."""
+    from numba import cuda, types
+
+    float_type = {"float32": types.float32, "float64": types.float64}[dtype]
+    failures = []
+    for name, function, kinds in kernels:
+        source = re.sub(r"^def \w+\(", "def _(", inspect.getsource(function), flags=re.M)
+        key = (source, tuple(sorted(function.__code__.co_names)), kinds, dtype)
+        if key in _COMPILED:
+            continue
+        for cc in CCS:
+            try:
+                ptx, _ = cuda.compile_ptx(function, _signature(kinds, float_type), cc=cc)
+                assert f".target sm_{cc[0]}{cc[1]}" in ptx and ".entry" in ptx
+            except Exception as err:  # noqa: BLE001 - collect every kernel's failure
+                failures.append(f"{name} cc={cc}: {type(err).__name__}: {str(err)[:600]}")
+        if not failures:
+            _COMPILED.add(key)
+    return failures
+
+
+@pytest.fixture(scope="module")
+def user_cuda_module(tmp_path_factory):
+    """The user's cell, generated for CUDA into a temporary folder."""
+    from codegen.generate import generate, import_path
+    from derive.loader import load_model
+
+    model = load_model(worker.user_cell_path())
+    folder = tmp_path_factory.mktemp("user_cuda")
+    paths = generate(model, str(folder), "pytest", target="cuda")
+    return import_path(paths[0], "bpttgen_ptx_user_cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("model", list(BUILTIN) + ["user"])
+def test_kernels_compile_to_ptx(model, dtype, request):
+    if model == "user":
+        module = request.getfixturevalue("user_cuda_module")
+    else:
+        module = importlib.import_module(f"generated.{model}_cuda")
+    kernels = [(name, k.py_func, kinds) for name, (k, kinds) in module.KERNELS.items()]
+    assert kernels
+    failures = _compile_all(kernels, dtype)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_runtime_kernels_compile_to_ptx(dtype):
+    from codegen import cuda_runtime as crt
+
+    failures = _compile_all(crt.ptx_kernels(np.dtype(dtype)), dtype)
+    assert not failures, "\n".join(failures)
+
+
+def test_every_kernel_is_listed():
+    """KERNELS (what the PTX test compiles) holds every @cuda.jit kernel of a module."""
+    for model in BUILTIN:
+        module = importlib.import_module(f"generated.{model}_cuda")
+        defined = {name for name, value in vars(module).items()
+                   if type(value).__name__ == "CUDADispatcher"}
+        assert defined == set(module.KERNELS), model
+
+
+# -- the simulator ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", worker.case_ids())
+def test_simulator_matches_cpu(case, simulator):
+    results = simulator.results()
+    if case not in results:
+        pytest.fail(f"the simulator run gave no result for {case} (exit code "
+                    f"{simulator.process.returncode}):\n{simulator.output()}")
+    r = results[case]
+    assert "error" not in r, r.get("error")
+    loss_tol, grad_tol = TOLERANCE.get(case.split(":")[1], DEFAULT_TOLERANCE)
+    assert not r["bad_arrays"], f"wrong type, shape or dtype: {r['bad_arrays']}"
+    assert r["loss"] <= loss_tol, f"loss differs by {r['loss']:.3g} (relative)"
+    assert r["grads"] <= grad_tol, f"gradients differ by {r['grads']:.3g} (relative)"
+
+
+def test_simulator_time(simulator):
+    """Report the simulator's time per case (printed with pytest -s or on failure)."""
+    results = simulator.results()
+    slow = sorted(((r.get("seconds", 0.0), case) for case, r in results.items()),
+                  reverse=True)[:5]
+    print(f"\nsimulator run: {simulator.seconds:.1f} s; slowest cases: "
+          + ", ".join(f"{case} {s:.1f} s" for s, case in slow))
+    assert simulator.process.returncode == 0, simulator.output()
+
+
+# -- the benchmark without a GPU -----------------------------------------------------------
+def test_benchmark_says_no_gpu():
+    from codegen.cuda_runtime import device_name
+
+    if device_name() is not None:
+        pytest.skip("a GPU is present: the benchmark would run")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cuda.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no CUDA GPU" in done.stderr, done.stderr
