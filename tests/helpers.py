@@ -17,6 +17,12 @@ for _loss_name, _loss in LOSSES.items():
         CASES[f"lstm-{_loss_name}"] = (lambda l=_loss: lstm(loss=l))
 
 
+#: Cases run through generated Numba modules. Each costs a Numba compilation (the
+#: dominant cost of the suite), so the losses are generated on the Elman net only:
+#: the loss kernel is printed from the Loss alone, the same for every model.
+GENERATED_CASES = [c for c in CASES if not c.startswith("lstm-")]
+
+
 def tiny_sizes(derivation, n=3):
     """Every size n, but a little different so transposes cannot hide."""
     return {s: n + (i % 2) for i, s in enumerate(derivation.sizes)}
