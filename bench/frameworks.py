@@ -1,0 +1,528 @@
+"""bpttgen's generated kernels against PyTorch and JAX: loss + all gradients, float32.
+
+For Elman, LSTM and GRU (PyTorch's gate equations) at four sizes (B, T, I, H, O),
+one process times, interleaved round by round so that load from other processes
+hits every framework alike:
+
+    bpttgen      generated/<model>.py loss_and_grads (Numba, accumulated BPTT)
+    torch-cell   PyTorch eager, a hand-written cell in a Python loop (a new cell)
+    torch-nn     torch.nn.RNN / LSTM / GRU (fused, oneDNN on CPU)
+    jax-scan     jax.jit(jax.value_and_grad(loss)) over lax.scan, the cell as written
+    jax-hoisted  the same with the input projection of all steps taken out of the
+                 scan as one product (what a careful JAX user writes)
+
+Before any timing, every framework's loss and gradients are compared with bpttgen's
+at the same size (max |a - b| / max |b| per parameter <= 1e-4 in float32), and once
+in float64 at a tiny size against torch.nn (<= 1e-9), which proves the parameter
+mapping exact. Reported: ms per call (median over interleaved rounds after warm-up),
+the first call (compile) separately, GFLOP/s of the matrix products, the ratio of
+each framework's time to bpttgen's, the float32 matrix-product rate of the machine
+(1024^3, NumPy/OpenBLAS and torch) measured in the same run, and the load average.
+
+    python bench/frameworks.py [--threads 2] [--models elman,lstm,gru]
+                               [--sizes 8,256,32,32,32 ...] [--quick] [--out DIR]
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
+         (64, 128, 256, 512, 256))
+QUICK_SIZES = ((4, 16, 8, 8, 8), (8, 32, 16, 32, 16))
+MODELS = ("elman", "lstm", "gru")
+FRAMEWORKS = ("bpttgen", "torch-cell", "torch-nn", "jax-scan", "jax-hoisted")
+GATES = {"elman": 1, "lstm": 4, "gru": 3}
+TOLERANCE_F32 = 1e-4
+TOLERANCE_F64 = 1e-9
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pin_threads(n):
+    """Every library's thread count to n; must run before numpy/torch/jax load."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+    # XLA's CPU client sizes its pool from the CPUs this process may use.
+    if hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cpus[:n])
+
+
+# -- parameter layout ---------------------------------------------------------------
+# The frameworks hold the gates stacked row-wise in PyTorch's order: W_ih (G*H, I),
+# W_hh (G*H, H), b_ih (G*H,), b_hh (G*H,) or None where bpttgen has one bias per
+# gate (torch.nn then gets a zero bias_hh whose gradient is ignored).
+STACKED = {
+    "elman": dict(W_ih=["W_xh"], W_hh=["W_hh"], b_ih=["b_h"], b_hh=None, W_y="W_hy"),
+    "lstm": dict(W_ih=["W_i", "W_f", "W_g", "W_o"], W_hh=["U_i", "U_f", "U_g", "U_o"],
+                 b_ih=["b_i", "b_f", "b_g", "b_o"], b_hh=None, W_y="W_y"),
+    "gru": dict(W_ih=["W_r", "W_z", "W_n"], W_hh=["U_r", "U_z", "U_n"],
+                b_ih=["b_ir", "b_iz", "b_in"], b_hh=["b_hr", "b_hz", "b_hn"], W_y="W_y"),
+}
+
+
+def to_stacked(np, model, params):
+    m = STACKED[model]
+    out = {k: np.ascontiguousarray(np.concatenate([params[n] for n in m[k]]))
+           for k in ("W_ih", "W_hh", "b_ih")}
+    if m["b_hh"] is not None:
+        out["b_hh"] = np.concatenate([params[n] for n in m["b_hh"]])
+    out["W_y"], out["b_y"] = params[m["W_y"]], params["b_y"]
+    return out
+
+
+def from_stacked(np, model, grads, H):
+    """Stacked gradients (numpy) back to bpttgen's names."""
+    m, out = STACKED[model], {}
+    for k in ("W_ih", "W_hh", "b_ih", "b_hh"):
+        for j, name in enumerate(m[k] or ()):
+            out[name] = grads[k][j * H:(j + 1) * H]
+    out[m["W_y"]], out["b_y"] = grads["W_y"], grads["b_y"]
+    return out
+
+
+def flops(model, B, T, I, H, O):
+    """Matrix-product flops of one loss + gradients call: 2mnk for every product
+    forward, for the weight gradient, and for the input adjoint except the one of x."""
+    G = GATES[model]
+    recurrent_and_readout = G * H * H + O * H
+    return 2 * T * B * (3 * recurrent_and_readout + 2 * G * H * I)
+
+
+def problem(np, module, model, B, T, I, H, O, dtype, seed=0):
+    """Random parameters (biases too, so their mapping is checked), x, targets."""
+    rng = np.random.default_rng(seed)
+    sizes = {"I": I, "H": H, "O": O}
+    params = {}
+    for name, shape in module.PARAMS.items():
+        dims = [sizes[s] for s in shape]
+        bound = 1.0 / (sizes[shape[-1]] ** 0.5 if len(shape) == 2 else H ** 0.5)
+        params[name] = rng.uniform(-bound, bound, dims).astype(dtype)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    targets = rng.integers(0, O, (T, B))
+    return params, x, targets
+
+
+# -- the cells, written once over an array namespace (torch or jax.numpy) ------------
+def _split(ops, a, n):
+    H = a.shape[-1] // n
+    return [a[..., j * H:(j + 1) * H] for j in range(n)]
+
+
+def cell(model, ops, P, gx, state):
+    """One step from gx = W_ih x_t + b_ih (all gates) and the previous state."""
+    if model == "elman":
+        (h,) = state
+        return (ops.tanh(gx + h @ P["W_hh"].T),)
+    if model == "lstm":
+        h, c = state
+        i, f, g, o = _split(ops, gx + h @ P["W_hh"].T, 4)
+        c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+        return ops.sigmoid(o) * ops.tanh(c), c
+    (h,) = state
+    xr, xz, xn = _split(ops, gx, 3)
+    hr, hz, hn = _split(ops, h @ P["W_hh"].T + P["b_hh"], 3)
+    r, z = ops.sigmoid(xr + hr), ops.sigmoid(xz + hz)
+    n = ops.tanh(xn + r * hn)
+    return ((1 - z) * n + z * h,)
+
+
+def n_states(model):
+    return 2 if model == "lstm" else 1
+
+
+# -- runners: each returns (run, grads) where run() does one loss + gradients call and
+# -- grads() gives (loss, {bpttgen name: numpy gradient}) of the last call ------------
+def bpttgen_runner(np, module, model, params, x, targets):
+    last = {}
+
+    def run():
+        last["out"] = module.loss_and_grads(params, x, targets)
+
+    return run, lambda: last["out"]
+
+
+def torch_runner(torch, np, model, kind, params, x, targets):
+    import torch.nn.functional as F
+
+    T, B, _ = x.shape
+    stacked = to_stacked(np, model, params)
+    H = stacked["W_hh"].shape[1]
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in stacked.items()}
+    xt, tg = torch.from_numpy(x), torch.from_numpy(targets).reshape(-1)
+    if kind == "nn":
+        G, I = GATES[model], x.shape[2]
+        rnn = {"elman": lambda: torch.nn.RNN(I, H, nonlinearity="tanh"),
+               "lstm": lambda: torch.nn.LSTM(I, H), "gru": lambda: torch.nn.GRU(I, H)}[model]()
+        with torch.no_grad():
+            rnn.weight_ih_l0.copy_(P["W_ih"])
+            rnn.weight_hh_l0.copy_(P["W_hh"])
+            rnn.bias_ih_l0.copy_(P["b_ih"])
+            rnn.bias_hh_l0.copy_(P["b_hh"] if "b_hh" in P else torch.zeros(G * H))
+        leaves = {"W_ih": rnn.weight_ih_l0, "W_hh": rnn.weight_hh_l0,
+                  "b_ih": rnn.bias_ih_l0, "b_hh": rnn.bias_hh_l0,
+                  "W_y": P["W_y"], "b_y": P["b_y"]}
+
+        def hidden():
+            return rnn(xt)[0]
+    else:
+        leaves = P
+        ops = torch  # torch.tanh, torch.sigmoid
+
+        def hidden():
+            state = tuple(torch.zeros(B, H) for _ in range(n_states(model)))
+            hs = []
+            for t in range(T):
+                state = cell(model, ops, P, xt[t] @ P["W_ih"].T + P["b_ih"], state)
+                hs.append(state[0])
+            return torch.stack(hs)
+
+    last = {}
+
+    def run():
+        for p in leaves.values():
+            p.grad = None
+        z = hidden() @ leaves["W_y"].T + leaves["b_y"]
+        loss = F.cross_entropy(z.reshape(T * B, -1), tg)
+        loss.backward()
+        last["loss"] = loss
+
+    def grads():
+        g = {k: p.grad.numpy() for k, p in leaves.items() if k != "b_hh" or "b_hh" in P}
+        return float(last["loss"].detach()), from_stacked(np, model, g, H)
+
+    return run, grads
+
+
+def jax_runner(jax, np, model, hoisted, params, x, targets):
+    import jax.numpy as jnp
+    from jax import lax
+
+    T, B, _ = x.shape
+    stacked = to_stacked(np, model, params)
+    H = stacked["W_hh"].shape[1]
+    P = {k: jnp.asarray(v) for k, v in stacked.items()}
+    xj, tg = jnp.asarray(x), jnp.asarray(targets)
+
+    class ops:
+        tanh = staticmethod(jnp.tanh)
+        sigmoid = staticmethod(jax.nn.sigmoid)
+
+    def loss_fn(P, x, tg):
+        state0 = tuple(jnp.zeros((B, H), x.dtype) for _ in range(n_states(model)))
+
+        def step(state, inp):
+            gx = inp if hoisted else inp @ P["W_ih"].T + P["b_ih"]
+            state = cell(model, ops, P, gx, state)
+            return state, state[0]
+
+        xs = x @ P["W_ih"].T + P["b_ih"] if hoisted else x
+        _, hs = lax.scan(step, state0, xs)
+        z = hs @ P["W_y"].T + P["b_y"]
+        logp = jax.nn.log_softmax(z, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tg[..., None], axis=-1))
+
+    f = jax.jit(jax.value_and_grad(loss_fn))
+    last = {}
+
+    def run():
+        last["out"] = jax.block_until_ready(f(P, xj, tg))
+
+    def grads():
+        loss, g = last["out"]
+        return float(loss), from_stacked(np, model, {k: np.asarray(v) for k, v in g.items()}, H)
+
+    return run, grads
+
+
+# -- measuring -----------------------------------------------------------------------
+def max_error(np, grads, ref):
+    """Worst over parameters of max |g - ref| / max |ref|."""
+    worst = 0.0
+    for name, r in ref.items():
+        r64, g64 = np.asarray(r, np.float64), np.asarray(grads[name], np.float64)
+        scale = max(float(np.max(np.abs(r64))), 1e-30)
+        worst = max(worst, float(np.max(np.abs(g64 - r64))) / scale)
+    return worst
+
+
+def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.01):
+    """Interleaved: each round calls every runner once, in a rotating order, with a
+    short pause between calls so that spinning worker threads of the previous
+    library have gone to sleep. Returns {name: [seconds, ...]}."""
+    names = list(runners)
+    times = {n: [] for n in names}
+    start = time.perf_counter()
+    r = 0
+    while r < min_rounds or (time.perf_counter() - start < min_time and r < max_rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            time.sleep(pause)
+            t = time.perf_counter()
+            runners[n]()
+            times[n].append(time.perf_counter() - t)
+        r += 1
+    return times
+
+
+def gemm_rates(np, torch, n=1024, repeats=7):
+    """float32 (n x n) @ (n x n) in GFLOP/s: NumPy (OpenBLAS, what Numba's np.dot
+    calls) and torch (MKL/oneDNN), interleaved, median."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    times = timed_rounds({"numpy": lambda: a @ b, "torch": lambda: ta @ tb}, repeats,
+                         repeats, 0)
+    return {k: 2 * n ** 3 / sorted(v)[len(v) // 2] / 1e9 for k, v in times.items()}
+
+
+def cold_compile_seconds(model):
+    """First call of a generated module with an empty Numba cache (a fresh process
+    and cache folder): the compile time a user sees once per machine."""
+    code = (f"import time; t = time.perf_counter(); import numpy as np; "
+            f"import generated.{model} as m; "
+            "p = m.init_params({'I': 4, 'H': 4, 'O': 4}); x = np.ones((3, 2, 4), np.float32); "
+            "m.loss_and_grads(p, x, np.zeros((3, 2), np.int64)); print(time.perf_counter() - t)")
+    cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bpttgen-fw-cache-{os.getpid()}")
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(HERE))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def check_float64(np, torch, module, model):
+    """Tiny float64 problem: bpttgen vs torch.nn, exact up to rounding."""
+    params, x, targets = problem(np, module, model, 3, 7, 5, 6, 4, np.float64, seed=1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        run, grads = torch_runner(torch, np, model, "nn", params, x, targets)
+        run()
+        loss_t, g_t = grads()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    loss_b, g_b = module.loss_and_grads(params, x, targets)
+    return max(max_error(np, g_t, g_b), abs(loss_t - loss_b) / abs(loss_b))
+
+
+def machine():
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        flags = "AVX-512" if "avx512f" in text else ("AVX2" if "avx2" in text else "")
+    except OSError:
+        pass
+    return f"{cpu} ({flags}), {os.cpu_count()} cores"
+
+
+def fmt_load():
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--sizes", nargs="*", help="B,T,I,H,O each (default: the four of issue 7)")
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (a smoke run)")
+    ap.add_argument("--min-time", type=float, default=4.0,
+                    help="seconds of timed rounds per (model, size), at least")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds at least")
+    ap.add_argument("--no-cold-compile", action="store_true",
+                    help="skip the empty-cache compile time of each generated module")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"),
+                    help="folder for frameworks.csv / .md / .png ('' for none)")
+    args = ap.parse_args(argv)
+    pin_threads(args.threads)
+
+    import importlib
+
+    import numpy as np
+    import torch
+    import jax
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    jax.config.update("jax_platforms", "cpu")
+    import numba
+
+    models = args.models.split(",")
+    frameworks = args.frameworks.split(",")
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes]
+    else:
+        sizes = QUICK_SIZES if args.quick else SIZES
+    if args.quick:
+        args.min_time, args.rounds = 0.2, 3
+
+    header = [
+        f"machine: {machine()}; threads pinned to {args.threads}",
+        f"versions: python {platform.python_version()}, numpy {np.__version__}, numba "
+        f"{numba.__version__}, torch {torch.__version__}, jax {jax.__version__}",
+        "command: python bench/frameworks.py " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+        f"load average at start (1/5/15 min): {fmt_load()}",
+    ]
+    for line in header:
+        print("# " + line, flush=True)
+
+    rows, checks = [], []
+    for model in models:
+        module = importlib.import_module(f"generated.{model}")
+        cold = None if args.no_cold_compile else cold_compile_seconds(model)
+        err64 = check_float64(np, torch, module, model)
+        checks.append((model, err64))
+        print(f"\n## {model}: float64 bpttgen vs torch.nn at a tiny size, max rel. error "
+              f"{err64:.1e} ({'ok' if err64 <= TOLERANCE_F64 else 'FAILED'})"
+              + ("" if cold is None else f"; bpttgen cold compile (empty cache) {cold:.1f} s"),
+              flush=True)
+        for (B, T, I, H, O) in sizes:
+            params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
+            makers = {
+                "bpttgen": lambda: bpttgen_runner(np, module, model, params, x, targets),
+                "torch-cell": lambda: torch_runner(torch, np, model, "cell", params, x, targets),
+                "torch-nn": lambda: torch_runner(torch, np, model, "nn", params, x, targets),
+                "jax-scan": lambda: jax_runner(jax, np, model, False, params, x, targets),
+                "jax-hoisted": lambda: jax_runner(jax, np, model, True, params, x, targets),
+            }
+            runners, first, errors, load0 = {}, {}, {}, fmt_load()
+            for name in frameworks:
+                run, grads = makers[name]()
+                t = time.perf_counter()
+                run()  # first call: JAX traces and compiles, Numba loads its cache
+                first[name] = time.perf_counter() - t
+                runners[name] = (run, grads)
+            loss_ref, g_ref = runners["bpttgen"][1]()
+            for name in frameworks:
+                loss, g = runners[name][1]()
+                errors[name] = max(max_error(np, g, g_ref),
+                                   abs(loss - loss_ref) / abs(loss_ref))
+            for _ in range(2):  # warm-up
+                for name in frameworks:
+                    runners[name][0]()
+            if (B, T, I, H, O) == max(sizes, key=lambda s: s[0] * s[1] * s[3]):
+                gemm = gemm_rates(np, torch)
+            else:
+                gemm = None
+            times = timed_rounds({n: r[0] for n, r in runners.items()}, args.rounds,
+                                 200, args.min_time)
+            ms = {n: 1e3 * sorted(v)[len(v) // 2] for n, v in times.items()}
+            fl = flops(model, B, T, I, H, O)
+            for name in frameworks:
+                rows.append(dict(model=model, B=B, T=T, I=I, H=H, O=O, framework=name,
+                                 ms=ms[name], first_ms=1e3 * first[name],
+                                 gflops=fl / (ms[name] * 1e-3) / 1e9,
+                                 ratio=ms[name] / ms["bpttgen"], error=errors[name],
+                                 rounds=len(times[name]), load=f"{load0} -> {fmt_load()}",
+                                 gemm_numpy=gemm and gemm["numpy"],
+                                 gemm_torch=gemm and gemm["torch"]))
+            print(f"\n(B,T,I,H,O) = {(B, T, I, H, O)}: {len(times['bpttgen'])} rounds, "
+                  f"load {load0} -> {fmt_load()}"
+                  + ("" if gemm is None else f"; GEMM 1024^3: numpy {gemm['numpy']:.0f}, "
+                     f"torch {gemm['torch']:.0f} GFLOP/s"))
+            print(f"{'framework':<12} {'ms':>9} {'first ms':>9} {'GFLOP/s':>8} "
+                  f"{'x bpttgen':>9} {'grad err':>9}")
+            for r in rows[-len(frameworks):]:
+                flag = "" if r["error"] <= TOLERANCE_F32 else "  FAILED check"
+                print(f"{r['framework']:<12} {r['ms']:>9.2f} {r['first_ms']:>9.0f} "
+                      f"{r['gflops']:>8.1f} {r['ratio']:>9.2f} {r['error']:>9.1e}{flag}",
+                      flush=True)
+    print(f"\n# load average at end: {fmt_load()}")
+    if args.out:
+        write_results(args.out, header, rows, checks, frameworks)
+    failed = [r for r in rows if r["error"] > TOLERANCE_F32] + \
+        [c for c in checks if c[1] > TOLERANCE_F64]
+    return 1 if failed else 0
+
+
+def write_results(folder, header, rows, checks, frameworks):
+    import csv
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "frameworks.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"- {h}" for h in header]
+    lines.append("- float64 check vs torch.nn (tiny size): " + ", ".join(
+        f"{m} {e:.0e}" for m, e in checks))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines += ["", f"### {model}", "",
+                  "| (B,T,I,H,O) | " + " | ".join(frameworks) + " |",
+                  "|---|" + "---:|" * len(frameworks)]
+        for size in dict.fromkeys((r["B"], r["T"], r["I"], r["H"], r["O"]) for r in rows
+                                  if r["model"] == model):
+            sel = {r["framework"]: r for r in rows if r["model"] == model
+                   and (r["B"], r["T"], r["I"], r["H"], r["O"]) == size}
+            cells = []
+            for fw in frameworks:
+                r = sel[fw]
+                if fw == "bpttgen":
+                    cells.append(f"**{r['ms']:.2f} ms** ({r['gflops']:.0f} GF/s)")
+                else:
+                    cells.append(f"{r['ms']:.2f} ms ({r['ratio']:.2f}x)")
+            lines.append(f"| {','.join(map(str, size))} | " + " | ".join(cells) + " |")
+        lines += ["", "First call (ms; JAX: trace + XLA compile; bpttgen: Numba cache load):",
+                  "", "| (B,T,I,H,O) | " + " | ".join(frameworks) + " | max grad err |",
+                  "|---|" + "---:|" * (len(frameworks) + 1)]
+        for size in dict.fromkeys((r["B"], r["T"], r["I"], r["H"], r["O"]) for r in rows
+                                  if r["model"] == model):
+            sel = [r for r in rows if r["model"] == model
+                   and (r["B"], r["T"], r["I"], r["H"], r["O"]) == size]
+            lines.append(f"| {','.join(map(str, size))} | "
+                         + " | ".join(f"{r['first_ms']:.0f}" for r in sel)
+                         + f" | {max(r['error'] for r in sel):.1e} |")
+    with open(os.path.join(folder, "frameworks.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(folder, rows, frameworks)
+
+
+def plot(folder, rows, frameworks):
+    """Bars: each framework's time / bpttgen's, per model and size (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    others = [f for f in frameworks if f != "bpttgen"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True,
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sizes = list(dict.fromkeys((r["B"], r["T"], r["I"], r["H"], r["O"]) for r in rows
+                                   if r["model"] == model))
+        width = 0.8 / len(others)
+        for j, fw in enumerate(others):
+            vals = [next(r["ratio"] for r in rows if r["model"] == model
+                         and r["framework"] == fw
+                         and (r["B"], r["T"], r["I"], r["H"], r["O"]) == s) for s in sizes]
+            ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=fw)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))])
+        ax.set_xticklabels(["\n".join([",".join(map(str, s[:2])), ",".join(map(str, s[2:]))])
+                            for s in sizes], fontsize=8)
+        ax.set_title(f"{model}: time / bpttgen time (>1: bpttgen faster)", fontsize=9)
+        ax.set_xlabel("B,T / I,H,O")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "frameworks.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
