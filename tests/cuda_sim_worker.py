@@ -53,6 +53,7 @@ def case_ids():
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]
     ids += ["elman:device-arrays", "elman:default-launch", "gru:naive", "lstm:float32"]
+    ids += ["elman:trainer"]
     return ids
 
 
@@ -164,6 +165,22 @@ def run_case(case_id, folder):
         result = _compare(r0, r1)
         result["bad_arrays"] = bad
         return result
+    if check == "trainer":
+        # The CPU Trainer's loop around each module: Adam, minibatches, online tbptt.
+        sizes = {s: SIZES[i % 2] for i, s in enumerate(D.sizes)}
+        final = []
+        for module in (cpu, gpu):
+            err = 0.0
+            for kw in (dict(optimizer="adam", lr=0.05),
+                       dict(algorithm="tbptt", k1=2, k2=2, lr=0.1)):
+                trainer = module.Trainer(sizes, dtype=np.float64, seed=3, **kw)
+                trainer.fit(x, targets, epochs=2, batch_size=2, progress=False)
+                final.append(trainer.params)
+        from helpers import max_relative_error
+
+        err = max(max_relative_error(final[i + 2][k], final[i][k])
+                  for i in (0, 1) for k in final[i])
+        return {"loss": 0.0, "grads": err, "bad_arrays": []}
     raise ValueError(f"unknown check {check!r}")
 
 
