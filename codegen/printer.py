@@ -1,9 +1,11 @@
 """SymPy printers for generated Numba code: scalar expressions inside fused loops.
 
 Target differences are tables (``_known_functions_math``), as in SymPy's own
-pycode printers. Functions derive/ adds (sigmoid, softplus, relu, step) print as
-calls to the scalar ``@njit`` helpers of codegen/runtime.py, which the generated
-module imports under the same names; everything else prints as ``math.*``.
+pycode printers. tanh and the functions derive/ adds (sigmoid, softplus, relu,
+step) print as calls to the scalar helpers of codegen/kernel_functions.py, which
+the generated module imports under the same names (float32 kernels get
+vectorisable versions); everything else prints as ``math.*``. A user's own
+``sympy.Function`` prints through its ``definition``.
 """
 
 import sympy as sp
@@ -26,9 +28,12 @@ class NumbaPrinter(PythonCodePrinter):
         self.known_functions["tanh"] = "tanh"
 
     def _print_Function(self, expr):
-        if type(expr).__name__ in CUSTOM:
-            return f"{type(expr).__name__}({', '.join(self._print(a) for a in expr.args)})"
-        return super()._print_Function(expr)
+        name = type(expr).__name__
+        if name in CUSTOM:
+            return f"{name}({', '.join(self._print(a) for a in expr.args)})"
+        if name in self.known_functions or hasattr(self, f"_print_{name}"):
+            return super()._print_Function(expr)
+        return self._print(_definition(expr))
 
     def _print_Pow(self, expr, rational=False):
         base, exp = expr.args
@@ -50,6 +55,31 @@ class NumbaPrinter(PythonCodePrinter):
         return "math.e"
 
 
+class PrintError(ValueError):
+    """An expression the code printers cannot print (names the function)."""
+
+
+def _definition(call):
+    """A user's own sympy.Function, written through functions a printer knows:
+    its ``definition(*args)`` if the class has one, else a rewrite in exp.
+
+    >>> class cube(sp.Function):
+    ...     definition = staticmethod(lambda x: x**3)
+    >>> pycode(cube(sp.Symbol("a")) + 1)
+    'a*a*a + 1.0'
+    """
+    cls = type(call)
+    if hasattr(cls, "definition"):
+        return cls.definition(*call.args)
+    rewritten = call.rewrite(sp.exp)
+    if rewritten != call and not rewritten.has(cls):
+        return rewritten
+    raise PrintError(
+        f"cannot print the function '{cls.__name__}' as code: give its class a "
+        f"definition, e.g. definition = staticmethod(lambda x: ...) returning a SymPy "
+        "expression of known functions (its fdiff still gives the derivative)")
+
+
 _printer = NumbaPrinter()
 
 
@@ -58,7 +88,7 @@ def pycode(expr):
 
     >>> a, b = sp.symbols("a b")
     >>> pycode(sp.tanh(a) * (1 - b**2))
-    '(1.0 - b*b)*math.tanh(a)'
+    '(1.0 - b*b)*tanh(a)'
     """
     return _printer.doprint(expr)
 

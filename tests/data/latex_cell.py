@@ -11,7 +11,10 @@ from derive import Model, relu, sigmoid, sigmoid_bce, softplus
 
 
 class swish(sp.Function):
-    """x * sigmoid(x), a user's function: sympy.diff differentiates it through fdiff."""
+    """x * sigmoid(x), a user's function: sympy.diff differentiates it through fdiff,
+    code printers print its definition."""
+
+    definition = staticmethod(lambda x: x * sigmoid(x))
 
     def fdiff(self, argindex=1):
         x = self.args[0]
