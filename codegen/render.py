@@ -80,8 +80,11 @@ def cpu_context(derivation):
     plan = Plan(derivation)
     d = derivation
     index = d.loss.loss.target == "index"
-    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "1": "({},)"}
-    arrays = [dict(name=a.name, role=a.role, shape=rows[a.rows].format(a.cols))
+    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)"}
+    # A loop product's scratch holds one step: B rows, not T*B.
+    step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase == "loop"}
+    arrays = [dict(name=a.name, role=a.role,
+                   shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
     args = ["T", "B", "TB", *d.sizes, "x_seq", *plan.vector_params,
             *[f"W_{g.name}" for g in plan.groups], *[a.name for a in plan.arrays]]
