@@ -22,10 +22,14 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from derive.models import BUILTIN  # noqa: E402
 from helpers import CASES  # noqa: E402
 
-USER_CELL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_cell.py")
-OWN_CELL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cuda_cell.py")
+#: The project's user-defined cell: tests/user_cell.py where present, else the one
+#: tests/test_user_model.py and tests/test_latex.py use (a user's own sympy.Function,
+#: a diagonal weight, softplus, ReLU, BCE at the last step only).
+USER_CELLS = [os.path.join(os.path.dirname(os.path.abspath(__file__)), *parts)
+              for parts in (("user_cell.py",), ("data", "latex_cell.py"))]
 
 #: Launch sizes under the simulator: small enough that tiny problems span several
 #: tiles, blocks and reduction chunks, each with a ragged edge.
@@ -34,13 +38,12 @@ SIZES = (3, 5)  # sizes alternate: neither divides the tile of 4
 T, B = 3, 3
 TBPTT = dict(algorithm="tbptt", k1=1, k2=2)  # windows overlap and truncate at T = 3
 
-_BUILTIN = ("elman", "elman_sigmoid", "lstm", "gru", "deep", "elman2", "lstm2")
-
 
 def user_cell_path():
-    """tests/user_cell.py where present (the project's own user-model example),
-    else this suite's tests/data/cuda_cell.py."""
-    return USER_CELL if os.path.exists(USER_CELL) else OWN_CELL
+    for path in USER_CELLS:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no user-defined cell: none of {USER_CELLS}")
 
 
 def case_ids():
@@ -48,7 +51,7 @@ def case_ids():
     initial state), tbptt and forward; a regression loss; the user's cell, generated
     by the command line; launch sizes, device arrays, naive BPTT and float32."""
     ids = []
-    for name in _BUILTIN:
+    for name in BUILTIN:
         ids += [f"{name}:bptt", f"{name}:tbptt", f"{name}:forward"]
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]
@@ -67,7 +70,7 @@ def _modules(case, folder, cache={}):
 
     if case in cache:
         return cache[case]
-    if case in _BUILTIN:
+    if case in BUILTIN:
         model = CASES[case]()
         cpu = importlib.import_module(f"generated.{case}")
         gpu = importlib.import_module(f"generated.{case}_cuda")

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 MISSING = 'numba-cuda is not installed: pip install -e ".[cuda]" (or ".[test]")'
-BUILTIN = worker._BUILTIN
+BUILTIN = list(worker.BUILTIN)
 CCS = [(8, 0), (9, 0)]
 SIM_TIMEOUT = 1200  # seconds for the whole simulator run
 
