@@ -127,9 +127,10 @@ _RUN_IDENTITY = ("model", "task", "text", "seq_len", "samples", "seed", "batch_s
                  "hidden", "dtype")
 
 
-def _trainer_module(spec, generated_dir):
+def _trainer_module(spec, generated_dir, stack):
     """The generated module of a model: the committed one for a built-in (Numba's
-    cache is warm), else generated into generated_dir or a temporary folder."""
+    cache is warm), else generated into generated_dir or a temporary folder that
+    ``stack`` (an ExitStack) removes."""
     from derive.loader import load_model
     from derive.models import BUILTIN
 
@@ -138,7 +139,8 @@ def _trainer_module(spec, generated_dir):
     if spec in BUILTIN and os.path.isfile(os.path.join(GENERATED_DIR, f"{spec}.py")):
         return importlib.import_module(f"generated.{spec}")
     model = load_model(spec)
-    folder = generated_dir or tempfile.mkdtemp(prefix="bpttgen-train-")
+    folder = generated_dir or stack.enter_context(
+        tempfile.TemporaryDirectory(prefix="bpttgen-train-"))
     path, = generate(model, folder, f"bpttgen generate {spec} --target cpu")
     return import_path(path, f"bpttgen_train_{model.name}")
 
@@ -196,15 +198,21 @@ class _Interrupt:
 
 
 def _cmd_train(args):
-    import math
-
-    import numpy as np
+    import contextlib
 
     if bool(args.task) == bool(args.text):
         raise UsageError("give either --task {adding,copy,parity} or --text FILE")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    module = _trainer_module(args.model, args.generated_dir)
+    with contextlib.ExitStack() as stack:
+        return _train(args, _trainer_module(args.model, args.generated_dir, stack))
+
+
+def _train(args, module):
+    import math
+
+    import numpy as np
+
     task = _load_task(args, module)
     if args.batch_size > task.x.shape[1]:
         args.batch_size = task.x.shape[1]

@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
 
 from . import gradcheck, tasks
 from .runtime import Progress

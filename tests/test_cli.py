@@ -238,10 +238,22 @@ def test_readme_example_works(tmp_path, monkeypatch, capsys):
 
 
 # -- the demo -------------------------------------------------------------------------
-def test_demo_runs_every_step(capsys, tmp_path):
+def test_demo_runs_every_step(capsys, tmp_path, monkeypatch):
+    """Every step on tiny sizes. The gradient check of the freshly generated LSTM
+    is stubbed (compiling it in float64 takes 15-50 s; ``bpttgen check`` itself runs
+    for real in test_readme_example_works); it must receive the generated module."""
+    seen = []
+
+    def fast_check(module, **kw):
+        seen.append(module.__name__)
+        return [gradcheck.Row(p, {a: 1e-9 for a in gradcheck.algorithms(module)})
+                for p in module.PARAMS]
+
+    monkeypatch.setattr(demo.gradcheck, "check", fast_check)
     config = demo.Config(seq_len=8, classes=3, train=64, test=32, hidden=8, epochs=2,
                          batch_size=32)
     rows, results = demo.run(config, plot=str(tmp_path / "curves.png"))
+    assert seen == ["bpttgen_demo_lstm"]
     out = capsys.readouterr().out
     for step in ("[1/5] Deriving", "[2/5] Generating", "[3/5] Checking",
                  "[4/5] Training", "[5/5] Results"):

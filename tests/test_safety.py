@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from codegen import cli, runtime
+from codegen import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
