@@ -294,6 +294,76 @@ def cold_compile_seconds(model):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def profile_phases(np, module, params, x, targets, repeats=9):
+    """Median ms of each phase of one bpttgen bptt call, run one by one on a fresh
+    workspace: Python checks, workspace allocation, every Numba kernel, the weight
+    gradient products (NumPy, outside Numba), and the per-step products of the two
+    loops alone (np.dot in a Numba loop, same shapes) to split GEMM from elementwise
+    work. Relies on the generated module's private layout (_workspace, _ARGS)."""
+    from numba import njit
+
+    from codegen import runtime
+
+    @njit(cache=True)
+    def step_products(a, w, out, T, B, lo_shift):
+        for t in range(T):
+            np.dot(a[t * B + lo_shift:(t + 1) * B + lo_shift], w, out)
+
+    T, B, _ = x.shape
+    dtype = x.dtype
+    sizes = {s: params[n].shape[i] for n, shape in module.PARAMS.items()
+             for i, s in enumerate(shape)}
+    flat = np.ascontiguousarray(targets.reshape(-1))
+    spans = {}
+
+    def note(name, seconds):
+        spans.setdefault(name, []).append(seconds)
+
+    for _ in range(repeats):
+        t = time.perf_counter()
+        module.loss_and_grads(params, x, targets)
+        note("total (loss_and_grads)", time.perf_counter() - t)
+        t = time.perf_counter()
+        runtime.check_call(module.SPEC, params, x, targets, None, None)
+        weights, total = runtime.loss_weights(module.SPEC, T, B, None, dtype)
+        note("python checks", time.perf_counter() - t)
+        t = time.perf_counter()
+        ws = module._workspace(sizes, T, B, dtype, params, x, None)
+        note("workspace (allocate + zero)", time.perf_counter() - t)
+        args = [ws[a] for a in module._ARGS]
+        y = np.empty((T * B, sizes["O"]), dtype)
+        for name, call in (
+                ("forward: input projection", lambda: module._forward_pre(*args)),
+                ("forward: recurrent loop", lambda: module._forward_loop(*args)),
+                ("forward: readout", lambda: module._forward_post(*args)),
+                ("loss (softmax CE)", lambda: module._loss(T * B, sizes["O"], ws["z_seq"], flat,
+                                                           weights, 1.0 / total, y,
+                                                           ws["d_z_seq"])),
+                ("backward: readout adjoint", lambda: module._backward_post(*args)),
+                ("backward: recurrent loop", lambda: module._backward_loop(T - 1, 0, *args)),
+                ("backward: pre-loop adjoints", lambda: module._backward_pre(*args))):
+            t = time.perf_counter()
+            call()
+            note(name, time.perf_counter() - t)
+        t = time.perf_counter()
+        TB = T * B
+        for group, rows in (("x", ws["x_seq"]), ("h_prev", ws["h_seq"][:TB]),
+                            ("h", ws["h_seq"][B:TB + B])):
+            if f"d_P_{group}_seq" in ws:
+                ws[f"d_P_{group}_seq"].T @ rows
+        note("weight gradients (NumPy GEMMs)", time.perf_counter() - t)
+        W = ws["W_P_h_prev"]
+        out_f = np.empty((B, W.shape[0]), dtype)
+        out_b = np.empty((B, W.shape[1]), dtype)
+        t = time.perf_counter()
+        step_products(ws["h_seq"], W.T, out_f, T, B, 0)
+        note("  of which forward per-step GEMMs", time.perf_counter() - t)
+        t = time.perf_counter()
+        step_products(ws["d_P_h_prev_seq"], W, out_b, T, B, 0)
+        note("  of which backward per-step GEMMs", time.perf_counter() - t)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in spans.items()}
+
+
 def check_float64(np, torch, module, model):
     """Tiny float64 problem: bpttgen vs torch.nn, exact up to rounding."""
     params, x, targets = problem(np, module, model, 3, 7, 5, 6, 4, np.float64, seed=1)
@@ -342,6 +412,8 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=4.0,
                     help="seconds of timed rounds per (model, size), at least")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds at least")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile bpttgen's phases at each size (no frameworks)")
     ap.add_argument("--no-cold-compile", action="store_true",
                     help="skip the empty-cache compile time of each generated module")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
@@ -380,6 +452,8 @@ def main(argv=None):
     for line in header:
         print("# " + line, flush=True)
 
+    if args.profile:
+        return profile_main(np, importlib, models, sizes, args.out)
     rows, checks = [], []
     for model in models:
         module = importlib.import_module(f"generated.{model}")
@@ -447,6 +521,31 @@ def main(argv=None):
     failed = [r for r in rows if r["error"] > TOLERANCE_F32] + \
         [c for c in checks if c[1] > TOLERANCE_F64]
     return 1 if failed else 0
+
+
+def profile_main(np, importlib, models, sizes, folder):
+    """Phase breakdown of bpttgen's bptt call for every model and size."""
+    lines = []
+    for model in models:
+        module = importlib.import_module(f"generated.{model}")
+        for (B, T, I, H, O) in sizes:
+            params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
+            module.loss_and_grads(params, x, targets)
+            ms = profile_phases(np, module, params, x, targets)
+            total = ms.pop("total (loss_and_grads)")
+            lines += ["", f"#### {model} (B,T,I,H,O) = {(B, T, I, H, O)}: {total:.2f} ms per "
+                      f"call, load {fmt_load()}", "", "| phase | ms | % of call |", "|---|---:|---:|"]
+            for name, v in ms.items():
+                lines.append(f"| {name} | {v:.3f} | {100 * v / total:.0f}% |")
+            rest = total - sum(v for k, v in ms.items() if not k.startswith("  "))
+            lines.append(f"| rest (Python glue, gradient dict) | {rest:.3f} | "
+                         f"{100 * rest / total:.0f}% |")
+            print("\n".join(lines[-(len(ms) + 6):]), flush=True)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "profile.md"), "w") as f:
+            f.write("\n".join(lines).lstrip() + "\n")
+    return 0
 
 
 def write_results(folder, header, rows, checks, frameworks):
