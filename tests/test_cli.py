@@ -137,6 +137,12 @@ def test_train_a_task(capsys, tmp_path):
     trainer.load(out_file)
     assert trainer.steps == 12 and len(trainer.history["loss"]) == 3
     assert not (tmp_path / "parity.ckpt.npz").exists()
+    # --quiet: the summary line only, no progress bar on stderr.
+    rc, out, err = run(capsys, "train", "elman", "--task", "parity", "--seq-len", "8",
+                       "--samples", "128", "--hidden", "8", "--epochs", "1", "-o",
+                       str(out_file), "--quiet")
+    assert rc == 0 and err == "" and len(out.splitlines()) == 1
+    assert out.startswith("final loss ")
 
 
 def test_train_a_character_language_model(capsys, tmp_path):
