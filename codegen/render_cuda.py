@@ -52,9 +52,10 @@ class CudaPlan:
         self.d = derivation
         self.ints = ["T", "B", "TB", *derivation.sizes]
         self.arrays = [a for a in plan.arrays if a.role != "scratch"]
-        # Candidate kernel arguments, in the CPU kernels' argument order.
-        self.candidates = self.ints + ["x_seq", *plan.vector_params] + \
-            [self.array_name(a) for a in self.arrays]
+        # Candidate kernel arguments, in the CPU kernels' argument order, each with
+        # the name the printed lines use for it.
+        self.candidates = {a: a for a in self.ints + ["x_seq", *plan.vector_params]}
+        self.candidates.update((self.array_name(a), a.name) for a in self.arrays)
         self.kernels = []
         self.phases = {}
         for direction, order in (("forward", ("pre", "loop", "post")),
@@ -120,14 +121,12 @@ class CudaPlan:
             raise PlanError(f"unexpected loop shape of block {block.nodes}: {lines[:2]}")
         body = [line[len(_INDENT):] for line in lines[2:]]
         used = set(_IDENT.findall("\n".join(body))) | {block.size}
-        grads = {f"d_{p}" for p in self.plan.vector_params}
         args, prologue = ["_lo", "_hi"], []
-        for name in self.candidates:
-            plain = name[:-len("_rows")] if name.endswith("_rows") else name
-            if name in used or (plain in grads and plain in used):
-                args.append(name)
-                if plain in grads and name != plain:
-                    prologue.append(f"{plain} = {name}[_r]")
+        for arg, name in self.candidates.items():
+            if name in used:
+                args.append(arg)
+                if name != arg:  # a gradient d_b: this thread's row of d_b_rows
+                    prologue.append(f"{name} = {arg}[_r]")
         kinds = "".join("i" if a in self.ints or a in ("_lo", "_hi") else
                         "v" if a in self.plan.vector_params else "m" for a in args)
         short = "fw" if direction == "forward" else "bw"

@@ -13,6 +13,8 @@ simulator runs every GPU thread as a Python thread.
 """
 
 import importlib
+import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -49,15 +51,35 @@ def user_cell_path():
 def case_ids():
     """Every case, "model:check". Built-in models: bptt (with a mask, L2 and an
     initial state), tbptt and forward; a regression loss; the user's cell, generated
-    by the command line; launch sizes, device arrays, naive BPTT and float32."""
+    by the command line, and with each of its own losses; launch sizes, device
+    arrays, naive BPTT, float32 and the Trainer."""
     ids = []
     for name in BUILTIN:
         ids += [f"{name}:bptt", f"{name}:tbptt", f"{name}:forward"]
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]
+    ids += [f"user-{loss}:bptt" for loss in _user_losses()]
     ids += ["elman:device-arrays", "elman:default-launch", "gru:naive", "lstm:float32"]
     ids += ["elman:trainer"]
     return ids
+
+
+def _user_cell_module():
+    """The user's definition file as a module (it only imports derive and SymPy)."""
+    spec = importlib.util.spec_from_file_location("bpttgen_sim_user_cell", user_cell_path())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _user_losses():
+    """The losses the user's cell file offers in a LOSSES table for model(loss=), but
+    the default one (that is the "user" case)."""
+    cell = _user_cell_module()
+    losses = getattr(cell, "LOSSES", {})
+    default = inspect.signature(cell.model).parameters.get("loss")
+    return sorted(name for name, loss in losses.items()
+                  if default is None or loss is not default.default)
 
 
 # -- everything below runs in the simulator process only ------------------------------
@@ -84,7 +106,11 @@ def _modules(case, folder, cache={}):
         cpu, gpu = (import_path(os.path.join(out, f"{model.name}{suffix}.py"),
                                 f"bpttgen_sim_user{suffix}") for suffix in ("", "_cuda"))
     else:
-        model = CASES[case]()
+        if case.startswith("user-"):
+            cell = _user_cell_module()
+            model = cell.model(loss=cell.LOSSES[case[len("user-"):]])
+        else:
+            model = CASES[case]()
         model.name = "sim_" + case.replace("-", "_")
         paths = generate(model, os.path.join(folder, model.name), "pytest", target="all")
         cpu, gpu = (import_path(p, f"bpttgen_sim_{os.path.basename(p)[:-3]}")
@@ -108,9 +134,10 @@ def _compare(cpu_result, gpu_result):
     (l0, g0), (l1, g1) = cpu_result, gpu_result
     bad = [k for k in g0 if not isinstance(g1[k], np.ndarray) or g1[k].shape != g0[k].shape
            or g1[k].dtype != g0[k].dtype]
-    return {"loss": abs(l1 - l0) / max(1.0, abs(l0)),
-            "grads": max(max_relative_error(g1[k], g0[k]) for k in g0),
-            "bad_arrays": bad}
+    errors = {k: max_relative_error(g1[k], g0[k]) for k in g0}
+    worst = max(errors, key=errors.get)
+    return {"loss": abs(l1 - l0) / max(1.0, abs(l0)), "grads": errors[worst],
+            "worst": worst, "cpu_loss": l0, "cuda_loss": l1, "bad_arrays": bad}
 
 
 def run_case(case_id, folder):

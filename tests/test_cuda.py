@@ -206,8 +206,8 @@ def test_simulator_matches_cpu(case, simulator):
     assert "error" not in r, r.get("error")
     loss_tol, grad_tol = TOLERANCE.get(case.split(":")[1], DEFAULT_TOLERANCE)
     assert not r["bad_arrays"], f"wrong type, shape or dtype: {r['bad_arrays']}"
-    assert r["loss"] <= loss_tol, f"loss differs by {r['loss']:.3g} (relative)"
-    assert r["grads"] <= grad_tol, f"gradients differ by {r['grads']:.3g} (relative)"
+    assert r["loss"] <= loss_tol, f"loss differs by {r['loss']:.3g} (relative): {r}"
+    assert r["grads"] <= grad_tol, f"gradients differ by {r['grads']:.3g} (relative): {r}"
 
 
 def test_simulator_run_ends_cleanly(simulator):
