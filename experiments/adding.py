@@ -8,12 +8,16 @@ sequence; at the last step the model names the sum, binned into --classes equal
 classes (softmax cross-entropy on the last step only, a mask on the others). The
 first marked value sits between T/2 and T steps before the answer.
 
-Truncated BPTT with k2 < T/2 cannot carry the first value's error back to where
-it was read, so it can at best learn from the second value: the table gives that
-bound ("second value only": the accuracy of the best guess knowing only the
-second value), the no-memory bound (the most frequent class), and each run's
-test accuracy. A run "learned the long dependency" when its test accuracy is
-above the second-value bound by more than half the gap to 100%.
+Truncated BPTT(k1, k2) with k2 < T/2 never carries the first value's error back
+to the step where it was read. The table gives the accuracy a model reaches
+knowing only the second value ("second value only", the best guess from it), the
+no-memory bound (the most frequent class), and each run's test accuracy. A run
+"learned the long dependency" when its test accuracy is above the second-value
+bound by more than half the gap to 100%: it must have kept the first value for
+T/2 to T steps. (A gated cell can do that even when trained with truncation: the
+rule "add a marked value to the cell and keep it" is learned from the second
+marker inside the window and, the weights being shared over time, applies to
+the first one as well.)
 
     python experiments/adding.py [--lengths 50,100,200] [--quick]
 """
