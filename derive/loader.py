@@ -8,7 +8,9 @@ reported with its file name and line.
 import importlib.util
 import os
 import sys
+import traceback
 
+from .losses import LossError
 from .model import DefinitionError, Model
 from .models import BUILTIN, build
 
@@ -28,17 +30,30 @@ def load_model(spec):
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except DefinitionError:
+        found = getattr(module, "model", None)
+        if callable(found) and not isinstance(found, Model):
+            found = found()
+    except (DefinitionError, LossError):  # already located in the file
         raise
     except SyntaxError as err:
         raise DefinitionError(f"syntax error: {err.msg}",
                               location=f"{spec}:{err.lineno}") from err
+    except Exception as err:  # noqa: BLE001 - any error in the user's file, located
+        raise DefinitionError(f"{type(err).__name__}: {err}",
+                              location=_location_in(err, spec)) from err
     finally:
         sys.modules.pop(name, None)
-    found = getattr(module, "model", None)
-    if callable(found) and not isinstance(found, Model):
-        found = found()
     if not isinstance(found, Model):
         raise DefinitionError(f"{spec} must define model() returning a derive.Model",
                               location=f"{spec}:1")
     return found
+
+
+def _location_in(err, spec):
+    """'spec:line' of the innermost frame of err's traceback in the file spec."""
+    target = os.path.abspath(spec)
+    line = 1
+    for frame in traceback.extract_tb(err.__traceback__):
+        if os.path.abspath(frame.filename) == target:
+            line = frame.lineno
+    return f"{spec}:{line}"

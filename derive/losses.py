@@ -24,7 +24,14 @@ z, d, m, K = sp.symbols("z d m K", real=True)
 
 
 class LossError(ValueError):
-    """A loss definition that cannot be used (not scalar, unknown symbols)."""
+    """A loss definition that cannot be used (not scalar, unknown symbols); the
+    message starts with the file:line that defines the loss."""
+
+    def __init__(self, message):
+        from .model import _caller_location  # model.py imports this module
+
+        self.location = _caller_location()
+        super().__init__(f"{self.location}: {message}" if self.location else message)
 
 
 @dataclass(frozen=True)
@@ -78,13 +85,22 @@ class Loss:
 def custom_loss(name, value, *, target="vector", prediction=z, description="", **sums):
     """A loss from a user's SymPy expressions; ``sums`` name the reductions.
 
+    The error is written through the prediction y, here z itself:
+
     >>> S = sp.Symbol("S")
     >>> custom_loss("l1ish", S, S=sp.sqrt((z - d)**2 + 1)).error()
-    (-d + z)/sqrt((d - z)**2 + 1)
+    (-d + y)/sqrt((-d + y)**2 + 1)
     """
-    pairs = tuple((sp.Symbol(key, real=True), expr) for key, expr in sums.items())
-    value = value.subs({sp.Symbol(k): s for k, s in zip(sums, (p[0] for p in pairs))})
-    return Loss(name, target, pairs, value, prediction, description)
+    known = {s.name: s for s in (z, d, m, K)}
+    known.update({key: sp.Symbol(key, real=True) for key in sums})
+
+    def canonical(expr):  # a plain Symbol("z") or Symbol("S") means derive's own
+        expr = sp.sympify(expr)
+        return expr.xreplace({s: known[s.name] for s in expr.free_symbols
+                              if s.name in known})
+
+    pairs = tuple((known[key], canonical(expr)) for key, expr in sums.items())
+    return Loss(name, target, pairs, canonical(value), canonical(prediction), description)
 
 
 _S, _D = sp.symbols("S D", real=True)

@@ -43,6 +43,8 @@ def _caller_location():
     should point at its line too.
     """
     for frame in reversed(traceback.extract_stack()):
+        if frame.filename == "<string>" and frame.name == "__init__":
+            continue  # a dataclass's generated __init__ (derive.Loss's checks)
         path = os.path.abspath(frame.filename)
         if os.path.dirname(path) != _HERE:
             return f"{frame.filename}:{frame.lineno}"
@@ -90,7 +92,14 @@ class Vec:
                     f"{self.size} and {other.size} differ")
             return Vec(self.model, op(self.expr, other.expr), self.size)
         if isinstance(other, (int, float, sp.Expr)):
-            return Vec(self.model, op(self.expr, sp.sympify(other)), self.size)
+            other = sp.sympify(other)
+            loose = sorted(s.name for s in other.free_symbols)
+            if loose:
+                raise DefinitionError(
+                    f"'{self.expr} {symbol} {other}' uses the SymPy symbol(s) {loose}, "
+                    "which are not vectors of the model: bind them with m.expr(..., "
+                    f"{loose[0]}=vector)")
+            return Vec(self.model, op(self.expr, other), self.size)
         return NotImplemented
 
     def __add__(self, o): return self._combine(o, lambda a, b: a + b, "+")
@@ -107,7 +116,9 @@ class Vec:
     def apply(self, function):
         """Apply a scalar SymPy function (or a lambda building a SymPy expression)
         to every element: ``v.apply(sympy.erf)``."""
-        return Vec(self.model, function(self.expr), self.size)
+        expr = function(self.expr)
+        _check_function(function, expr)
+        return Vec(self.model, expr, self.size)
 
     def __repr__(self):
         return f"Vec({self.expr}, size={self.size})"
@@ -179,6 +190,45 @@ softplus = _elementwise(functions.softplus)
 relu = _elementwise(functions.relu)
 
 _ALLOWED_FUNCTIONS = set(functions.CUSTOM.values())
+_CHECKED_FUNCTIONS = {}
+
+
+def _check_function(function, applied):
+    """Refuse, on the line that applies it, a function SymPy cannot differentiate.
+    ``applied`` is function(vector); a function found fine once is not checked again."""
+    try:
+        if _CHECKED_FUNCTIONS.get(function):
+            return
+    except TypeError:  # unhashable
+        pass
+    ok = _differentiability_problem(function(sp.Dummy("v", real=True)), "") is None
+    if not ok:
+        raise DefinitionError(_differentiability_problem(applied, str(applied)))
+    try:
+        _CHECKED_FUNCTIONS[function] = True
+    except TypeError:
+        pass
+
+
+def _differentiability_problem(expr, what):
+    """None, or why SymPy cannot differentiate expr (a message naming the function)."""
+    expr = sp.sympify(expr)
+    for call in expr.atoms(sp.Function):
+        if isinstance(call, sp.core.function.AppliedUndef) and \
+                type(call) not in _ALLOWED_FUNCTIONS:
+            return (f"{what} uses the undefined function '{call.func}': define it as a "
+                    "SymPy expression or a sympy.Function with fdiff")
+    for s in sorted(expr.free_symbols, key=lambda s: s.name):
+        derivative = sp.diff(expr, s)
+        bad = derivative.atoms(sp.Derivative, sp.Subs, sp.DiracDelta)
+        if bad:
+            first = sorted(bad, key=str)[0]
+            inner = first.expr if isinstance(first, (sp.Derivative, sp.Subs)) else first
+            head = getattr(inner, "func", inner)
+            return (f"{what} is not differentiable with respect to '{s.name}': SymPy "
+                    f"cannot differentiate '{getattr(head, '__name__', head)}' (it "
+                    f"gives {first})")
+    return None
 
 
 class Model:
@@ -200,6 +250,7 @@ class Model:
         self.loss = None
         self.loss_at = "every"
         self._symbols = {}  # name -> (kind, size)
+        self._defined_at = {}  # name -> 'file:line' of its definition
         self._counter = 0
         self._linear_nodes = set()
 
@@ -210,13 +261,21 @@ class Model:
     def _declare(self, name, kind, size):
         if not isinstance(name, str) or not name.isidentifier():
             raise DefinitionError(f"name {name!r} is not a Python identifier")
-        if name in self._symbols or name in self.sizes:
-            raise DefinitionError(f"name '{name}' is already defined")
+        if name in self.sizes:
+            raise DefinitionError(f"name '{name}' is already defined as a size")
+        if name in self._symbols:
+            what = {"prev": "the previous value of a state", "param": "a vector parameter",
+                    "matrix": "a matrix", "node": "a node", "input": "an input",
+                    "state": "a state"}[self._symbols[name][0]]
+            where = self._defined_at.get(name)
+            raise DefinitionError(f"name '{name}' is already defined, as {what}"
+                                  + (f" at {where}" if where else ""))
         if size not in self.sizes:
             raise DefinitionError(
                 f"'{name}' has size '{size}', which is not one of the model's sizes "
                 f"{self.sizes}")
         self._symbols[name] = (kind, size)
+        self._defined_at[name] = _caller_location()
 
     def input(self, name, size):
         """The input vector x_t of the step."""
@@ -265,19 +324,9 @@ class Model:
         if unknown:
             raise DefinitionError(
                 f"{what} uses undefined symbol(s) {sorted(s.name for s in unknown)}")
-        for call in expr.atoms(sp.Function):
-            if isinstance(call, sp.core.function.AppliedUndef) and \
-                    type(call) not in _ALLOWED_FUNCTIONS:
-                raise DefinitionError(
-                    f"{what} uses the undefined function '{call.func}': define it as a "
-                    "SymPy expression or a sympy.Function with fdiff")
-        for s in expr.free_symbols:
-            derivative = sp.diff(expr, s)
-            bad = derivative.atoms(sp.Derivative, sp.Subs, sp.DiracDelta)
-            if bad:
-                raise DefinitionError(
-                    f"{what} is not differentiable with respect to '{s.name}': SymPy "
-                    f"gives {sorted(map(str, bad))[0]}")
+        problem = _differentiability_problem(expr, what)
+        if problem:
+            raise DefinitionError(problem)
 
     def _materialize(self, vec, name=None):
         """The name of a node holding ``vec``: the vector itself when it already is
@@ -341,6 +390,9 @@ class Model:
             raise DefinitionError(f"shape mismatch in {expression}: sizes {sorted(sizes)}")
         if not sizes:
             raise DefinitionError(f"expression {expression} uses no vector")
+        problem = _differentiability_problem(expression, f"expression {expression}")
+        if problem:
+            raise DefinitionError(problem)
         mapping = {s: vectors[s.name].expr for s in expression.free_symbols}
         return Vec(self, expression.xreplace(mapping), sizes.pop())
 
