@@ -87,7 +87,11 @@ def cpu_context(derivation):
                    shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
     args = ["T", "B", "TB", *d.sizes, "x_seq", *plan.vector_params,
-            *[f"W_{g.name}" for g in plan.groups], *[a.name for a in plan.arrays]]
+            *[f"W_{g.name}" for g in plan.groups], *[a.name for a in plan.arrays],
+            *[f"dW_{g.name}" for g in plan.groups]]
+    # Stacked weight gradients, (rows of the group, columns of its source).
+    arrays += [dict(name=f"dW_{g.name}", role="grad",
+                    shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
     groups = []
     for g in plan.groups:
         if len(g.members) == 1:
@@ -97,10 +101,8 @@ def cpu_context(derivation):
                 f'params["{w}"]' for _, w, _, _ in g.members) + "))"
         members = [dict(weight=w, rows=f"{off}:{off} + {size}" if off != "0" else f":{size}")
                    for _, w, size, off in g.members]
-        source_all = plan.rows(g.source, lo="0", hi="TB")
-        array, _, sl = source_all.partition("[")
         groups.append(dict(name=g.name, stack=stack, members=members,
-                           source_all=f'ws["{array}"][{sl}'))
+                           source_rows=plan.rows(g.source, lo="0", hi="TB")))
     for blocks in plan.blocks.values():
         for b in blocks:
             b.comment = _block_comment(plan, b)
