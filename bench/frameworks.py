@@ -398,6 +398,21 @@ def machine():
     return f"{cpu} ({flags}), {os.cpu_count()} cores"
 
 
+def source_version():
+    """The commit of the generated modules measured (a snapshot made with
+    `git archive` has no .git: it sets BPTTGEN_COMMIT)."""
+    root = os.path.dirname(HERE)
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "generated",
+                                "codegen", "templates"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return commit + (" + uncommitted changes in generated/codegen/templates" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BPTTGEN_COMMIT", "unknown")
+
+
 def fmt_load():
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -444,7 +459,8 @@ def main(argv=None):
     header = [
         f"machine: {machine()}; threads pinned to {args.threads}",
         f"versions: python {platform.python_version()}, numpy {np.__version__}, numba "
-        f"{numba.__version__}, torch {torch.__version__}, jax {jax.__version__}",
+        f"{numba.__version__}, torch {torch.__version__}, jax {jax.__version__}; bpttgen "
+        f"{source_version()}",
         "command: python bench/frameworks.py " + " ".join(argv if argv is not None
                                                           else sys.argv[1:]),
         f"load average at start (1/5/15 min): {fmt_load()}",

@@ -19,7 +19,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from frameworks import fmt_load, machine, pin_threads  # noqa: E402
+from frameworks import fmt_load, machine, pin_threads, source_version  # noqa: E402
 
 TBPTT = ((1, 16), (16, 32))  # (k1, k2): seed 000's m-step truncation, and k1 = k2 / 2
 
@@ -70,7 +70,8 @@ def main(argv=None):
     kwargs.update({f"tbptt({k1},{k2})": {"algorithm": "tbptt", "k1": k1, "k2": k2}
                    for k1, k2 in TBPTT})
     header = [f"machine: {machine()}; threads pinned to {args.threads}",
-              f"versions: numpy {np.__version__}, numba {numba.__version__}",
+              f"versions: numpy {np.__version__}, numba {numba.__version__}; bpttgen "
+              f"{source_version()}",
               "command: python bench/scaling.py " + " ".join(
                   argv if argv is not None else sys.argv[1:]),
               f"model {args.model}, float32, (B, I, H, O) = ({B}, {I}, {H}, {O})",

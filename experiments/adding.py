@@ -29,9 +29,16 @@ import os
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import load_average, pin_threads, source_version  # noqa: E402
+
+if __name__ == "__main__":
+    pin_threads(sys.argv)
+
+import numpy as np  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(HERE), "bench", "results")
 sys.path.insert(0, os.path.dirname(HERE))
 
@@ -101,8 +108,6 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     ap.add_argument("--out", default=RESULTS, help="folder for adding.md ('' for none)")
     args = ap.parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(args.threads))
     if args.quick:
         args.lengths, args.train, args.test, args.hidden, args.epochs = "12", 100, 50, 8, 1
         args.k1, args.k2 = 2, 4
@@ -115,8 +120,8 @@ def main(argv=None):
              f"{args.lr}, clip {args.clip}, truncated BPTT k1 = {args.k1}, k2 = {args.k2}, "
              f"float32, seed {args.seed}, {args.threads} threads")
     print(f"# {command}\n# {setup}\n# bounds: most frequent class {majority:.3f}, second value "
-          f"only {second_only:.3f}\n# load average at start: "
-          + "/".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
+          f"only {second_only:.3f}\n# bpttgen {source_version()}, load average at start: "
+          f"{load_average()}", flush=True)
     threshold = second_only + (1 - second_only) / 2
     rows = []
     for T in (int(t) for t in args.lengths.split(",")):
@@ -132,13 +137,14 @@ def main(argv=None):
                       f"loss {r['loss']:.3f}  {r['seconds']:6.1f} s  {r['updates']} updates"
                       f"  {'LEARNED' if r['learned'] else '-'}"
                       f"{'  DIVERGED' if r['diverged'] else ''}", flush=True)
-    load_end = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    load_end = load_average()
     table = format_table(rows, majority, second_only, threshold, args.classes)
     print("\n" + table + f"\n\nload average at end: {load_end}")
     if args.out and not args.quick:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "adding.md"), "w") as f:
-            f.write(f"- command: `{command}`\n- {setup}\n- load average at end: {load_end}\n\n"
+            f.write(f"- command: `{command}`\n- {setup}\n- bpttgen {source_version()}; load "
+                    f"average at end: {load_end}\n\n"
                     + table + "\n")
     return rows
 

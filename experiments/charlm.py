@@ -28,9 +28,16 @@ import os
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import load_average, pin_threads, source_version  # noqa: E402
+
+if __name__ == "__main__":
+    pin_threads(sys.argv)
+
+import numpy as np  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(HERE), "bench", "results")
 
 TBPTT = ((8, 16), (16, 32), (32, 64))
@@ -131,8 +138,6 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     ap.add_argument("--out", default=RESULTS, help="folder for charlm.md ('' for none)")
     args = ap.parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(args.threads))
     if args.quick:
         args.train_chars, args.val_chars, args.seq_len = 4096, 1024, 16
         args.hidden, args.epochs, args.batch_size, args.val_streams = 16, 1, 16, 4
@@ -151,8 +156,8 @@ def main(argv=None):
              f"batch {args.batch_size}, Adam lr {args.lr}, clip {args.clip}, "
              f"{'float64' if args.float64 else 'float32'}, seed {args.seed}, "
              f"{args.threads} threads")
-    print(f"# {command}\n# {setup}\n# load average at start: "
-          + "/".join(f"{v:.1f}" for v in os.getloadavg()), flush=True)
+    print(f"# {command}\n# {setup}\n# bpttgen {source_version()}, load average at start: "
+          f"{load_average()}", flush=True)
     base = unigram_nats(train, val, V)
     print(f"unigram (no context) validation PPL {math.exp(base):.2f}, "
           f"bpc {base / math.log(2):.3f}", flush=True)
@@ -170,13 +175,14 @@ def main(argv=None):
     for name in ("lstm", "gru"):
         if name in runs:
             rows.append(run(name, "bptt", args, data))
-    load_end = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    load_end = load_average()
     table = format_table(rows, base, args.seq_len)
     print("\n" + table + f"\n\nload average at end: {load_end}")
     if args.out and not args.quick:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "charlm.md"), "w") as f:
-            f.write(f"- command: `{command}`\n- {setup}\n- load average at end: {load_end}\n\n"
+            f.write(f"- command: `{command}`\n- {setup}\n- bpttgen {source_version()}; load "
+                    f"average at end: {load_end}\n\n"
                     + table + "\n")
     return rows
 
