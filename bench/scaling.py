@@ -95,13 +95,15 @@ def main(argv=None):
         x = rng.standard_normal((T, B, I)).astype(np.float32)
         targets = rng.integers(0, O, (T, B))
         for a in algos:
-            if a == "naive" and secs["naive"]:
-                last_T = max(secs["naive"])
-                predicted = secs["naive"][last_T] * (T / last_T) ** 2
-                if predicted > args.naive_limit:
-                    continue
+            predicted = 0.0
+            if secs[a]:
+                last_T = max(secs[a])
+                predicted = secs[a][last_T] * (T / last_T) ** (2 if a == "naive" else 1)
+            if a == "naive" and predicted > args.naive_limit:
+                continue
             fn = lambda: module.loss_and_grads(params, x, targets, **kwargs[a])  # noqa: E731
-            fn()  # warm-up
+            if predicted < 1.0:
+                fn()  # warm-up (the long naive calls need none: kernels are loaded)
             secs[a][T] = median_seconds(fn, 7, 3.0)
         if T in secs["naive"]:
             _, g_b = module.loss_and_grads(params, x, targets)
