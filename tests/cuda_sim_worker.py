@@ -214,9 +214,42 @@ def run_case(case_id, folder):
     raise ValueError(f"unknown check {check!r}")
 
 
+def _serialise_shared_allocation():
+    """Work around a race in Numba's simulator (numba-cuda 0.30): the first thread of
+    a block to reach ``cuda.shared.array`` allocates the block's array, by a check
+    and a store that are not locked. Two threads arriving together each get their own
+    array and one thread's writes are lost: here, about one column sum in a few
+    hundred came out wrong under load. Real shared memory has no such step. This is
+    the simulator's own FakeCUDAShared.array (static arrays, keyed by the calling
+    file and line), with the check and the store under a lock."""
+    import threading
+    import traceback as tb
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    allocate = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory: as before
+            return allocate(self, shape, dtype, alignment)
+        if not isinstance(dtype, np.dtype):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = tb.extract_stack(sys._getframe())[-2][0:2]
+        with lock:
+            if caller not in self._allocations:
+                self._allocations[caller] = np.empty(shape, dtype)
+            return self._allocations[caller]
+
+    kernelapi.FakeCUDAShared.array = array
+
+
 def main(out, ids):
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or "numba.cuda" in sys.modules:
         raise SystemExit("run with NUMBA_ENABLE_CUDASIM=1 in a fresh process")
+    _serialise_shared_allocation()
     # Many short simulator threads: a short GIL switch interval makes them ~3x faster.
     sys.setswitchinterval(1e-4)
     # Modules of non-built-in cases go to a folder kept between runs: generate()
