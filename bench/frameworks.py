@@ -432,7 +432,7 @@ def main(argv=None):
     ap.add_argument("--no-cold-compile", action="store_true",
                     help="skip the empty-cache compile time of each generated module")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
-                    help="folder for frameworks.csv / .md / .png ('' for none)")
+                    help="folder for frameworks[_<models>].csv / .md / .png ('' for none)")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
 
@@ -533,7 +533,8 @@ def main(argv=None):
                       flush=True)
     print(f"\n# load average at end: {fmt_load()}")
     if args.out:
-        write_results(args.out, header, rows, checks, frameworks)
+        stem = "frameworks" if models == list(MODELS) else "frameworks_" + "_".join(models)
+        write_results(args.out, stem, header, rows, checks, frameworks)
     failed = [r for r in rows if r["error"] > TOLERANCE_F32] + \
         [c for c in checks if c[1] > TOLERANCE_F64]
     return 1 if failed else 0
@@ -564,11 +565,11 @@ def profile_main(np, importlib, models, sizes, folder):
     return 0
 
 
-def write_results(folder, header, rows, checks, frameworks):
+def write_results(folder, stem, header, rows, checks, frameworks):
     import csv
 
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "frameworks.csv"), "w", newline="") as f:
+    with open(os.path.join(folder, stem + ".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -601,12 +602,12 @@ def write_results(folder, header, rows, checks, frameworks):
             lines.append(f"| {','.join(map(str, size))} | "
                          + " | ".join(f"{r['first_ms']:.0f}" for r in sel)
                          + f" | {max(r['error'] for r in sel):.1e} |")
-    with open(os.path.join(folder, "frameworks.md"), "w") as f:
+    with open(os.path.join(folder, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(folder, rows, frameworks)
+    plot(os.path.join(folder, stem + ".png"), rows, frameworks)
 
 
-def plot(folder, rows, frameworks):
+def plot(path, rows, frameworks):
     """Bars: each framework's time / bpttgen's, per model and size (log scale)."""
     import matplotlib
 
@@ -635,7 +636,7 @@ def plot(folder, rows, frameworks):
         ax.set_xlabel("B,T / I,H,O")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, "frameworks.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
