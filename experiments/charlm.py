@@ -3,11 +3,13 @@ bpttgen's generated modules and each BPTT algorithm.
 
 Runs, on one text file (e.g. shared/data/tinyshakespeare.txt):
 
-    Elman  naive BPTT (O(T^2), seed 000's "old")      | the same gradients, so the
-    Elman  accumulated BPTT (O(T))                    | same perplexity; time ratio
-    Elman  truncated BPTT(k1, k2) for a few (k1, k2)  (online updates every k1 steps)
-    LSTM   accumulated BPTT
-    GRU    accumulated BPTT
+    Elman  naive BPTT (O(T^2), seed 000's "old")      | on the first --naive-chars
+    Elman  accumulated BPTT (O(T))                    | only: the same gradients, so
+                                                      | the same perplexity; time ratio
+    Elman  accumulated BPTT                           | on all --train-chars:
+    Elman  truncated BPTT(k1, k2) for a few (k1, k2)  | (online updates every k1 steps)
+    LSTM   accumulated BPTT                           |
+    GRU    accumulated BPTT                           |
 
 and reports validation perplexity, bits per character and wall time as the table
 "Model | BPTT | PPL | time". Split: the first 90% of the file is training text,
@@ -87,9 +89,11 @@ def unigram_nats(train, val, V):
     return float(-np.mean(np.log(p[val[1:]])))
 
 
-def run(name, algorithm, args, data, k1=None, k2=None):
-    """Train one model; returns a result row (dict)."""
+def run(name, algorithm, args, data, k1=None, k2=None, n=None):
+    """Train one model (on the first n sequences if n); returns a result row (dict)."""
     vocabulary, x, targets, val = data
+    if n is not None:
+        x, targets = x[:, :n], targets[:, :n]
     V = len(vocabulary)
     module = importlib.import_module(f"generated.{name}")
     dtype = np.float64 if args.float64 else np.float32
@@ -108,7 +112,8 @@ def run(name, algorithm, args, data, k1=None, k2=None):
     nats = evaluate(module, trainer.params, val, V, args.val_streams)
     label = {"bptt": "accumulated", "naive": "naive (old)"}.get(
         algorithm, f"truncated({k1},{k2})")
-    row = dict(model={"elman": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU"}[name],
+    row = dict(model={"elman": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU"}[name]
+               + ("" if n is None else f", {n * args.seq_len // 1024}k chars"),
                bptt=label, ppl=math.exp(nats), bpc=nats / math.log(2), seconds=seconds,
                train_loss=history["loss"][-1] if history["loss"] else float("nan"),
                updates=trainer.steps, diverged=trainer.diverged)
@@ -121,11 +126,13 @@ def run(name, algorithm, args, data, k1=None, k2=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("text", help="a UTF-8 text file, e.g. shared/data/tinyshakespeare.txt")
-    ap.add_argument("--train-chars", type=int, default=262144)
+    ap.add_argument("--train-chars", type=int, default=524288)
+    ap.add_argument("--naive-chars", type=int, default=131072,
+                    help="the naive vs accumulated pair trains on this many characters")
     ap.add_argument("--val-chars", type=int, default=65536)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--clip", type=float, default=5.0)
@@ -140,6 +147,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.train_chars, args.val_chars, args.seq_len = 4096, 1024, 16
+        args.naive_chars = 2048
         args.hidden, args.epochs, args.batch_size, args.val_streams = 16, 1, 16, 4
 
     vocabulary, train, val = load(args.text, args.train_chars, args.val_chars)
@@ -155,7 +163,8 @@ def main(argv=None):
              f"{V}; sequences of {args.seq_len}, H = {args.hidden}, {args.epochs} epochs, "
              f"batch {args.batch_size}, Adam lr {args.lr}, clip {args.clip}, "
              f"{'float64' if args.float64 else 'float32'}, seed {args.seed}, "
-             f"{args.threads} threads")
+             f"{args.threads} threads; the naive/accumulated pair on the first "
+             f"{min(args.naive_chars, len(train))} training characters")
     print(f"# {command}\n# {setup}\n# bpttgen {source_version()}, load average at start: "
           f"{load_average()}", flush=True)
     base = unigram_nats(train, val, V)
@@ -165,7 +174,9 @@ def main(argv=None):
     runs = args.runs.split(",")
     rows = []
     if "naive" in runs:
-        rows.append(run("elman", "naive", args, data))
+        n = min(x.shape[1], max(1, args.naive_chars // args.seq_len))
+        rows.append(run("elman", "naive", args, data, n=n))
+        rows.append(run("elman", "bptt", args, data, n=n))
     if "bptt" in runs:
         rows.append(run("elman", "bptt", args, data))
     if "tbptt" in runs:
@@ -197,12 +208,12 @@ def format_table(rows, unigram, T):
         lines.append(f"{r['model']} | {r['bptt']} | {r['ppl']:.3f} | {r['bpc']:.4f} | "
                      f"{r['seconds']:.1f} s | {r['updates']}"
                      + (" (diverged)" if r["diverged"] else ""))
-    by = {r["bptt"]: r for r in rows if r["model"].startswith("RNN")}
-    if "naive (old)" in by and "accumulated" in by:
-        a, b = by["naive (old)"], by["accumulated"]
+    pair = [r for r in rows if r["model"].startswith("RNN") and "chars" in r["model"]]
+    if len(pair) == 2:
+        a, b = pair
         lines += ["", f"naive / accumulated wall time: {a['seconds'] / b['seconds']:.1f}x "
-                  f"(T = {T}; seed 000 predicts ~T/c); perplexities {a['ppl']:.3f} vs "
-                  f"{b['ppl']:.3f}"]
+                  f"(T = {T}; seed 000 predicts ~T/c); perplexities {a['ppl']:.4f} vs "
+                  f"{b['ppl']:.4f}"]
     return "\n".join(lines)
 
 
