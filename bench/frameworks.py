@@ -346,12 +346,15 @@ def profile_phases(np, module, params, x, targets, repeats=9):
             call()
             note(name, time.perf_counter() - t)
         t = time.perf_counter()
-        TB = T * B
-        for group, rows in (("x", ws["x_seq"]), ("h_prev", ws["h_seq"][:TB]),
-                            ("h", ws["h_seq"][B:TB + B])):
-            if f"d_P_{group}_seq" in ws:
-                ws[f"d_P_{group}_seq"].T @ rows
-        note("weight gradients (NumPy GEMMs)", time.perf_counter() - t)
+        if hasattr(module, "_weight_gradients"):  # inside Numba since 095298d
+            module._weight_gradients(*args)
+        else:
+            TB = T * B
+            for group, rows in (("x", ws["x_seq"]), ("h_prev", ws["h_seq"][:TB]),
+                                ("h", ws["h_seq"][B:TB + B])):
+                if f"d_P_{group}_seq" in ws:
+                    ws[f"d_P_{group}_seq"].T @ rows
+        note("weight gradients (one GEMM per group)", time.perf_counter() - t)
         W = ws["W_P_h_prev"]
         out_f = np.empty((B, W.shape[0]), dtype)
         out_b = np.empty((B, W.shape[1]), dtype)
