@@ -222,8 +222,8 @@ def _train(args, module):
     trainer = module.Trainer(
         _sizes(module, task, args.hidden), optimizer=args.optimizer, lr=args.lr,
         l2=args.l2, clip=args.clip, algorithm=args.algorithm, k1=args.k1, k2=args.k2,
-        seed=args.seed, dtype=np.float32 if args.dtype == "float32" else np.float64,
-        momentum=args.momentum)
+        c=args.c, every=args.every, seed=args.seed,
+        dtype=np.float32 if args.dtype == "float32" else np.float64, momentum=args.momentum)
     if args.resume:
         if not os.path.isfile(checkpoint):
             raise UsageError(f"--resume: no checkpoint at {checkpoint}")
@@ -324,6 +324,7 @@ def _quiet(s):
 
 
 def parser():
+    from .online import ALGORITHMS as ONLINE
     from .runtime import ALGORITHMS, Trainer
 
     p = argparse.ArgumentParser(
@@ -399,9 +400,11 @@ def parser():
                       help="number of synthetic sequences (default 1000)")
     opt = s.add_argument_group("training")
     opt.add_argument("--algorithm", default="bptt",
-                     help=f"one of {', '.join(ALGORITHMS)} (default bptt)")
+                     help=f"one of {', '.join(ALGORITHMS + ONLINE)} (default bptt)")
     opt.add_argument("--k1", type=int, help="tbptt: update every k1 steps")
     opt.add_argument("--k2", type=int, help="tbptt: backpropagate over the last k2 steps")
+    opt.add_argument("--c", type=float, help="artbp: probability of a cut at each step")
+    opt.add_argument("--every", type=int, help="rtrl: update every N steps (default 1)")
     opt.add_argument("--optimizer", choices=Trainer.OPTIMIZERS, default="adam")
     opt.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     opt.add_argument("--momentum", type=float, default=0.9)

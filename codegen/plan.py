@@ -14,6 +14,10 @@ printer.py after ``sympy.cse``. What is decided here:
   matrix product with their weights stacked (the four LSTM gates are one GEMM).
 * schedule: within a phase, products are issued as soon as their source exists
   and the elementwise nodes that are then ready, of one size, fuse into one loop.
+* carry (opt-in, ``Plan(d, carry=True)``): every contribution the time-loop backward
+  writes to the adjoint of a previous state is multiplied by ``carry[_t]``, a
+  per-step factor array (length T): ones give BPTT, zeros cut the recurrence, and
+  ARTBP's (1 - eps_t)/(1 - c_t) reweights it (codegen/online.py).
 """
 
 from dataclasses import dataclass, field
@@ -60,15 +64,16 @@ class Array:
     name: str
     rows: str  # "TB" or "TB1" ((T+1)*B) or "B"
     cols: str  # code for the column count
-    role: str  # "value" | "adjoint" | "grad" | "scratch"
+    role: str  # "value" | "adjoint" | "grad" | "scratch" | "carry"
     window: bool = False  # adjoint private to one truncated backward window
 
 
 class Plan:
     """Everything the templates lay out for one Derivation."""
 
-    def __init__(self, derivation):
+    def __init__(self, derivation, carry=False):
         self.d = derivation
+        self.carry = carry
         self.sizes = list(derivation.sizes)
         self.prev_of = {s.prev: s for s in derivation.states}
         self.state_names = {s.name for s in derivation.states}
@@ -241,11 +246,12 @@ class Plan:
         target = self.adjoint(g.source, row="_r", col="_k")
         if target is None:  # no gradient with respect to the input
             return
+        term = f"scratch_{g.name}[_r - _lo, _k]"
         block.backward = [
             f"np.dot(d_{g.name}_seq[_lo:_hi], W_{g.name}, scratch_{g.name}[:_hi - _lo])",
             "for _r in range(_lo, _hi):",
             f"    for _k in range({self.size_of(g.source)}):",
-            f"        {target} += scratch_{g.name}[_r - _lo, _k]",
+            f"        {target} += {self._carried(g.source, term)}",
         ]
 
     def _local_symbols(self, expr):
@@ -288,8 +294,16 @@ class Plan:
                 elif p.wrt in self.vector_params:
                     body.append(f"d_{p.wrt}[_k] += {contribution}")
                 else:
-                    body.append(f"{self.adjoint(p.wrt)} += {contribution}")
+                    body.append(f"{self.adjoint(p.wrt)} += "
+                                f"{self._carried(p.wrt, contribution)}")
         block.backward = _loop(block.size, self._loads(exprs, set()) + body)
+
+    def _carried(self, wrt, contribution):
+        """A contribution to the adjoint of ``wrt``, times the step's carry factor
+        when ``wrt`` is a previous state (it flows from step t to step t-1)."""
+        if self.carry and wrt in self.prev_of:
+            return f"carry[_t]*{contribution}"
+        return contribution
 
     # -- arrays and the loss ----------------------------------------------------
     def _arrays(self):
@@ -307,6 +321,8 @@ class Plan:
         arrays += [Array(f"d_{p}", "1", self.size_of(p), "grad") for p in self.vector_params]
         arrays += [Array(f"scratch_{g.name}", "TB", self.size_of(g.source), "scratch")
                    for g in self.groups if g.source != self.d.input]
+        if self.carry:
+            arrays.append(Array("carry", "T", "1", "carry"))
         return arrays
 
     def _loss_code(self):

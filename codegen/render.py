@@ -17,6 +17,7 @@ from derive.derivation import LAM, W_ELEM
 from .kernel_functions import fingerprint
 from .plan import Plan
 from .printer import pycode
+from .rtrl import RtrlPlan
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "templates")
@@ -76,11 +77,15 @@ def _equations(derivation):
     return lines
 
 
-def cpu_context(derivation):
-    plan = Plan(derivation)
+def cpu_context(derivation, online=False):
+    """The template context of a CPU module. ``online``: with the per-step carry
+    factor of ARTBP in the backward kernel and the RTRL kernel (codegen/rtrl.py);
+    off for targets that reuse this context without them (the CUDA module)."""
+    plan = Plan(derivation, carry=online)
     d = derivation
     index = d.loss.loss.target == "index"
-    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)"}
+    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
+            "T": "(T,)"}
     # A loop product's scratch holds one step: B rows, not T*B.
     step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase == "loop"}
     arrays = [dict(name=a.name, role=a.role,
@@ -142,11 +147,12 @@ def cpu_context(derivation):
         l2_penalty=pycode(d.l2_penalty.xreplace(l2)),
         l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
         kernel_functions=fingerprint(),
+        rtrl=RtrlPlan(plan).context() if online else None,
     )
 
 
 def render_cpu(derivation, command):
     """Source text of the CPU module for a Derivation."""
     body = environment().get_template("cpu_module.py.j2").render(
-        header="", **cpu_context(derivation)).lstrip("\n")
+        header="", **cpu_context(derivation, online=True)).lstrip("\n")
     return header(command, body) + body

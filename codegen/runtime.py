@@ -284,7 +284,10 @@ class Trainer:
     Subclassed in each generated module (which sets ``module_name``). ``fit`` runs
     minibatches of whole sequences; with algorithm="tbptt" it updates online,
     every k1 steps, carrying the state forward (seed 003); with "epochwise" it
-    sums the gradients of an epoch and updates once at its end (seed 001).
+    sums the gradients of an epoch and updates once at its end (seed 001); with
+    "rtrl" it updates every ``every`` steps (default 1) from the sensitivities
+    carried forward, and with "artbp" at each random cut, drawn with probability
+    ``c`` (codegen/online.py).
 
     Nothing is lost silently: an update whose loss, gradients or new parameters
     are not finite stops training, restores the last parameters that gave a finite
@@ -296,8 +299,8 @@ class Trainer:
     OPTIMIZERS = ("sgd", "momentum", "adam")
 
     def __init__(self, sizes, *, optimizer="sgd", lr=0.1, l2=0.0, clip=None,
-                 algorithm="bptt", k1=None, k2=None, seed=0, dtype=np.float32,
-                 momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+                 algorithm="bptt", k1=None, k2=None, c=None, every=None, seed=0,
+                 dtype=np.float32, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
         import sys
 
         self.module = sys.modules[self.module_name]
@@ -321,6 +324,9 @@ class Trainer:
             windows("tbptt", 1, k1, k2)  # validates k1, k2 early
         elif k1 is not None or k2 is not None:
             raise ValueError(f"k1/k2 apply to algorithm='tbptt', not {algorithm!r}")
+        from .online import trainer_options  # rtrl: update every k steps; artbp: c
+
+        self.c, self.every = trainer_options(algorithm, c, every)
         self.sizes = self._check_sizes(sizes)
         self.params = self.module.init_params(self.sizes, seed=seed, dtype=dtype)
         self.optimizer, self.lr, self.l2, self.clip = optimizer, lr, l2, clip
@@ -426,6 +432,10 @@ class Trainer:
         x, targets = self._cast(x, targets)
         if self.algorithm == "tbptt":
             return self._online_tbptt(x, targets, mask)
+        if self.algorithm in ("rtrl", "artbp"):
+            from .online import trainer_step
+
+            return trainer_step(self, x, targets, mask)
         loss, grads = self.loss_and_grads(x, targets, algorithm=self.algorithm, mask=mask)
         self._guarded_apply(loss, grads)
         return loss

@@ -128,6 +128,30 @@ class Derivation:
     def state_of_prev(self, name):
         return next((s for s in self.states if s.prev == name), None)
 
+    def tangent_vectors(self):
+        """The vectors forward-mode RTRL carries a derivative along the parameters
+        for: the previous states, and the pre and loop nodes on the recurrent path
+        (a state reads them) that read one of these or a parameter, in order."""
+        feeds = {s.name for s in self.states}
+        for n in reversed(self.nodes):
+            if n.name in feeds:
+                feeds.update([n.source] if n.kind == "linear" else n.args)
+        out = [s.prev for s in self.states]
+        for n in self.nodes:
+            if n.phase != "post" and n.name in feeds and (
+                    n.kind == "linear" or n.params or any(a in out for a in n.args)):
+                out.append(n.name)
+        return tuple(out)
+
+    def tangent_params(self):
+        """The parameters of the tangent vectors (RTRL's directions), in order."""
+        vectors = set(self.tangent_vectors())
+        used = set()
+        for n in self.nodes:
+            if n.name in vectors:
+                used.update([n.weight] if n.kind == "linear" else n.params)
+        return tuple(p.name for p in self.params if p.name in used)
+
 
 W_ELEM, LAM = sp.symbols("w lambda", real=True)
 

@@ -14,6 +14,7 @@ derivation and the line of a kernel that implements it read side by side:
     b_h              b_h              \\mathbf{b}_{h}
     W_xh_x           W_xh_x           \\mathbf{W}_{xh}\\mathbf{x}_{t}    (a product node)
     adjoint of h     delta_h          \\boldsymbol{\\delta}^{h}_{t}      (accumulated, seed 000)
+    tangent of h     h_dot            \\dot{\\mathbf{h}}_{t}              (RTRL: dh_t/dtheta)
     adjoint of z     d_z              \\bar{\\mathbf{z}}_{t}
     gradient of W    d_W_xh           \\frac{\\partial L}{\\partial \\mathbf{W}_{xh}}
 
@@ -52,6 +53,16 @@ def code_adjoint(name, states):
         if name in (s, f"{s}_prev"):
             return f"delta_{s}"
     return f"d_{name}"
+
+
+def code_tangent(name):
+    """Code name of the derivative of a vector along the parameters (RTRL's
+    sensitivity for a state), one column per parameter direction.
+
+    >>> code_tangent("h"), code_tangent("h_prev")
+    ('h_dot', 'h_prev_dot')
+    """
+    return f"{name}_dot"
 
 
 def code_gradient(param):
@@ -213,6 +224,15 @@ class LatexNames:
         bold = _bold(parts)
         bar = rf"\bar{{{bold}}}" if not parts.word else rf"\overline{{{bold}}}"
         return _decorate(bar, parts, _time(shifted))
+
+    def tangent(self, name, offset=0):
+        """d(vector)/d theta, RTRL's sensitivity: a dot over a stored vector or a
+        parameter (the unit directions of its elements)."""
+        if not self.is_param(name):
+            name, offset = self._resolve(name, offset)
+        parts = split(name)
+        times = () if self.is_param(name) else (_time(offset),)
+        return _decorate(rf"\dot{{{_bold(parts)}}}", parts, *times)
 
     def gradient(self, name):
         symbol = self.matrix(name)

@@ -109,8 +109,12 @@ def forward(derivation, params, x, state0=None):
     return ys, final
 
 
-def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2=0.0):
-    """Loss and gradients (dict keyed like params) by the accumulated recurrence."""
+def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2=0.0,
+                   carry=None):
+    """Loss and gradients (dict keyed like params) by the accumulated recurrence.
+
+    ``carry``: per-step factors (T,) of the state adjoints flowing from step t to
+    step t-1 (0 cuts the recurrence, ARTBP reweights it); None: all ones, BPTT."""
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
     trajectory, sizes = _run_forward(derivation, params, x, state0)
@@ -121,7 +125,7 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
     P = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     grads = {k: np.zeros_like(v) for k, v in P.items()}
     loss = 0.0
-    carry = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
+    carried = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
     by_node = {}
     for p in derivation.partials:
         by_node.setdefault(p.node, []).append(p)
@@ -133,7 +137,7 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
                for name in list(env) if name not in P}
         bar[derivation.loss.node] += error * (w[t] / total)[:, None]
         for s in derivation.states:
-            bar[s.name] += carry[s.prev]
+            bar[s.name] += carried[s.prev]
         for n in reversed(derivation.nodes):
             zbar = bar[n.name]
             if n.kind == "linear":
@@ -146,7 +150,8 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
                     grads[p.wrt] += local.sum(axis=0)
                 else:
                     bar[p.wrt] += local
-        carry = {s.prev: bar[s.prev] for s in derivation.states}
+        factor = 1.0 if carry is None else carry[t]
+        carried = {s.prev: factor * bar[s.prev] for s in derivation.states}
     for p in derivation.params:
         if p.role == "weight" and l2:
             loss += float(np.sum(evaluate(derivation.l2_penalty, {"w": P[p.name], "lambda": l2})))

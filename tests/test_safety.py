@@ -54,8 +54,9 @@ def call(module, p, **kw):
 
 
 def raised_in_checks(excinfo):
-    """The error comes from codegen/runtime.py (its checks), not from a kernel."""
-    return os.path.basename(str(excinfo.traceback[-1].path)) == "runtime.py"
+    """The error comes from codegen/runtime.py or online.py (their checks), not from a
+    kernel."""
+    return os.path.basename(str(excinfo.traceback[-1].path)) in ("runtime.py", "online.py")
 
 
 # -- malformed calls -------------------------------------------------------------------

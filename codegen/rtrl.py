@@ -1,0 +1,233 @@
+"""Forward-mode sensitivities (RTRL) of a Plan's step: the printed JVP lines.
+
+Data flow: Derivation -> Plan (plan.py) -> RtrlPlan (here) -> templates/cpu_rtrl.py.j2.
+
+Real-time recurrent learning (seed 001) carries the sensitivities of the states
+to the parameters, S_t = ds_t/dtheta, forward in time,
+
+    S_t = J_t S_{t-1} + ds_t/dtheta (s_{t-1} held fixed),
+
+and adds (dl_t/ds_t) S_t to the gradient at every step: the gradient of the losses
+seen so far is known online, with no backward sweep. Nothing is derived a second
+time: S_t is the tangent of the step (a JVP) along all NP parameter directions at
+once, built node by node from the same node list and Partials as the backward
+pass, read forwards:
+
+* elementwise z = f(a, ..., p):  z_dot = sum_a (df/da) a_dot + (df/dp) p_dot,
+  df/da the Partial's expression; p_dot: the unit direction of each element p_k;
+* linear z = W v:                z_dot = W v_dot + W_dot v, where W_dot v puts v_j
+  in row i of the direction of W_ij.
+
+A tangent is a 2-D array (size, B*NP): row k, column b*NP + p holds the derivative
+of element k of sequence b along direction p, so W v_dot is one GEMM per product
+group and step for the whole batch. Only parameters that reach a state (those of
+the pre and loop nodes on the recurrent path) get directions; the readout's
+parameters take their gradient from the hoisted backward of the post phase, as in
+BPTT, and so does a path from a parameter through a pre node straight to the
+readout. Memory O(B H NP), cost O(B H^2 NP) per step: O(H^4) for H hidden units.
+"""
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from derive.naming import code_tangent as dot
+from derive.simplify import cse
+
+from .printer import pycode, pycode_factor
+
+
+@dataclass
+class Direction:
+    """A parameter with forward-mode directions: columns first .. first + count."""
+
+    param: str
+    shape: tuple  # size names
+    count: sp.Expr  # number of elements, in size symbols
+    first: sp.Expr  # first column of the direction axis
+
+
+@dataclass
+class StepBlock:
+    comment: str
+    lines: list = field(default_factory=list)  # code lines inside the time loop
+
+
+class RtrlPlan:
+    """The RTRL kernel of one Plan: direction layout, tangent arrays, step lines."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        d = plan.d
+        self.d = d
+        self.has = set(d.tangent_vectors())  # vectors whose tangent is not zero
+        self.directions = self._directions()
+        self.np = sum((x.count for x in self.directions), sp.S.Zero)
+        self.groups = [g for g in plan.groups if g.phase in ("pre", "loop")
+                       and any(m[0] in self.has for m in g.members)]
+        self.tangents = self._tangents()
+        # S_{t-1} of each state: the caller's sensitivities, in and out.
+        self._carried = {dot(s.prev): s.name for s in d.states}
+        self.blocks = []
+        for phase in ("pre", "loop"):
+            for block in plan.blocks[phase]:
+                if block.kind == "linear" and block.group in self.groups:
+                    self.blocks.append(self._linear(block.group))
+                elif block.kind == "elementwise" and \
+                        any(n in self.has for n in block.nodes):
+                    self.blocks.append(self._elementwise(block))
+        self.blocks.append(self._gradient())
+        self.blocks.append(StepBlock(
+            "carry the sensitivities: S_{t-1} of the next step is S_t",
+            [f"{dot(s.prev)}[:, :] = {dot(s.name)}" for s in d.states]))
+
+    # -- layout ---------------------------------------------------------------
+    def _directions(self):
+        out, first = [], sp.S.Zero
+        for p in self.d.params:
+            if p.name in self.d.tangent_params():
+                count = sp.Mul(*(sp.Symbol(s) for s in p.shape))
+                out.append(Direction(p.name, tuple(p.shape), count, first))
+                first += count
+        return out
+
+    def _tangents(self):
+        """(array name, rows) of every tangent the kernel keeps, one step at a time."""
+        out = []
+        for s in self.d.states:
+            out += [(dot(s.prev), s.size), (dot(s.name), s.size)]
+        out += [(dot(g.name), g.width) for g in self.groups]
+        out += [(dot(n.name), n.size) for n in self.d.nodes
+                if n.kind == "elementwise" and n.name in self.has
+                and n.name not in self.plan.state_names]
+        return out
+
+    def tangent(self, name, row, col):
+        """Code for element (row, col) of a vector's tangent; None if it is zero."""
+        if name not in self.has:
+            return None
+        if name in self.plan.member_of:
+            g, off = self.plan.member_of[name]
+            return f"{dot(g.name)}[{_plus(off, row)}, {col}]"
+        return f"{dot(name)}[{row}, {col}]"
+
+    # -- printing -------------------------------------------------------------
+    def _linear(self, g):
+        plan = self.plan
+        src, cols = g.source, plan.size_of(g.source)
+        weights = "; ".join(w for _, w, _, _ in g.members)
+        lines = []
+        if src in self.has:
+            lines.append(f"np.dot(W_{g.name}, {dot(src)}, {dot(g.name)})")
+            comment = f"{g.name} = {src} @ [{weights}]^T: W {dot(src)} + W_dot {src}"
+            op = "+="
+        else:  # zeroed once before the loop; the same places are set every step
+            comment = f"{g.name} = {src} @ [{weights}]^T: W_dot {src}"
+            op = "="
+        lines += ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP"]
+        for node, weight, size, off in g.members:
+            if node not in self.has:
+                continue
+            lines += [f"    for _i in range({size}):",
+                      f"        for _j in range({cols}):",
+                      f"            {dot(g.name)}[{_plus(off, '_i')}, _c + o_{weight} + _i*{cols}"
+                      f" + _j] {op} {plan.value(src, row='_r', col='_j')}"]
+        return StepBlock(comment, lines)
+
+    def _elementwise(self, block):
+        plan = self.plan
+        nodes = [n for n in block.nodes if n in self.has]
+        body, exprs = [], []
+        for name in nodes:
+            node = plan.nodes[name]
+            partials = [p for p in self.d.partials_of(name)
+                        if p.wrt in self.has or p.wrt in node.params]
+            partials = [p for p in partials if p.expr != 0]
+            exprs.extend(p.expr for p in partials)
+            temps, reduced = cse([plan._local_symbols(p.expr) for p in partials],
+                                 prefix=f"_{name}_")
+            body += [f"{t} = {pycode(e)}" for t, e in temps]
+            by_coef, immediate = {}, []
+            for p, e in zip(partials, reduced):
+                if p.wrt in node.params:
+                    immediate.append(f"{dot(name)}[_k, _c + o_{p.wrt} + _k] += {pycode(e)}")
+                    continue
+                if not (e.is_Symbol or e.is_Number):
+                    coef = f"_d{name}_d{p.wrt}"
+                    body.append(f"{coef} = {pycode(e)}")
+                    e = sp.Symbol(coef)
+                by_coef.setdefault(e, []).append(self.tangent(p.wrt, "_k", "_c + _p"))
+            # Arguments with one coefficient (the summands of a pre-activation) are
+            # summed first: f'(a) (a1_dot + a2_dot), one product per direction.
+            terms = []
+            for e, summands in by_coef.items():
+                total = " + ".join(summands)
+                if e == 1:
+                    terms.append(total)
+                else:
+                    terms.append(f"{pycode_factor(e)}*" +
+                                 (f"({total})" if len(summands) > 1 else total))
+            body += ["for _p in range(NP):",
+                     f"    {dot(name)}[_k, _c + _p] = {' + '.join(terms) or '0.0'}"]
+            body += immediate
+        loads = plan._loads(exprs, set())
+        lines = ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP",
+                 f"    for _k in range({block.size}):"]
+        lines += ["        " + line for line in loads + body]
+        return StepBlock("fused elementwise: " + ", ".join(nodes)
+                         + ": sum over args of (d node/d arg) arg_dot + d node/d bias", lines)
+
+    def read_by_readout(self):
+        """Loop vectors the post phase reads: where the losses meet the sensitivities."""
+        reads = set()
+        for n in self.d.nodes:
+            if n.phase == "post":
+                reads.update([n.source] if n.kind == "linear" else n.args)
+        return [n.name for n in self.d.nodes if n.phase == "loop" and n.name in reads]
+
+    def _gradient(self):
+        plan = self.plan
+        names = self.read_by_readout()
+        lines = ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP"]
+        for name in names:
+            lines += [f"    for _k in range({plan.size_of(name)}):",
+                      f"        _a = {plan.adjoint(name, row='_r', col='_k')}",
+                      "        if _a != 0.0:",
+                      "            for _p in range(NP):",
+                      f"                grad[_p] += _a*{self.tangent(name, '_k', '_c + _p')}"]
+        adjoints = ", ".join(f"dl/d{n}" for n in names)
+        return StepBlock(f"grad += ({adjoints}) . tangent: this step's losses through the "
+                         "sensitivities", lines)
+
+    def _size_expr(self, code):
+        """A size code ("4*H") as an expression; size names are symbols, even those
+        SymPy would read as constants (I, E, O, S)."""
+        return sp.sympify(code, locals={s: sp.Symbol(s) for s in self.d.sizes})
+
+    # -- for the template -----------------------------------------------------
+    def context(self):
+        init = [f"NP = {_code(self.np)}"]
+        init += [f"o_{x.param} = {_code(x.first)}" for x in self.directions]
+        init += [f"{dot(g.name)}[:, :] = 0.0" for g in self.groups if g.source not in self.has]
+        return dict(
+            params=repr(tuple(x.param for x in self.directions)),
+            directions=[dict(param=x.param, first=_code(x.first), count=_code(x.count),
+                             shape=repr(tuple(x.shape)).replace("'", ""))
+                        for x in self.directions],
+            np=_code(self.np),
+            tangents=[dict(name=n, rows=r, state=self._carried.get(n))
+                      for n, r in self.tangents],
+            rows=_code(sum((self._size_expr(r) for _, r in self.tangents), sp.S.Zero)),
+            init=init,
+            blocks=self.blocks,
+            states=[dict(name=s.name, prev=s.prev, size=s.size) for s in self.d.states],
+        )
+
+
+def _code(expr):
+    """A size expression as Python integer arithmetic (H*I + H**2)."""
+    return str(sp.sympify(expr))
+
+
+def _plus(offset, index):
+    return index if offset == "0" else f"{offset} + {index}"
