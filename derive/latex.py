@@ -15,7 +15,8 @@ naming.py, whose code names the generated kernels use.
 The content, in order: notation; the forward step and the readout; the loss; the
 output error; the accumulated adjoint recurrence, node by node in reverse order;
 the parameter gradients; the L2 terms; the SGD update; the algorithms (naive,
-accumulated, truncated); optionally every equation again per element. Each
+accumulated, truncated); RTRL's forward recurrence and tangents; the ARTBP estimator;
+optionally every equation again per element. Each
 equation is numbered; the three forms hold the same equations in the same order.
 """
 
@@ -249,8 +250,23 @@ class _Builder:
             if p.kind == "matrix":
                 symbols[f"mat:{p.name}"] = (n.matrix(p.name) if vector else
                                             n.matrix_element(p.name, j, k))
+        # RTRL's tangents: a dot over a vector; a product's is W v_dot + W_dot v.
+        tangents = d.tangent_vectors()
+        for name in tangents + d.tangent_params():
+            if name in n.linear:
+                node = n.linear[name]
+                tex = n.tangent(node.weight) + n.vector(node.source)
+                if node.source in tangents:
+                    tex = n.matrix(node.weight) + n.tangent(node.source) + " + " + tex
+                    compound.add(f"dot:{name}")
+            else:
+                tex = n.tangent(name)
+            symbols[f"dot:{name}"] = tex
+            vectors.add(f"dot:{name}")
+            ranks[f"dot:{name}"] = 2000 + ranks.get(name, 0)
         symbols.update({"w:tb": "w_{tb}", "N:norm": "N",
-                        "iv:k1": r"[t > \tau - k_1]", "iv:tau": r"[t < \tau]"})
+                        "iv:k1": r"[t > \tau - k_1]", "iv:tau": r"[t < \tau]",
+                        "iv:kappa": r"\kappa_{t+1}"})
         if loss:
             # The loss's own symbols: readout z, target d, prediction y, shift m, sums.
             out = naming.size(d.loss.size)
@@ -267,7 +283,7 @@ class _Builder:
         return DerivationPrinter({"symbols": symbols, "vectors": frozenset(vectors),
                                   "compound": frozenset(compound), "ranks": ranks,
                                   "hadamard": vector,
-                                  "prefix": frozenset({"iv:k1", "iv:tau"})})
+                                  "prefix": frozenset({"iv:k1", "iv:tau", "iv:kappa"})})
 
     # -- blocks --------------------------------------------------------------------
     def section(self, title):
@@ -319,6 +335,8 @@ class _Builder:
         self.l2()
         self.update()
         self.algorithms()
+        self.rtrl()
+        self.artbp()
         if self.index_form:
             self.per_element()
         return self.blocks
@@ -527,24 +545,26 @@ class _Builder:
                     out.append(sp.Symbol(f"bar:{node.name}") * p.expr)
         return out
 
-    def adjoint_terms(self, name, truncated=False):
+    def adjoint_terms(self, name, truncated=False, reweighted=False):
         terms = self.consumers(name)
         if name in self.states and any(self.consumers(self.states[name].prev)):
             carry = sp.Symbol(f"carry:{name}")
-            terms.append(sp.Symbol("iv:tau") * carry if truncated else carry)
+            factor = "iv:tau" if truncated else "iv:kappa" if reweighted else None
+            terms.append(sp.Symbol(factor) * carry if factor else carry)
         return terms
 
-    def adjoint_eq(self, name, form, truncated=False):
+    def adjoint_eq(self, name, form, truncated=False, reweighted=False):
         printer = self.vec if form == "vector" else self.idx
         lhs = (self.names.adjoint(name) if form == "vector" else
                self.names.adjoint_element(name))
-        pieces = self.terms(printer, self.adjoint_terms(name, truncated))
+        pieces = self.terms(printer, self.adjoint_terms(name, truncated, reweighted))
         if name == self.loss_node:
             # A readout that other nodes read too: the output error plus their share.
             error = self.terms(self.loss_vec if form == "vector" else self.loss_idx,
                                [self._error_expr(truncated)])
             pieces = error + [p if p.startswith("- ") else "+ " + p for p in pieces]
-        key = f"{form}:adj:{name}" + (":trunc" if truncated else "")
+        key = f"{form}:adj:{name}" + (":trunc" if truncated else ":artbp" if reweighted
+                                      else "")
         return self.eq(key, lhs, pieces)
 
     def backward_order(self):
@@ -684,6 +704,94 @@ class _Builder:
                 eqs.append(self.adjoint_eq(name, "vector", truncated=True))
         self.eqs(*eqs)
 
+    def tangent_eq(self, name):
+        """z_dot = sum over args of (dz/da) a_dot + (dz/dp) p_dot, from the Partials;
+        arguments with the same coefficient (a pre-activation's summands) summed first."""
+        node, has = self.d.node(name), set(self.d.tangent_vectors())
+        by_coef = {}
+        for p in self.d.partials_of(name):
+            if p.wrt in has or p.wrt in node.params:
+                by_coef.setdefault(p.expr, []).append(sp.Symbol(f"dot:{p.wrt}"))
+        terms = [coef * sp.Add(*dots, evaluate=False) if len(dots) > 1 else coef * dots[0]
+                 for coef, dots in by_coef.items()]
+        return self.eq(f"rtrl:dot:{name}", self.names.tangent(name), self.terms(self.vec, terms))
+
+    def rtrl(self):
+        d, n = self.d, self.names
+        theta, s = r"\boldsymbol{\theta}", r"\mathbf{s}"
+        self.section("Real-time recurrent learning")
+        self.text("RTRL (seed 001) runs forwards only. It carries the derivative of the "
+                  "states along the parameters, the sensitivity $\\dot{\\mathbf{s}}_{t} = "
+                  "d\\mathbf{s}_{t} / d\\boldsymbol{\\theta}$ (one column per parameter "
+                  "element; $\\dot{\\mathbf{s}}_{0} = 0$, the initial states are given), and "
+                  "adds the share of each step to the gradient as soon as its loss is known:")
+        self.eqs(
+            self.eq("rtrl", r"\dot{\mathbf{s}}_{t}",
+                    [r"\mathbf{J}_{t} \dot{\mathbf{s}}_{t-1}",
+                     rf"+ \frac{{\partial {s}_{{t}}}}{{\partial {theta}}}"]),
+            self.eq("rtrl:grad", rf"\frac{{\partial L}}{{\partial {theta}}}",
+                    [rf"\sum_{{b=1}}^{{B}} \sum_{{t=1}}^{{T}} \bigl(\frac{{\partial l_{{t}}}}"
+                     rf"{{\partial {s}_{{t}}}} \dot{{\mathbf{{s}}}}_{{t}}",
+                     rf"+ \frac{{\partial l_{{t}}}}{{\partial {theta}}}\bigr)"]))
+        tangents = [x.name for x in d.nodes
+                    if x.kind == "elementwise" and x.name in d.tangent_vectors()]
+        self.text(
+            "The right-hand side of @eq{rtrl} is the tangent of the forward step: the step "
+            "differentiated forwards, node by node, with the local derivatives of the "
+            "backward step as coefficients. A dot marks the derivative along the "
+            "parameters; $\\dot{\\mathbf{W}}\\mathbf{v}$ is that of a product at fixed "
+            "$\\mathbf{v}$ ($v_{k}$ in row $j$ of the column of $W_{jk}$) and "
+            "$\\dot{\\mathbf{b}}$ holds the unit directions of a vector parameter. For this "
+            "model, with $\\dot{\\mathbf{s}}_{t-1}$ of the previous step:")
+        self.eqs(*(self.tangent_eq(x) for x in tangents))
+        directions = d.tangent_params()
+        rest = [p.name for p in d.params if p.name not in directions]
+        size = DerivationPrinter({"symbols": {x: naming.size(x) for x in d.sizes}})
+        count = sum((sp.Mul(*(sp.Symbol(x) for x in d.param(p).shape)) for p in directions),
+                    sp.S.Zero)
+        self.text(
+            "The parameters with directions are those that reach a state, "
+            + self._list(directions, n.matrix) + f": $P = {size.doprint(count)}$ "
+            "columns. " + ("The others, " + self._list(rest, n.matrix) + ", feed the "
+                           "readout only; their gradients are those of "
+                           "@eq{vector:grad:" + rest[0] + "}, which need no recurrence. "
+                           if rest else "")
+            + "RTRL keeps $O(HP)$ numbers per sequence and spends $O(H^{2}P)$ per step on "
+            "$\\mathbf{J}_{t} \\dot{\\mathbf{s}}_{t-1}$, $O(H^{4})$ when $P$ grows as "
+            "$H^{2}$, against $O(H^{2})$ for a step of BPTT; in exchange it stores no "
+            "trajectory and knows the gradient online. At fixed weights @eq{rtrl:grad} "
+            "equals the gradient of the accumulated recurrence @eq{acc} to rounding.")
+
+    def artbp(self):
+        delta, J = r"\tilde{\boldsymbol{\delta}}", r"\mathbf{J}"
+        self.section("Anticipated reweighted truncation (ARTBP)")
+        self.text(
+            "Truncation biases the gradient: @eq{tbptt} drops every path longer than its "
+            "window. ARTBP (Tallec and Ollivier 2017, seed 003) cuts the recurrence at "
+            "random instead, before step $t$ with probability $c_{t}$ ($\\varepsilon_{t} = "
+            "1$, drawn independently of the trajectory), and scales what crosses an uncut "
+            "step by $1/(1 - c_{t})$:")
+        self.eqs(
+            self.eq("artbp:kappa", r"\kappa_{t}",
+                    r"\frac{1 - \varepsilon_{t}}{1 - c_{t}}, \qquad \varepsilon_{t} \sim "
+                    r"\operatorname{Bernoulli}(c_{t}), \qquad \operatorname{E}\kappa_{t} = 1"),
+            self.eq("artbp", rf"{delta}_{{t}}",
+                    [r"\frac{\partial l_{t}}{\partial \mathbf{s}_{t}}",
+                     rf"+ \kappa_{{t+1}} {J}_{{t+1}}^{{\top}} {delta}_{{t+1}}"]))
+        changed = [f"@eq{{vector:adj:{x}}}" for x in self.states
+                   if f"vector:adj:{x}" in self.keys]
+        self.text(
+            "Unrolled, $" + delta + "_{t}$ weighs the loss of step $t'$ by $\\prod_{u=t+1}"
+            "^{t'} \\kappa_{u}$, whose mean is 1 because the draws are independent: $"
+            "\\operatorname{E}" + delta + "_{t} = \\boldsymbol{\\delta}_{t}$ of @eq{acc}, "
+            "and the gradients, linear in the adjoints, are unbiased. The cost is that of "
+            "one sweep, $O(T)$; between two cuts the sweep is a stretch of @eq{acc}, so an "
+            "online learner updates at each cut, every $1/c$ steps on average. "
+            + ("For this model the equations that change are " + ", ".join(changed) + ":"
+               if changed else "No state adjoint of this model carries a previous state."))
+        self.eqs(*(self.adjoint_eq(x, "vector", reweighted=True) for x in self.states
+                   if f"vector:adj:{x}" in self.keys))
+
     def per_element(self):
         d, n = self.d, self.names
         j, k = n.index, n.sum_index
@@ -718,7 +826,8 @@ def _escape(text):
 
 _TOKEN = re.compile(r"\\[a-zA-Z]+|\\.|[{}^_]|\S")
 _ZERO = {r"\mathbf", r"\boldsymbol", r"\mathit", r"\mathrm", r"\operatorname", r"\overline",
-         r"\bar", r"\left", r"\right", r"\bigl", r"\bigr", r"\nonumber", r"\limits"}
+         r"\dot", r"\tilde", r"\bar", r"\left", r"\right", r"\bigl", r"\bigr", r"\nonumber",
+         r"\limits"}
 _WIDE = {r"\sum": 1.6, r"\odot": 1.8, r"\quad": 1.0, r"\qquad": 2.0, r"\,": 0.2,
          r"\tanh": 2.4, r"\log": 2.0, r"\max": 2.4, r"\partial": 0.9, r"\top": 0.8,
          r"\leftarrow": 1.8, r"\le": 1.8, r"\ge": 1.8, r"\dots": 1.5}
