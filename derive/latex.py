@@ -753,8 +753,9 @@ class _Builder:
             "The parameters with directions are those that reach a state, "
             + self._list(directions, n.matrix) + f": $P = {size.doprint(count)}$ "
             "columns. " + ("The others, " + self._list(rest, n.matrix) + ", feed the "
-                           "readout only; their gradients are those of "
-                           "@eq{vector:grad:" + rest[0] + "}, which need no recurrence. "
+                           "readout only; their gradients, "
+                           + ", ".join(f"@eq{{vector:grad:{p}}}" for p in rest)
+                           + ", need no recurrence and are computed as in BPTT. "
                            if rest else "")
             + "RTRL keeps $O(HP)$ numbers per sequence and spends $O(H^{2}P)$ per step on "
             "$\\mathbf{J}_{t} \\dot{\\mathbf{s}}_{t-1}$, $O(H^{4})$ when $P$ grows as "
@@ -787,7 +788,8 @@ class _Builder:
             "and the gradients, linear in the adjoints, are unbiased. The cost is that of "
             "one sweep, $O(T)$; between two cuts the sweep is a stretch of @eq{acc}, so an "
             "online learner updates at each cut, every $1/c$ steps on average. "
-            + ("For this model the equations that change are " + ", ".join(changed) + ":"
+            + (("For this model the equation that changes is " if len(changed) == 1 else
+                "For this model the equations that change are ") + ", ".join(changed) + ":"
                if changed else "No state adjoint of this model carries a previous state."))
         self.eqs(*(self.adjoint_eq(x, "vector", reweighted=True) for x in self.states
                    if f"vector:adj:{x}" in self.keys))
