@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from codegen.gradcheck import finite_difference, max_relative_error  # noqa: F401 (re-exported)
 from derive import mse, sigmoid_bce, softmax_cross_entropy, sse
 from derive.models import BUILTIN, elman, lstm
 
@@ -41,28 +42,3 @@ def random_problem(derivation, sizes, T=4, B=2, seed=0, scale=0.5):
         targets = rng.uniform(0, 1, (T, B, O))
     state0 = {s.name: rng.normal(0, 0.5, (B, sizes[s.size])) for s in derivation.states}
     return params, x, targets, state0
-
-
-def finite_difference(loss_fn, params, eps=1e-6):
-    """Central differences of loss_fn(params) for every parameter element."""
-    grads = {}
-    for name, value in params.items():
-        g = np.zeros_like(value)
-        for idx in np.ndindex(value.shape):
-            orig = value[idx]
-            value[idx] = orig + eps
-            up = loss_fn(params)
-            value[idx] = orig - eps
-            down = loss_fn(params)
-            value[idx] = orig
-            g[idx] = (up - down) / (2 * eps)
-        grads[name] = g
-    return grads
-
-
-def max_relative_error(a, b):
-    """max |a - b| / max(|a|, |b|, 1e-3) over elements: relative where the gradient
-    is large, absolute (scaled by 1e-3) where both are near zero."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    denom = np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-3)
-    return float(np.max(np.abs(a - b) / denom)) if a.size else 0.0
