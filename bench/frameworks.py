@@ -430,6 +430,8 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=4.0,
                     help="seconds of timed rounds per (model, size), at least")
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds at least")
+    ap.add_argument("--from-csv", metavar="CSV",
+                    help="rebuild the .md and .png of an earlier run from its .csv")
     ap.add_argument("--profile", action="store_true",
                     help="only profile bpttgen's phases at each size (no frameworks)")
     ap.add_argument("--no-cold-compile", action="store_true",
@@ -437,6 +439,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="folder for frameworks[_<models>].csv / .md / .png ('' for none)")
     args = ap.parse_args(argv)
+    if args.from_csv:
+        return rewrite_from_csv(args.from_csv, args.out)
     pin_threads(args.threads)
 
     import importlib
@@ -568,6 +572,35 @@ def profile_main(np, importlib, models, sizes, folder):
     return 0
 
 
+def rewrite_from_csv(path, folder):
+    """The .md and .png of a run from its .csv (header lines from the old .md)."""
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("ms", "first_ms", "gflops", "ratio", "error"):
+            r[k] = float(r[k])
+        for k in ("B", "T", "I", "H", "O"):
+            r[k] = int(r[k])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    old_md = os.path.splitext(path)[0] + ".md"
+    header, checks = [], []
+    if os.path.exists(old_md):
+        with open(old_md) as f:
+            for line in f:
+                if line.startswith("- float64 check"):
+                    checks = [(m, float(e)) for m, e in
+                              (p.split() for p in line.split(": ", 1)[1].split(", "))]
+                elif line.startswith("- ") and "GEMM" not in line:
+                    header.append(line[2:].rstrip("\n"))
+                elif not line.startswith("- "):
+                    break
+    frameworks = list(dict.fromkeys(r["framework"] for r in rows))
+    write_results(folder or os.path.dirname(path), stem, header, rows, checks, frameworks)
+    return 0
+
+
 def write_results(folder, stem, header, rows, checks, frameworks):
     import csv
 
@@ -579,6 +612,7 @@ def write_results(folder, stem, header, rows, checks, frameworks):
     lines = [f"- {h}" for h in header]
     lines.append("- float64 check vs torch.nn (tiny size): " + ", ".join(
         f"{m} {e:.0e}" for m, e in checks))
+    gemm_lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += ["", f"### {model}", "",
                   "| (B,T,I,H,O) | " + " | ".join(frameworks) + " |",
@@ -596,15 +630,24 @@ def write_results(folder, stem, header, rows, checks, frameworks):
                     cells.append(f"{r['ms']:.2f} ms ({r['ratio']:.2f}x)")
             lines.append(f"| {','.join(map(str, size))} | " + " | ".join(cells) + " |")
         lines += ["", "First call (ms; JAX: trace + XLA compile; bpttgen: Numba cache load):",
-                  "", "| (B,T,I,H,O) | " + " | ".join(frameworks) + " | max grad err |",
-                  "|---|" + "---:|" * (len(frameworks) + 1)]
+                  "", "| (B,T,I,H,O) | " + " | ".join(frameworks)
+                  + " | max grad err | load (1-min avg) before -> after |",
+                  "|---|" + "---:|" * (len(frameworks) + 2)]
         for size in dict.fromkeys((r["B"], r["T"], r["I"], r["H"], r["O"]) for r in rows
                                   if r["model"] == model):
             sel = [r for r in rows if r["model"] == model
                    and (r["B"], r["T"], r["I"], r["H"], r["O"]) == size]
             lines.append(f"| {','.join(map(str, size))} | "
                          + " | ".join(f"{r['first_ms']:.0f}" for r in sel)
-                         + f" | {max(r['error'] for r in sel):.1e} |")
+                         + f" | {max(r['error'] for r in sel):.1e} | "
+                         + " -> ".join(part.split("/")[0] for part in sel[0]["load"].split(" -> "))
+                         + " |")
+            if sel[0]["gemm_numpy"]:
+                gemm_lines.append(f"- float32 GEMM 1024^3 measured with {model} at "
+                                  f"{','.join(map(str, size))}: NumPy/OpenBLAS "
+                                  f"{float(sel[0]['gemm_numpy']):.0f} GFLOP/s, torch "
+                                  f"{float(sel[0]['gemm_torch']):.0f} GFLOP/s")
+    lines[len(header) + 1:len(header) + 1] = gemm_lines
     with open(os.path.join(folder, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(os.path.join(folder, stem + ".png"), rows, frameworks)
