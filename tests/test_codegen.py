@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from derive import derive, reference
-from derive.models import BUILTIN
 from helpers import (CASES, GENERATED_CASES, finite_difference, max_relative_error,
                      random_problem, tiny_sizes)
 
+# The float32 kernels differ from the float64 ones only in the scalar functions they
+# inline; one model of each cell kind covers them (each costs a compilation).
+FLOAT32_CASES = ("elman", "elman_sigmoid", "lstm", "gru")
 ALGORITHMS_EQUAL_TO_BPTT = [("naive", {}), ("epochwise", {}), ("tbptt", "T,T"), ("tbptt", "1,T")]
 
 
@@ -116,8 +118,8 @@ def test_inputs_not_mutated(problem):
 
 def test_float32_close_to_float64(problem):
     module, D, (params, x, targets, state0) = problem
-    if module.NAME not in BUILTIN:
-        pytest.skip("float32 kernels are compiled for the built-in models only (compile time)")
+    if module.NAME not in FLOAT32_CASES:
+        pytest.skip("float32 kernels are compiled for one model of each kind (compile time)")
     loss64, g64 = module.loss_and_grads(params, x, targets, state0=state0)
     f32 = lambda a: a.astype(np.float32) if a.dtype == np.float64 else a  # noqa: E731
     loss32, g32 = module.loss_and_grads({k: f32(v) for k, v in params.items()}, f32(x),
