@@ -151,7 +151,7 @@ def main(argv=None):
 
 def format_table(rows, majority, second_only, threshold, classes):
     lines = [f"Bounds: most frequent class {majority:.3f}; best knowing only the second value "
-             f"{second_only:.3f} (what truncation to k2 < T/2 can reach); chance "
+             f"{second_only:.3f} (a model that forgets the first value); chance "
              f"{1 / classes:.3f}. Learned = test accuracy > {threshold:.3f}.", "",
              "T | Model | BPTT | test accuracy | test loss (nats) | time | updates | learned",
              "--:|-------|------|--------------:|-----------------:|-----:|--------:|:------:"]
