@@ -72,7 +72,6 @@ def test_tbptt_is_sum_of_truncated_windows(problem):
     T, B = x.shape[:2]
     _, grads = module.loss_and_grads(params, x, targets, state0=state0, algorithm="tbptt",
                                      k1=2, k2=3)
-    _, states = reference._run_forward(D, params, x, state0)[0], None
     trajectory, _ = reference._run_forward(D, params, x, state0)
     expected = {k: np.zeros_like(v) for k, v in params.items()}
     total = T * B
