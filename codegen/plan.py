@@ -18,6 +18,18 @@ printer.py after ``sympy.cse``. What is decided here:
   writes to the adjoint of a previous state is multiplied by ``carry[_t]``, a
   per-step factor array (length T): ones give BPTT, zeros cut the recurrence, and
   ARTBP's (1 - eps_t)/(1 - c_t) reweights it (codegen/online.py).
+* shared adjoints (opt-in, ``Plan(d, share=True)``, the CPU module): a product
+  read by one elementwise node gets its adjoint from that node alone, so
+  - it is assigned, not accumulated (one read of the array less), where a
+    truncated backward window cannot visit its rows twice;
+  - two product groups whose members have equal partials in the same consumers
+    (an LSTM gate's ``W x`` and ``U h_prev``) share one adjoint array;
+  - a bias whose partial equals such a product's (``b`` in ``W x + U h + b``)
+    takes its gradient as the column sum of that adjoint after the backward,
+    one matrix-vector product, instead of ``d_b[_k] +=`` in the element loop:
+    that store to a row-independent address kept the loop from vectorising
+    (the LSTM backward loop's element work went from 18 to 3 ms at
+    B=32, T=128, H=128; bench/frameworks.py --profile).
 """
 
 from dataclasses import dataclass, field
@@ -25,6 +37,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from derive.losses import K as LOSS_K
+from derive.losses import d as LOSS_D
 from derive.simplify import cse
 
 from .printer import pycode, pycode_factor
@@ -71,7 +84,7 @@ class Array:
 class Plan:
     """Everything the templates lay out for one Derivation."""
 
-    def __init__(self, derivation, carry=False):
+    def __init__(self, derivation, carry=False, share=False):
         self.d = derivation
         self.carry = carry
         self.sizes = list(derivation.sizes)
@@ -87,6 +100,11 @@ class Plan:
         self.block_of = {n: b for bl in self.blocks.values() for b in bl
                          if b.kind == "elementwise" for n in b.nodes}
         self.needs_array = self._adjoint_arrays()
+        self.single = {}  # product -> (its one consumer, the partial) when shared
+        self.alias = {}  # group name -> the group whose adjoint array it uses
+        self.bias_sums = {}  # (node, vector param) -> product whose adjoint it sums
+        if share:
+            self._share_adjoints()
         for blocks in self.blocks.values():
             for b in blocks:
                 self._print(b)
@@ -134,8 +152,12 @@ class Plan:
             return f"delta_{name}_seq[{row} + B, {col}]"
         if name in self.member_of:
             g, off = self.member_of[name]
-            return f"d_{g.name}_seq[{row}, {_plus(off, col)}]"
+            return f"{self.group_adjoint(g)}[{row}, {_plus(off, col)}]"
         return f"d_{name}_seq[{row}, {col}]"
+
+    def group_adjoint(self, group):
+        """The adjoint array of a product group (another group's where shared)."""
+        return f"d_{self.alias.get(group.name, group.name)}_seq"
 
     def storage(self, name, adjoint=False):
         """(array, row shift, column offset) of a vector's value (or adjoint):
@@ -152,7 +174,7 @@ class Plan:
         prefix = "d_" if adjoint else ""
         if name in self.member_of:
             g, off = self.member_of[name]
-            return f"{prefix}{g.name}_seq", "0", off
+            return (self.group_adjoint(g) if adjoint else f"{g.name}_seq"), "0", off
         return f"{prefix}{name}_seq", "0", "0"
 
     def rows(self, name, lo="_lo", hi="_hi"):
@@ -232,6 +254,63 @@ class Plan:
                     needs.add(a)
         return needs
 
+    def _share_adjoints(self):
+        """The shared adjoints of the module docstring (``share``)."""
+        sources = {}
+        for p in self.d.partials:
+            if p.wrt in self.member_of:
+                sources.setdefault(p.wrt, []).append(p)
+        self.single = {name: ps[0] for name, ps in sources.items() if len(ps) == 1
+                       and name != self.d.loss.node and name not in self.state_names}
+        owners = {}  # what a group's adjoint holds -> the group owning that array
+        for g in sorted(self.groups, key=lambda g: g.phase != "loop"):
+            if any(node not in self.single for node, _, _, _ in g.members):
+                continue
+            holds = tuple((self.single[node].node, self.single[node].expr, size, off)
+                          for node, _, size, off in g.members)
+            owner = owners.setdefault(holds, g)
+            # A loop group's array is private to a truncated window, a pre group's
+            # is not: a pre group may use a loop group's array, not the reverse.
+            if owner is not g and (owner.phase == g.phase or
+                                   (owner.phase, g.phase) == ("loop", "pre")):
+                self.alias[g.name] = owner.name
+        for n in self.d.nodes:
+            partials = self.d.partials_of(n.name)
+            products = [p for p in partials if self.single.get(p.wrt) == p]
+            for p in partials:
+                if p.wrt in self.vector_params:
+                    same = [q.wrt for q in products if q.expr == p.expr
+                            and self.size_of(q.wrt) == n.size]
+                    if same:
+                        self.bias_sums[(n.name, p.wrt)] = same[0]
+
+    def _assigns(self, node, wrt):
+        """Whether node's contribution to the adjoint of wrt may be assigned (=): it
+        is the only one, and no truncated window revisits the rows (a loop node
+        writing a pre product's array, kept across windows, accumulates)."""
+        if self.single.get(wrt) is None or self.single[wrt].node != node:
+            return False
+        g, _ = self.member_of[wrt]
+        owner = self.alias.get(g.name, g.name)
+        phase = next(h.phase for h in self.groups if h.name == owner)
+        return not (self.nodes[node].phase == "loop" and phase != "loop")
+
+    def bias_lines(self):
+        """Code for the bias gradients taken as column sums of product adjoints,
+        run once after the whole backward (shared adjoints)."""
+        by_array = {}
+        for (node, param), product in self.bias_sums.items():
+            g, off = self.member_of[product]
+            by_array.setdefault(self.group_adjoint(g), []).append(
+                (param, off, self.size_of(product)))
+        lines = []
+        for array, sums in by_array.items():
+            lines.append(f"_sum = np.dot(np.ones(TB, {array}.dtype), {array})")
+            for param, off, size in sums:
+                lines += [f"for _k in range({size}):",
+                          f"    d_{param}[_k] += _sum[{_plus(off, '_k')}]"]
+        return lines
+
     # -- printing -------------------------------------------------------------
     def _print(self, block):
         if block.kind == "linear":
@@ -248,7 +327,8 @@ class Plan:
             return
         term = f"scratch_{g.name}[_r - _lo, _k]"
         block.backward = [
-            f"np.dot(d_{g.name}_seq[_lo:_hi], W_{g.name}, scratch_{g.name}[:_hi - _lo])",
+            f"np.dot({self.group_adjoint(g)}[_lo:_hi], W_{g.name}, "
+            f"scratch_{g.name}[:_hi - _lo])",
             "for _r in range(_lo, _hi):",
             f"    for _k in range({self.size_of(g.source)}):",
             f"        {target} += {self._carried(g.source, term)}",
@@ -287,14 +367,18 @@ class Plan:
                                  prefix=f"_{name}_")
             exprs.extend(p.expr for p in partials)
             body += [f"{t} = {pycode(e)}" for t, e in temps]
+            written = set()
             for p, e in zip(partials, reduced):
                 contribution = f"d_{name}" if e == 1 else f"d_{name}*{pycode_factor(e)}"
                 if p.wrt in block.nodes:
                     body.append(f"d_{p.wrt} += {contribution}")
                 elif p.wrt in self.vector_params:
-                    body.append(f"d_{p.wrt}[_k] += {contribution}")
-                else:
-                    body.append(f"{self.adjoint(p.wrt)} += "
+                    if (name, p.wrt) not in self.bias_sums:
+                        body.append(f"d_{p.wrt}[_k] += {contribution}")
+                elif self.adjoint(p.wrt) not in written:  # a shared array: once
+                    written.add(self.adjoint(p.wrt))
+                    op = "=" if self._assigns(name, p.wrt) else "+="
+                    body.append(f"{self.adjoint(p.wrt)} {op} "
                                 f"{self._carried(p.wrt, contribution)}")
         block.backward = _loop(block.size, self._loads(exprs, set()) + body)
 
@@ -314,7 +398,7 @@ class Plan:
         arrays += [Array(f"delta_{s.name}_seq", "TB1", s.size, "adjoint", True)
                    for s in self.d.states]
         arrays += [Array(f"d_{g.name}_seq", "TB", g.width, "adjoint", g.phase == "loop")
-                   for g in self.groups]
+                   for g in self.groups if g.name not in self.alias]
         arrays += [Array(f"d_{n.name}_seq", "TB", n.size, "adjoint", n.phase == "loop")
                    for n in self.d.nodes if n.kind == "elementwise"
                    and n.name in self.needs_array and n.name not in self.state_names]
@@ -336,12 +420,31 @@ class Plan:
             "node": info.node,
             "index": loss.target == "index",
             "sums": sums,
+            "stored": self._stored_summand(loss, k_sym),
             "value": pycode(loss.value.xreplace(k_sym)),
             "prediction": pycode(loss.prediction.xreplace(k_sym)),
             "error": pycode(info.error.xreplace(k_sym)),
             "uses_m": any(sp.Symbol("m", real=True) in e.free_symbols
                           for e in [loss.value, loss.prediction] + [e for _, e in loss.sums]),
         }
+
+    @staticmethod
+    def _stored_summand(loss, k_sym):
+        """A summand the prediction repeats (softmax's exp(z - m)): the first pass
+        over the units stores it in y_seq and the second reads it back, one exp
+        per element instead of two. None when there is none."""
+        for _, e in loss.sums:
+            if not isinstance(e, sp.Symbol) and LOSS_D not in e.free_symbols \
+                    and loss.prediction.has(e):
+                stored = sp.Symbol("_e")
+                return {
+                    "expr": pycode(e.xreplace(k_sym)),
+                    "sums": [(sym.name, pycode(s.xreplace({e: stored}).xreplace(k_sym)))
+                             for sym, s in loss.sums],
+                    "prediction": pycode(loss.prediction.xreplace(
+                        {e: sp.Symbol("y_seq[_r, _k]")}).xreplace(k_sym)),
+                }
+        return None
 
     # -- summaries for the templates --------------------------------------------
     def source_rows_all(self, group):

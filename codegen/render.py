@@ -79,9 +79,10 @@ def _equations(derivation):
 
 def cpu_context(derivation, online=False):
     """The template context of a CPU module. ``online``: with the per-step carry
-    factor of ARTBP in the backward kernel and the RTRL kernel (codegen/rtrl.py);
-    off for targets that reuse this context without them (the CUDA module)."""
-    plan = Plan(derivation, carry=online)
+    factor of ARTBP in the backward kernel, the RTRL kernel (codegen/rtrl.py) and
+    shared adjoints (plan.py); off for targets that reuse this context without them
+    (the CUDA module, which keeps one adjoint per group and per-row bias gradients)."""
+    plan = Plan(derivation, carry=online, share=online)
     d = derivation
     index = d.loss.loss.target == "index"
     rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
@@ -107,12 +108,13 @@ def cpu_context(derivation, online=False):
         members = [dict(weight=w, rows=f"{off}:{off} + {size}" if off != "0" else f":{size}")
                    for _, w, size, off in g.members]
         groups.append(dict(name=g.name, stack=stack, members=members,
+                           adjoint=plan.group_adjoint(g),
                            source_rows=plan.rows(g.source, lo="0", hi="TB")))
     for blocks in plan.blocks.values():
         for b in blocks:
             b.comment = _block_comment(plan, b)
     l2 = {W_ELEM: sp.Symbol("w"), LAM: sp.Symbol("l2")}
-    group_adjoints = {f"d_{g.name}_seq" for g in plan.groups}
+    group_adjoints = {plan.group_adjoint(g) for g in plan.groups}
     window_local = tuple((a.name, a.rows == "TB1", a.name in group_adjoints)
                          for a in plan.arrays if a.window)
     return dict(
@@ -148,6 +150,7 @@ def cpu_context(derivation, online=False):
         l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
         kernel_functions=fingerprint(),
         rtrl=RtrlPlan(plan).context() if online else None,
+        bias_lines=plan.bias_lines(),
     )
 
 
