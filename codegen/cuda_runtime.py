@@ -68,8 +68,8 @@ def configure(tile=None, block=None, chunks=None, move_grid=None):
 
 
 # -- scalar functions the printed lines call ---------------------------------------
-# The CPU modules call kernel_functions.tanh and .sigmoid, which in float32 CPU
-# kernels become a vectorisable rational approximation (numba.extending.overload).
+# The CPU modules call kernel_functions.tanh, .sigmoid and .exp, which in float32 CPU
+# kernels become a vectorisable approximation (numba.extending.overload).
 # Neither an overload nor a cuda.jit(device=True) function compiles to PTX where no
 # GPU is present (numba-cuda then asks the current device for its compute
 # capability), while a plain @njit function does, inlined as a device function. A
@@ -78,6 +78,11 @@ def configure(tile=None, block=None, chunks=None, move_grid=None):
 @njit(inline="always")
 def tanh(x):
     return math.tanh(x)
+
+
+@njit(inline="always")
+def exp(x):
+    return math.exp(x)
 
 
 @njit(inline="always")

@@ -11,8 +11,9 @@ import hashlib
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 _SCALAR = dict(cache=True, inline="always")
 
@@ -26,6 +27,11 @@ JIT_OPTIONS = dict(cache=True, error_model="numpy",
 def tanh(x):
     """tanh; in float32 kernels a clamped rational approximation (below)."""
     return math.tanh(x)
+
+
+def exp(x):
+    """exp; in float32 kernels a polynomial with exact range reduction (below)."""
+    return math.exp(x)
 
 
 def sigmoid(x):
@@ -60,6 +66,64 @@ def _tanh_f32(x):
     return x * p / q
 
 
+# The float32 exp of Cephes (expf.c), as Eigen and XLA vectorise it: x = n ln2 + r
+# with |r| <= ln2/2 (ln2 split in two parts so n ln2 is exact), exp(r) by a degree-6
+# polynomial, 2^n built in the exponent bits. Max error ~2 ulp (tests/test_runtime).
+# A call to math.exp stays a scalar libm call; this inlines and vectorises.
+_EXP_HI = 88.72283935546875  # above: inf, as math.exp
+_EXP_LO = -87.33654022216797  # below: 0 (2^n would leave the normal range)
+_LOG2E = 1.44269504088896341
+_LN2_HI = 0.693359375
+_LN2_LO = -2.12194440e-4
+_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+      1.6666665459e-1, 5.0000001201e-1)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (a register bitcast)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The int32 bit pattern of the float32 ``x``."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(**_SCALAR)
+def _exp_f32(x):
+    xc = min(max(x, np.float32(_EXP_LO)), np.float32(_EXP_HI))
+    n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))  # float: int32 below
+    r = xc - n * np.float32(_LN2_HI) - n * np.float32(_LN2_LO)
+    p = np.float32(_P[0])
+    for c in _P[1:]:
+        p = p * r + np.float32(c)
+    p = p * r * r + r + np.float32(1.0)
+    # p 2^n by adding n to p's exponent bits: exact, and no 2^n that could
+    # overflow on its own (n reaches 128; fastmath may reorder products).
+    y = _f32_from_bits(np.int32(_f32_bits(p) + (np.int32(n) << 23)))
+    if x > np.float32(_EXP_HI):
+        y = np.float32(np.inf)
+    if x < np.float32(_EXP_LO):
+        y = np.float32(0.0)
+    if x != x:  # NaN in, NaN out (the clamp above would hide it)
+        y = x
+    return y
+
+
 @njit(**_SCALAR)
 def _sigmoid_f64(x):
     # Two branches keep exp's argument <= 0: no overflow for large |x|.
@@ -74,6 +138,13 @@ def _tanh_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: _tanh_f32(x)
     return lambda x: math.tanh(x)
+
+
+@overload(exp, inline="always")
+def _exp_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _exp_f32(x)
+    return lambda x: math.exp(x)
 
 
 @overload(sigmoid, inline="always")

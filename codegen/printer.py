@@ -1,7 +1,7 @@
 """SymPy printers for generated Numba code: scalar expressions inside fused loops.
 
 Target differences are tables (``_known_functions_math``), as in SymPy's own
-pycode printers. tanh and the functions derive/ adds (sigmoid, softplus, relu,
+pycode printers. tanh, exp and the functions derive/ adds (sigmoid, softplus, relu,
 step) print as calls to the scalar helpers of codegen/kernel_functions.py, which
 the generated module imports under the same names (float32 kernels get
 vectorisable versions); everything else prints as ``math.*``. A user's own
@@ -24,8 +24,10 @@ class NumbaPrinter(PythonCodePrinter):
                           **(settings or {})})
         for name in CUSTOM:
             self.known_functions[name] = name
-        # tanh from codegen.runtime: exact in float64, vectorisable in float32.
+        # tanh and exp from codegen.kernel_functions: exact in float64,
+        # vectorisable in float32.
         self.known_functions["tanh"] = "tanh"
+        self.known_functions["exp"] = "exp"
 
     def _print_Function(self, expr):
         name = type(expr).__name__

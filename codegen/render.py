@@ -143,6 +143,8 @@ def cpu_context(derivation, online=False):
         args_tuple=repr(tuple(args)),
         window_local=repr(window_local),
         arrays=arrays,
+        zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["role"] in ("adjoint", "grad"))),
+        ones_arrays=repr(tuple(a["name"] for a in arrays if a["role"] == "carry")),
         groups=groups,
         vector_params=plan.vector_params,
         states=d.states,

@@ -8,6 +8,7 @@ nothing from derive/, so a generated trainer runs without SymPy.
 """
 
 import math
+import threading
 
 import numpy as np
 
@@ -25,6 +26,39 @@ def check_fingerprint(module_name, stated):
 
 
 ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise")
+
+
+class ArrayCache:
+    """The work arrays of a module's last call, per thread, for the next call of the
+    same sizes: a training loop then neither allocates nor page-faults its
+    trajectory (fresh pages cost about as much again as writing them: ~9 ms per
+    64 MB here). On reuse the arrays named in ``zeros`` are zeroed and those in
+    ``ones`` filled with ones, as a fresh allocation would give them; the rest are
+    overwritten by the kernels before they are read. Results handed to a caller
+    must be copies. ``clear()`` frees the arrays (of the calling thread)."""
+
+    def __init__(self, zeros=(), ones=()):
+        self.zeros, self.ones = tuple(zeros), tuple(ones)
+        self._local = threading.local()
+
+    def get(self, key, allocate):
+        """The arrays for ``key`` (a tuple of sizes and dtype): the cached ones if the
+        last call of this thread had the same key, else ``allocate(*key)``."""
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0] == key:
+            arrays = last[1]
+            for name in self.zeros:
+                arrays[name].fill(0)
+            for name in self.ones:
+                arrays[name].fill(1)
+            return arrays
+        self._local.last = None  # free the old arrays before allocating new ones
+        arrays = allocate(*key)
+        self._local.last = (key, arrays)
+        return arrays
+
+    def clear(self):
+        self._local.last = None
 
 
 def windows(algorithm, T, k1=None, k2=None):
