@@ -1,0 +1,72 @@
+"""Layout decisions of codegen/plan.py that the gradient tests cannot see (they would
+pass with or without them): shared adjoints and the reuse of work arrays."""
+
+import numpy as np
+
+from codegen.plan import Plan
+from derive import derive
+from derive.models import BUILTIN
+from helpers import random_problem, tiny_sizes
+
+
+def _plan(name, share=True):
+    return Plan(derive(BUILTIN[name]()), share=share)
+
+
+def test_lstm_gates_share_one_adjoint_and_biases_sum_after_the_loop():
+    plan = _plan("lstm")
+    assert plan.alias == {"P_x": "P_h_prev"}
+    assert sorted(p for _, p in plan.bias_sums) == ["b_f", "b_g", "b_i", "b_o", "b_y"]
+    loop = [line for b in plan.blocks["loop"] for line in b.backward]
+    # No bias accumulates inside the element loop (it kept LLVM from vectorising),
+    # each gate's adjoint is stored once, by assignment.
+    assert not any(line.lstrip().startswith("d_b_") for line in loop)
+    stores = [line for line in loop if line.lstrip().startswith("d_P_")]
+    assert len(stores) == 4 and all(" = " in line for line in stores)
+    assert "d_P_x_seq" not in {a.name for a in plan.arrays}
+
+
+def test_gru_keeps_separate_input_adjoint():
+    # n = tanh(W_n x + b_in + r*(U_n h_prev + b_hn)): the two products of n have
+    # different partials, so the groups cannot share; the input group's adjoint is
+    # accumulated (a truncated window may revisit its rows).
+    plan = _plan("gru")
+    assert plan.alias == {}
+    loop = [line for b in plan.blocks["loop"] for line in b.backward]
+    assert any("d_P_x_seq[" in line and "+=" in line for line in loop)
+    assert ("n", "b_hn") in plan.bias_sums and ("n", "b_in") in plan.bias_sums
+
+
+def test_without_share_the_layout_is_plain():
+    plan = _plan("lstm", share=False)
+    assert plan.alias == {} and plan.bias_sums == {} and plan.bias_lines() == []
+    loop = [line for b in plan.blocks["loop"] for line in b.backward]
+    assert sum(line.lstrip().startswith("d_b_") for line in loop) == 4
+
+
+def test_softmax_exp_is_computed_once():
+    loss = _plan("elman").loss
+    assert loss["stored"] is not None
+    assert "exp" in loss["stored"]["expr"] and "exp" not in loss["stored"]["prediction"]
+
+
+def test_work_arrays_are_reused_and_results_are_not(generated_module):
+    module = generated_module("lstm")
+    D = derive(BUILTIN["lstm"]())
+    params, x, targets, state0 = random_problem(D, tiny_sizes(D), T=5, B=2, seed=3)
+    loss1, grads1 = module.loss_and_grads(params, x, targets, state0=state0)
+    kept = {k: v.copy() for k, v in grads1.items()}
+    first = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
+    second = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
+    assert first["d_P_h_prev_seq"] is second["d_P_h_prev_seq"]  # reused ...
+    assert not second["d_P_h_prev_seq"].any() and not second["delta_h_seq"].any()  # ... zeroed
+    # Another problem of the same sizes: the first results stay as they were, and
+    # the same problem again gives the same numbers from the reused arrays.
+    module.loss_and_grads(params, 2 * x, targets, state0=state0, algorithm="tbptt", k1=2, k2=3)
+    for k in kept:
+        assert np.array_equal(grads1[k], kept[k]), k
+    loss3, grads3 = module.loss_and_grads(params, x, targets, state0=state0)
+    assert loss3 == loss1 and all(np.array_equal(grads3[k], kept[k]) for k in kept)
+    module.free_workspace()
+    third = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
+    assert third["d_P_h_prev_seq"] is not second["d_P_h_prev_seq"]
