@@ -29,7 +29,12 @@ printer.py after ``sympy.cse``. What is decided here:
     one matrix-vector product, instead of ``d_b[_k] +=`` in the element loop:
     that store to a row-independent address kept the loop from vectorising
     (the LSTM backward loop's element work went from 18 to 3 ms at
-    B=32, T=128, H=128; bench/frameworks.py --profile).
+    B=32, T=128, H=128; bench/frameworks.py --profile);
+  - a product added with coefficient 1 (``z = W h + b``) uses its consumer's
+    adjoint array as its own (no copy of d_z);
+  - a post-phase product whose backward is the first write to its source's
+    adjoint writes it there (``delta_h = d_z W``) instead of into a scratch
+    array that is then added (the backward starts on zeroed arrays).
 """
 
 from dataclasses import dataclass, field
@@ -102,6 +107,8 @@ class Plan:
         self.needs_array = self._adjoint_arrays()
         self.single = {}  # product -> (its one consumer, the partial) when shared
         self.alias = {}  # group name -> the group whose adjoint array it uses
+        self.node_alias = {}  # group name -> the node whose adjoint array it is
+        self.direct = set()  # post groups whose backward product writes its target
         self.bias_sums = {}  # (node, vector param) -> product whose adjoint it sums
         if share:
             self._share_adjoints()
@@ -156,7 +163,10 @@ class Plan:
         return f"d_{name}_seq[{row}, {col}]"
 
     def group_adjoint(self, group):
-        """The adjoint array of a product group (another group's where shared)."""
+        """The adjoint array of a product group (another group's, or its consumer's,
+        where shared)."""
+        if group.name in self.node_alias:
+            return f"d_{self.node_alias[group.name]}_seq"
         return f"d_{self.alias.get(group.name, group.name)}_seq"
 
     def storage(self, name, adjoint=False):
@@ -274,6 +284,19 @@ class Plan:
             if owner is not g and (owner.phase == g.phase or
                                    (owner.phase, g.phase) == ("loop", "pre")):
                 self.alias[g.name] = owner.name
+        for g in self.groups:
+            # z = W h + b: the product's adjoint is z's, already in z's array when
+            # z's own backward starts (nothing in z's block reads z).
+            if g.name in self.alias or len(g.members) != 1:
+                continue
+            p = self.single.get(g.members[0][0])
+            if p is not None and p.expr == 1 and p.node in self.needs_array \
+                    and p.node not in self.state_names \
+                    and self.size_of(g.members[0][0]) == self.size_of(p.node) \
+                    and not any(p.node in self.nodes[m].args
+                                for m in self.block_of[p.node].nodes):
+                self.node_alias[g.name] = p.node
+        self.direct = self._first_writers()
         for n in self.d.nodes:
             partials = self.d.partials_of(n.name)
             products = [p for p in partials if self.single.get(p.wrt) == p]
@@ -283,6 +306,29 @@ class Plan:
                             and self.size_of(q.wrt) == n.size]
                     if same:
                         self.bias_sums[(n.name, p.wrt)] = same[0]
+
+    def _first_writers(self):
+        """Post-phase products whose backward product is the first write to their
+        source's adjoint: the whole backward starts on zeroed arrays and the post
+        phase runs first, once, so the product may write there itself instead of
+        into a scratch array that is then added (the readout's W^T d_z)."""
+        written, first = set(), set()
+        for block in reversed(self.blocks["post"]):
+            if block.kind == "linear":
+                target = self.storage(block.group.source, adjoint=True)
+                if target is None:
+                    continue
+                if target[0] not in written and target[2] == "0" and \
+                        block.group.source not in self.prev_of:
+                    first.add(block.group.name)
+                written.add(target[0])
+                continue
+            for n in block.nodes:
+                for p in self.d.partials_of(n):
+                    if p.wrt not in block.nodes and p.wrt not in self.vector_params \
+                            and p.wrt != self.d.input:
+                        written.add(self.storage(p.wrt, adjoint=True)[0])
+        return first
 
     def _assigns(self, node, wrt):
         """Whether node's contribution to the adjoint of wrt may be assigned (=): it
@@ -324,6 +370,12 @@ class Plan:
                          f"{g.name}_seq[_lo:_hi])"]
         target = self.adjoint(g.source, row="_r", col="_k")
         if target is None:  # no gradient with respect to the input
+            return
+        if g.name in self.direct:
+            array, shift, _ = self.storage(g.source, adjoint=True)
+            rows = "[_lo:_hi]" if shift == "0" else f"[_lo + {shift}:_hi + {shift}]"
+            block.backward = [f"np.dot({self.group_adjoint(g)}[_lo:_hi], W_{g.name}, "
+                              f"{array}{rows})  # the first write there"]
             return
         term = f"scratch_{g.name}[_r - _lo, _k]"
         block.backward = [
@@ -375,12 +427,14 @@ class Plan:
                 elif p.wrt in self.vector_params:
                     if (name, p.wrt) not in self.bias_sums:
                         body.append(f"d_{p.wrt}[_k] += {contribution}")
-                elif self.adjoint(p.wrt) not in written:  # a shared array: once
-                    written.add(self.adjoint(p.wrt))
+                elif self.adjoint(p.wrt) not in written | {self.adjoint(name)}:
+                    written.add(self.adjoint(p.wrt))  # a shared array: written once
                     op = "=" if self._assigns(name, p.wrt) else "+="
                     body.append(f"{self.adjoint(p.wrt)} {op} "
                                 f"{self._carried(p.wrt, contribution)}")
-        block.backward = _loop(block.size, self._loads(exprs, set()) + body)
+        stores = [line for line in body if "[" in line.split("=")[0]]
+        block.backward = _loop(block.size, self._loads(exprs, set()) + body) \
+            if stores else []
 
     def _carried(self, wrt, contribution):
         """A contribution to the adjoint of ``wrt``, times the step's carry factor
@@ -398,13 +452,15 @@ class Plan:
         arrays += [Array(f"delta_{s.name}_seq", "TB1", s.size, "adjoint", True)
                    for s in self.d.states]
         arrays += [Array(f"d_{g.name}_seq", "TB", g.width, "adjoint", g.phase == "loop")
-                   for g in self.groups if g.name not in self.alias]
+                   for g in self.groups
+                   if g.name not in self.alias and g.name not in self.node_alias]
         arrays += [Array(f"d_{n.name}_seq", "TB", n.size, "adjoint", n.phase == "loop")
                    for n in self.d.nodes if n.kind == "elementwise"
                    and n.name in self.needs_array and n.name not in self.state_names]
         arrays += [Array(f"d_{p}", "1", self.size_of(p), "grad") for p in self.vector_params]
         arrays += [Array(f"scratch_{g.name}", "TB", self.size_of(g.source), "scratch")
-                   for g in self.groups if g.source != self.d.input]
+                   for g in self.groups if g.source != self.d.input
+                   and g.name not in self.direct]
         if self.carry:
             arrays.append(Array("carry", "T", "1", "carry"))
         return arrays

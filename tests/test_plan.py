@@ -70,3 +70,18 @@ def test_work_arrays_are_reused_and_results_are_not(generated_module):
     module.free_workspace()
     third = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
     assert third["d_P_h_prev_seq"] is not second["d_P_h_prev_seq"]
+
+
+def test_readout_product_uses_the_outputs_adjoint_and_writes_delta_h():
+    # z = W_hy h + b_y: the product's adjoint is d_z itself (no copy), and its
+    # backward product is the first write to delta_h, so no scratch-and-add.
+    plan = _plan("elman")
+    assert plan.node_alias == {"P_h": "z"} and plan.direct == {"P_h"}
+    post = [line for b in plan.blocks["post"] for line in b.backward]
+    assert post == ["np.dot(d_z_seq[_lo:_hi], W_P_h, delta_h_seq[_lo + B:_hi + B])"
+                    "  # the first write there"]
+    names = {a.name for a in plan.arrays}
+    assert "d_P_h_seq" not in names and "scratch_P_h" not in names
+    # Two post products in a chain (seed 004's net): both write their target first.
+    assert _plan("deep").direct == {"P_v", "P_s"}
+    assert _plan("elman", share=False).direct == set()
