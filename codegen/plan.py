@@ -311,8 +311,9 @@ class Plan:
         """Post-phase products whose backward product is the first write to their
         source's adjoint: the whole backward starts on zeroed arrays and the post
         phase runs first, once, so the product may write there itself instead of
-        into a scratch array that is then added (the readout's W^T d_z)."""
-        written, first = set(), set()
+        into a scratch array that is then added (the readout's W^T d_z). The loss
+        kernel writes the output's adjoint before them."""
+        written, first = {self.storage(self.d.loss.node, adjoint=True)[0]}, set()
         for block in reversed(self.blocks["post"]):
             if block.kind == "linear":
                 target = self.storage(block.group.source, adjoint=True)
