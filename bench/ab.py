@@ -1,0 +1,81 @@
+"""A generator change, measured: generated/<model>.py at a git revision against the
+working tree's, calls interleaved in one process (float32, loss + all gradients), so
+that the machine's drift between runs hits both alike.
+
+    python bench/ab.py REV [--models elman,lstm,gru] [--threads 2] [--repeats 15]
+
+Prints per size the median ms of each, old/new (above 1: the working tree is faster)
+and the largest relative difference of the gradients (float32 rounding expected).
+"""
+
+import argparse
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
+         (64, 128, 256, 512, 256))
+
+
+def module_at(rev, model, folder):
+    """generated/<model>.py as it was at rev, imported under another name."""
+    text = subprocess.run(["git", "show", f"{rev}:generated/{model}.py"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    path = os.path.join(folder, f"ab_{model}.py")
+    with open(path, "w") as f:
+        f.write(text)
+    spec = importlib.util.spec_from_file_location(f"ab_{model}", path)
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():  # an older module may state other kernel functions
+        warnings.simplefilter("ignore")
+        spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev", help="git revision of the old generated modules")
+    ap.add_argument("--models", default="elman,lstm,gru")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    print(f"# python bench/ab.py {args.rev} --models {args.models} --threads {args.threads}"
+          f" --repeats {args.repeats}; load {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as folder:
+        for model in args.models.split(","):
+            new = importlib.import_module(f"generated.{model}")
+            old = module_at(args.rev, model, folder)
+            for B, T, I, H, O in SIZES:
+                rng = np.random.default_rng(0)
+                params = new.init_params({"I": I, "H": H, "O": O}, dtype=np.float32)
+                x = rng.standard_normal((T, B, I)).astype(np.float32)
+                targets = rng.integers(0, O, (T, B))
+                _, g_new = new.loss_and_grads(params, x, targets)  # warm-up, compile
+                _, g_old = old.loss_and_grads(params, x, targets)
+                diff = max(float(np.abs(g_new[k] - g_old[k]).max() / np.abs(g_old[k]).max())
+                           for k in g_new)
+                times = {"old": [], "new": []}
+                for _ in range(args.repeats):
+                    for name, module in (("old", old), ("new", new)):
+                        t = time.perf_counter()
+                        module.loss_and_grads(params, x, targets)
+                        times[name].append(time.perf_counter() - t)
+                o, n = (1e3 * float(np.median(times[k])) for k in ("old", "new"))
+                print(f"{model:6s} {B},{T},{I},{H},{O}: old {o:9.2f} ms  new {n:9.2f} ms  "
+                      f"old/new {o / n:5.2f}  grad diff {diff:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
