@@ -2,7 +2,7 @@
 working tree's, calls interleaved in one process (float32, loss + all gradients), so
 that the machine's drift between runs hits both alike.
 
-    python bench/ab.py REV [--models elman,lstm,gru] [--threads 2] [--repeats 15]
+    python bench/ab.py REV [--models elman,lstm,gru] [--threads 2] [--repeats 15] [--quick]
 
 Prints per size the median ms of each, old/new (above 1: the working tree is faster)
 and the largest relative difference of the gradients (float32 rounding expected).
@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
          (64, 128, 256, 512, 256))
+QUICK_SIZES = ((2, 5, 3, 4, 3),)
 
 
 def module_at(rev, model, folder):
@@ -39,25 +40,30 @@ def module_at(rev, model, folder):
     return module
 
 
-def main():
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rev", help="git revision of the old generated modules")
     ap.add_argument("--models", default="elman,lstm,gru")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    ap.add_argument("--quick", action="store_true", help="one tiny size (a smoke run)")
+    return ap
+
+
+def main(argv=None):
+    """Print and return rows (model, sizes, old ms, new ms, gradient difference)."""
     import numpy as np
 
+    args = parser().parse_args(argv)
     sys.path.insert(0, ROOT)
     print(f"# python bench/ab.py {args.rev} --models {args.models} --threads {args.threads}"
           f" --repeats {args.repeats}; load {os.getloadavg()[0]:.1f}")
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models.split(","):
             new = importlib.import_module(f"generated.{model}")
             old = module_at(args.rev, model, folder)
-            for B, T, I, H, O in SIZES:
+            for B, T, I, H, O in QUICK_SIZES if args.quick else SIZES:
                 rng = np.random.default_rng(0)
                 params = new.init_params({"I": I, "H": H, "O": O}, dtype=np.float32)
                 x = rng.standard_normal((T, B, I)).astype(np.float32)
@@ -75,7 +81,13 @@ def main():
                 o, n = (1e3 * float(np.median(times[k])) for k in ("old", "new"))
                 print(f"{model:6s} {B},{T},{I},{H},{O}: old {o:9.2f} ms  new {n:9.2f} ms  "
                       f"old/new {o / n:5.2f}  grad diff {diff:.1e}", flush=True)
+                rows.append(dict(model=model, sizes=(B, T, I, H, O), old=o, new=n, diff=diff))
+    return rows
 
 
 if __name__ == "__main__":
+    # Threads are pinned before NumPy loads its BLAS.
+    threads = parser().parse_args().threads
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
     main()

@@ -51,6 +51,15 @@ def test_charlm_naive_equals_accumulated(text_file):
     assert any(r["bptt"].startswith("truncated") for r in rows)
 
 
+def test_ab_compares_a_revision_with_the_working_tree():
+    ab = _script("bench", "ab")
+
+    rows = ab.main(["HEAD", "--models", "elman", "--quick", "--repeats", "1"])
+    (row,) = rows
+    assert row["model"] == "elman" and row["old"] > 0 and row["new"] > 0
+    assert row["diff"] < 1e-5  # HEAD's module and this tree's: the same gradients
+
+
 def test_adding_bounds_and_smoke():
     adding = _script("experiments", "adding")
 
