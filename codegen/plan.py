@@ -165,9 +165,8 @@ class Plan:
     def group_adjoint(self, group):
         """The adjoint array of a product group (another group's, or its consumer's,
         where shared)."""
-        if group.name in self.node_alias:
-            return f"d_{self.node_alias[group.name]}_seq"
-        return f"d_{self.alias.get(group.name, group.name)}_seq"
+        owner = self.alias.get(group.name, group.name)
+        return f"d_{self.node_alias.get(owner, owner)}_seq"
 
     def storage(self, name, adjoint=False):
         """(array, row shift, column offset) of a vector's value (or adjoint):

@@ -42,3 +42,25 @@ def random_problem(derivation, sizes, T=4, B=2, seed=0, scale=0.5):
         targets = rng.uniform(0, 1, (T, B, O))
     state0 = {s.name: rng.normal(0, 0.5, (B, sizes[s.size])) for s in derivation.states}
     return params, x, targets, state0
+
+
+def tbptt_reference(D, params, x, targets, state0, k1, k2):
+    """tbptt(k1, k2) by its definition, evaluated with the NumPy reference: each
+    window's losses, differentiated with the state before the window held fixed,
+    summed (weighted as the generated modules weight them: by all T*B steps)."""
+    from codegen.runtime import windows
+    from derive import reference
+
+    T, B = x.shape[:2]
+    trajectory, _ = reference._run_forward(D, params, x, state0)
+    expected = {k: np.zeros_like(v) for k, v in params.items()}
+    for end, start, first in windows("tbptt", T, k1, k2):
+        s0 = state0 if start == 0 else {s.name: trajectory[start - 1][s.name]
+                                         for s in D.states}
+        w = np.zeros((end - start + 1, B))
+        w[first - start:] = 1
+        _, g = reference.loss_and_grads(D, params, x[start:end + 1], targets[start:end + 1],
+                                        state0=s0, mask=w)
+        for k in expected:
+            expected[k] += g[k] * w.sum() / (T * B)
+    return expected

@@ -10,7 +10,7 @@ import pytest
 
 from derive import derive, reference
 from helpers import (CASES, GENERATED_CASES, finite_difference, max_relative_error,
-                     random_problem, tiny_sizes)
+                     random_problem, tbptt_reference, tiny_sizes)
 
 # The float32 kernels differ from the float64 ones only in the scalar functions they
 # inline; one model of each cell kind covers them (each costs a compilation).
@@ -69,24 +69,10 @@ def test_tbptt_is_sum_of_truncated_windows(problem):
     """tbptt(k1=2, k2=3) against its definition, evaluated with the reference:
     each window's losses, differentiated with the state before the window fixed."""
     module, D, (params, x, targets, state0) = problem
-    T, B = x.shape[:2]
     _, grads = module.loss_and_grads(params, x, targets, state0=state0, algorithm="tbptt",
                                      k1=2, k2=3)
-    trajectory, _ = reference._run_forward(D, params, x, state0)
-    expected = {k: np.zeros_like(v) for k, v in params.items()}
-    total = T * B
-    first = 0
-    for end in [1, 3, 4]:
-        start = max(0, end - 2)
-        s0 = state0 if start == 0 else {s.name: trajectory[start - 1][s.name]
-                                         for s in D.states}
-        w = np.zeros((end - start + 1, B))
-        w[first - start:] = 1
-        _, g = reference.loss_and_grads(D, params, x[start:end + 1], targets[start:end + 1],
-                                        state0=s0, mask=w)
-        for k in expected:
-            expected[k] += g[k] * w.sum() / total
-        first = end + 1
+    assert x.shape[0] == 5  # windows [0, 1], [1, 3], [2, 4]: they overlap
+    expected = tbptt_reference(D, params, x, targets, state0, 2, 3)
     for name in grads:
         assert max_relative_error(grads[name], expected[name]) < 1e-10, name
 
