@@ -1,6 +1,6 @@
 """A generator change, measured: generated/<model>.py at a git revision against the
-working tree's, calls interleaved in one process (float32, loss + all gradients), so
-that the machine's drift between runs hits both alike.
+working tree's, calls interleaved in one process (float32, loss + all gradients; frameworks.py's
+timed_rounds), so that the machine's drift between runs hits both alike.
 
     python bench/ab.py REV [--models elman,lstm,gru] [--threads 2] [--repeats 15] [--quick]
 
@@ -15,11 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from frameworks import fmt_load, pin_threads, source_version, timed_rounds  # noqa: E402
 SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
          (64, 128, 256, 512, 256))
 QUICK_SIZES = ((2, 5, 3, 4, 3),)
@@ -57,7 +59,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     sys.path.insert(0, ROOT)
     print(f"# python bench/ab.py {args.rev} --models {args.models} --threads {args.threads}"
-          f" --repeats {args.repeats}; load {os.getloadavg()[0]:.1f}")
+          f" --repeats {args.repeats}; new: {source_version()}; load {fmt_load()}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models.split(","):
@@ -72,12 +74,10 @@ def main(argv=None):
                 _, g_old = old.loss_and_grads(params, x, targets)
                 diff = max(float(np.abs(g_new[k] - g_old[k]).max() / np.abs(g_old[k]).max())
                            for k in g_new)
-                times = {"old": [], "new": []}
-                for _ in range(args.repeats):
-                    for name, module in (("old", old), ("new", new)):
-                        t = time.perf_counter()
-                        module.loss_and_grads(params, x, targets)
-                        times[name].append(time.perf_counter() - t)
+                times = timed_rounds(
+                    {name: (lambda m=module: m.loss_and_grads(params, x, targets))
+                     for name, module in (("old", old), ("new", new))},
+                    args.repeats, args.repeats, 0)
                 o, n = (1e3 * float(np.median(times[k])) for k in ("old", "new"))
                 print(f"{model:6s} {B},{T},{I},{H},{O}: old {o:9.2f} ms  new {n:9.2f} ms  "
                       f"old/new {o / n:5.2f}  grad diff {diff:.1e}", flush=True)
@@ -86,8 +86,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Threads are pinned before NumPy loads its BLAS.
-    threads = parser().parse_args().threads
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
+    pin_threads(parser().parse_args().threads)  # before NumPy loads its BLAS
     main()
