@@ -116,7 +116,7 @@ class Plan:
             for b in blocks:
                 self._print(b)
         self.arrays = self._arrays()
-        self.loss = self._loss_code()
+        self.loss = self._loss_code(share)
 
     # -- checks ---------------------------------------------------------------
     def _check(self):
@@ -465,47 +465,44 @@ class Plan:
             arrays.append(Array("carry", "T", "1", "carry"))
         return arrays
 
-    def _loss_code(self):
+    def _loss_code(self, share):
         info = self.d.loss
         loss = info.loss
         out_size = info.size
         k_sym = {LOSS_K: sp.Symbol(out_size)}
-        sums = [(sym.name, pycode(e.xreplace(k_sym))) for sym, e in loss.sums]
+        sums, prediction = loss.sums, loss.prediction
+        stored = _stored_summand(loss) if share else None
+        if stored is not None:
+            # The first pass over the units stores it in y_seq, the second reads it.
+            sums = [(sym, e.xreplace({stored: sp.Symbol("_e")})) for sym, e in sums]
+            prediction = prediction.xreplace({stored: sp.Symbol("y_seq[_r, _k]")})
         return {
             "size": out_size,
             "node": info.node,
             "index": loss.target == "index",
-            "sums": sums,
-            "stored": self._stored_summand(loss, k_sym),
+            "sums": [(sym.name, pycode(e.xreplace(k_sym))) for sym, e in sums],
+            "stored": None if stored is None else pycode(stored.xreplace(k_sym)),
             "value": pycode(loss.value.xreplace(k_sym)),
-            "prediction": pycode(loss.prediction.xreplace(k_sym)),
+            "prediction": pycode(prediction.xreplace(k_sym)),
             "error": pycode(info.error.xreplace(k_sym)),
             "uses_m": any(sp.Symbol("m", real=True) in e.free_symbols
                           for e in [loss.value, loss.prediction] + [e for _, e in loss.sums]),
         }
 
-    @staticmethod
-    def _stored_summand(loss, k_sym):
-        """A summand the prediction repeats (softmax's exp(z - m)): the first pass
-        over the units stores it in y_seq and the second reads it back, one exp
-        per element instead of two. None when there is none."""
-        for _, e in loss.sums:
-            if not isinstance(e, sp.Symbol) and LOSS_D not in e.free_symbols \
-                    and loss.prediction.has(e):
-                stored = sp.Symbol("_e")
-                return {
-                    "expr": pycode(e.xreplace(k_sym)),
-                    "sums": [(sym.name, pycode(s.xreplace({e: stored}).xreplace(k_sym)))
-                             for sym, s in loss.sums],
-                    "prediction": pycode(loss.prediction.xreplace(
-                        {e: sp.Symbol("y_seq[_r, _k]")}).xreplace(k_sym)),
-                }
-        return None
-
     # -- summaries for the templates --------------------------------------------
     def source_rows_all(self, group):
         """Rows of a group's source over all steps, for the weight-gradient GEMM."""
         return self.rows(group.source, lo="0", hi="TB")
+
+
+def _stored_summand(loss):
+    """A summand the prediction repeats (softmax's exp(z - m)), to compute once per
+    element instead of twice; None when there is none."""
+    for _, e in loss.sums:
+        if not isinstance(e, sp.Symbol) and LOSS_D not in e.free_symbols \
+                and loss.prediction.has(e):
+            return e
+    return None
 
 
 def _plus(offset, col):

@@ -47,7 +47,8 @@ def test_without_share_the_layout_is_plain():
 def test_softmax_exp_is_computed_once():
     loss = _plan("elman").loss
     assert loss["stored"] is not None
-    assert "exp" in loss["stored"]["expr"] and "exp" not in loss["stored"]["prediction"]
+    assert "exp" in loss["stored"] and "exp" not in loss["prediction"]
+    assert _plan("elman", share=False).loss["stored"] is None  # the CUDA module's
 
 
 def test_work_arrays_are_reused_and_results_are_not(generated_module):
