@@ -12,7 +12,6 @@ import math
 import warnings
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
@@ -88,28 +87,23 @@ _P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
       1.6666665459e-1, 5.0000001201e-1)
 
 
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 ``bits`` (a register bitcast)."""
-    if bits != types.int32:
-        return None
+def _bitcast(source, target):
+    """An intrinsic reinterpreting the bits of a ``source`` scalar as ``target``."""
+    @intrinsic
+    def cast(typingctx, x):
+        if x != source:
+            return None
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return types.float32(types.int32), codegen
+        return target(source), codegen
+
+    return cast
 
 
-@intrinsic
-def _f32_bits(typingctx, x):
-    """The int32 bit pattern of the float32 ``x``."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
+_f32_from_bits = _bitcast(types.int32, types.float32)  # int32 bits -> float32
+_f32_bits = _bitcast(types.float32, types.int32)  # float32 -> its int32 bits
 
 
 @njit(**_SCALAR)

@@ -9,28 +9,22 @@ from numba import njit
 from codegen import kernel_functions as runtime
 
 
-@njit
-def _tanh_all(xs):
-    out = np.empty_like(xs)
-    for i in range(xs.size):
-        out[i] = runtime.tanh(xs[i])
-    return out
+def _over_array(fn, **options):
+    """A kernel applying the scalar function fn to every element."""
+    @njit(**options)
+    def apply(xs):
+        out = np.empty_like(xs)
+        for i in range(xs.size):
+            out[i] = fn(xs[i])
+        return out
+
+    return apply
 
 
-@njit
-def _sigmoid_all(xs):
-    out = np.empty_like(xs)
-    for i in range(xs.size):
-        out[i] = runtime.sigmoid(xs[i])
-    return out
-
-
-@njit(**runtime.JIT_OPTIONS)  # the kernels' fastmath flags: they may reorder
-def _exp_all(xs):
-    out = np.empty_like(xs)
-    for i in range(xs.size):
-        out[i] = runtime.exp(xs[i])
-    return out
+_tanh_all = _over_array(runtime.tanh)
+_sigmoid_all = _over_array(runtime.sigmoid)
+# With the kernels' fastmath flags: they may reorder the exp's arithmetic.
+_exp_all = _over_array(runtime.exp, **runtime.JIT_OPTIONS)
 
 
 XS = np.concatenate([np.linspace(-20, 20, 4001), [-1e30, -100.0, 0.0, 1e-6, 100.0, 1e30]])
