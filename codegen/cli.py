@@ -19,7 +19,7 @@ import warnings
 from derive import DefinitionError
 from derive.losses import LossError
 
-from .generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused
+from .generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused, VerificationFailed
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -73,14 +73,15 @@ def _cmd_generate(args):
         try:
             paths = generate_builtins(args.output or GENERATED_DIR,
                                       target=args.target or "all", force=args.force,
-                                      progress=lambda name: bar.update())
+                                      progress=lambda name: bar.update(),
+                                      check=not args.no_check)
         finally:
             bar.close()
     else:
         target = args.target or "cpu"
         command = f"bpttgen generate {args.model} --target {target}"
         paths = generate(load_model(args.model), args.output or ".", command,
-                         target=target, force=args.force)
+                         target=target, force=args.force, check=not args.no_check)
     if not args.quiet:
         for p in paths:
             print(p)
@@ -97,7 +98,8 @@ def _cmd_check(args):
 
     model = load_model(args.model)
     with tempfile.TemporaryDirectory(prefix="bpttgen-check-") as folder:
-        path, = generate(model, folder, f"bpttgen check {args.model}")
+        # No verify(): the compiled check below is the full version, with a table.
+        path, = generate(model, folder, f"bpttgen check {args.model}", check=False)
         name = f"bpttgen_check_{model.name}"
         module = import_path(path, name)
         try:
@@ -262,10 +264,10 @@ def _train(args, module):
             say(line)
         else:
             since["n"] += 1
-        if interrupt.requested or (args.checkpoint_every and
-                                   since["n"] >= args.checkpoint_every):
+        stop = interrupt.requested  # read once: the checkpoint and the answer agree
+        if stop or (args.checkpoint_every and since["n"] >= args.checkpoint_every):
             save_checkpoint()
-        return interrupt.requested
+        return stop
 
     start = time.perf_counter()
     with _Interrupt() as interrupt, warnings.catch_warnings():
@@ -365,6 +367,9 @@ def parser():
                    "--builtins, the current folder otherwise)")
     s.add_argument("--force", action="store_true",
                    help="overwrite files that were edited by hand")
+    s.add_argument("--no-check", action="store_true",
+                   help="write the module without first checking its float64 gradients "
+                        "against finite differences (the check takes about a second)")
     _quiet(s)
     s.set_defaults(run=_cmd_generate)
 
@@ -468,6 +473,9 @@ def main(argv=None):
             ValueError) as err:
         print(f"bpttgen {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except VerificationFailed as err:
+        print(f"bpttgen {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

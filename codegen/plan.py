@@ -98,6 +98,7 @@ class Plan:
         self.vector_params = [p.name for p in derivation.params if p.kind == "vector"]
         self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
         self.nodes = {n.name: n for n in derivation.nodes}
+        self.input_array = f"{derivation.input}_seq"
         self._check()
         self.groups = []
         self.member_of = {}  # linear node -> (group, offset code)
@@ -139,7 +140,7 @@ class Plan:
     def value(self, name, row="_r", col="_k"):
         """Code reading element (row, col) of a vector's value."""
         if name == self.d.input:
-            return f"x_seq[{row}, {col}]"
+            return f"{self.input_array}[{row}, {col}]"
         if name in self.prev_of:
             return f"{self.prev_of[name].name}_seq[{row}, {col}]"
         if name in self.state_names:
@@ -174,7 +175,7 @@ class Plan:
         value() and adjoint() print, as parts, for targets that pass row offsets
         to kernels instead of slicing (the CUDA module). None: the input's adjoint."""
         if name == self.d.input:
-            return None if adjoint else ("x_seq", "0", "0")
+            return None if adjoint else (self.input_array, "0", "0")
         prefix = "delta_" if adjoint else ""
         if name in self.prev_of:
             return f"{prefix}{self.prev_of[name].name}_seq", "0", "0"
@@ -189,7 +190,7 @@ class Plan:
     def rows(self, name, lo="_lo", hi="_hi"):
         """Code for the contiguous row slice of a vector's value array."""
         if name == self.d.input:
-            return f"x_seq[{lo}:{hi}]"
+            return f"{self.input_array}[{lo}:{hi}]"
         if name in self.prev_of:
             return f"{self.prev_of[name].name}_seq[{lo}:{hi}]"
         if name in self.state_names:
@@ -247,7 +248,7 @@ class Plan:
     def _group_name(self, source, phase):
         name = f"P_{source}"
         if any(g.name == name for g in self.groups):
-            name = f"P_{source}_{phase}"
+            name = f"P_{source}__{phase}"  # no user name has a double underscore
         return name
 
     def _adjoint_arrays(self):

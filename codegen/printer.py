@@ -8,14 +8,28 @@ vectorisable versions); everything else prints as ``math.*``. A user's own
 ``sympy.Function`` prints through its ``definition``.
 """
 
+import math
+
 import sympy as sp
+from sympy.core.mul import _keep_coeff
+from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from derive.functions import CUSTOM
 
+#: Integer powers printed as products (b*b, b*b*b, b*b*b*b): exact and vectorisable.
+PRODUCT_POWERS = (2, 3, 4)
+
 
 class NumbaPrinter(PythonCodePrinter):
-    """Scalar Python for @njit loops: ``math.tanh(a)``, ``sigmoid(a)``, floats."""
+    """Scalar Python for @njit loops: ``math.tanh(a)``, ``sigmoid(a)``, floats.
+
+    Precedence is SymPy's (``precedence``, ``parenthesize``) for what is printed:
+    a power written as a product or a quotient (``b*b``, ``1.0/b``,
+    ``1.0/math.sqrt(b)``) has a product's precedence, not a power's, and a user's
+    function is replaced by its definition before printing, so SymPy sees the
+    expression whose text it parenthesizes.
+    """
 
     _kf = dict(PythonCodePrinter._kf)
 
@@ -29,23 +43,72 @@ class NumbaPrinter(PythonCodePrinter):
         self.known_functions["tanh"] = "tanh"
         self.known_functions["exp"] = "exp"
 
+    def doprint(self, expr, assign_to=None):
+        return super().doprint(self.written_out(expr), assign_to)
+
+    def written_out(self, expr):
+        """expr with each user's function replaced by its definition (nested ones
+        too), so that SymPy's precedence applies to the text actually printed.
+        Nothing is evaluated: 2*f(a) with f(x) = x + 1 is 2*(a + 1), as written."""
+        with sp.evaluate(False):
+            return sp.sympify(expr).replace(
+                lambda e: isinstance(e, sp.Function) and self._is_users(e),
+                lambda e: self.written_out(_definition(e)))
+
+    def _is_users(self, call):
+        name = type(call).__name__
+        return not (name in CUSTOM or name in self.known_functions
+                    or hasattr(self, f"_print_{name}"))
+
+    def _precedence(self, item):
+        """SymPy's precedence of item as this printer writes it: a power printed
+        as a product or quotient binds like a product (SymPy's says Pow)."""
+        if item.is_Pow and item.is_commutative and (
+                _product_power(item) or item.exp is sp.S.NegativeOne
+                or -item.exp is sp.S.Half):  # 1.0/b, 1.0/math.sqrt(b) (SymPy's)
+            return PRECEDENCE["Mul"]
+        return precedence(item)
+
+    def parenthesize(self, item, level, strict=False):
+        """StrPrinter.parenthesize with this printer's precedence."""
+        p = self._precedence(item)
+        if p < level or (not strict and p <= level):
+            return f"({self._print(item)})"
+        return self._print(item)
+
     def _print_Function(self, expr):
         name = type(expr).__name__
         if name in CUSTOM:
             return f"{name}({', '.join(self._print(a) for a in expr.args)})"
-        if name in self.known_functions or hasattr(self, f"_print_{name}"):
-            return super()._print_Function(expr)
-        return self._print(_definition(expr))
+        return super()._print_Function(expr)
+
+    def _print_Mul(self, expr):
+        c, rest = expr.as_coeff_Mul()
+        if c.is_negative:
+            # SymPy parenthesizes the factors of a negative product against Add,
+            # which leaves a product as divisor bare (-a/b*b). The sign goes first,
+            # then the positive product: (-x)*y, (-x)/y, -x**y are -(x*y), -(x/y),
+            # -(x**y) exactly, so only a sum needs parentheses after the sign.
+            return "-" + self.parenthesize(_keep_coeff(-c, rest), PRECEDENCE["Mul"],
+                                           strict=True)
+        factors = [g for f in sp.Mul.make_args(expr) for g in _spelled_out(f)]
+        if factors != list(expr.args):
+            expr = sp.Mul(*factors, evaluate=False)
+        return super()._print_Mul(expr)
 
     def _print_Pow(self, expr, rational=False):
-        base, exp = expr.args
-        # Small integer powers as products: exact and vectorisable.
-        if exp.is_Integer and 2 <= int(exp) <= 4:
-            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Mul"])
-            return "*".join([b] * int(exp))
-        if exp == -1:
-            return f"1.0/{self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}"
+        n = _product_power(expr)
+        if n > 0:
+            return "*".join([self.parenthesize(expr.base, PRECEDENCE["Mul"])] * n)
+        if n < 0:  # 1.0/(b*b): a product of |n| divisors b
+            return self._print_Mul(sp.Mul(*_spelled_out(expr), evaluate=False))
         return super()._print_Pow(expr, rational=rational)
+
+    def _print_Float(self, expr):
+        # The double SymPy holds, as Python writes it back exactly; SymPy's own
+        # prints 15 digits (1/3. as 0.333333333333333, off by 1e-15).
+        value = float(expr)
+        return repr(value) if math.isfinite(value) else super()._print_Float(expr)
 
     def _print_Rational(self, expr):
         return f"{float(expr.p)}/{float(expr.q)}"
@@ -55,6 +118,30 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_Exp1(self, expr):
         return "math.e"
+
+
+def _spelled_out(factor):
+    """The factors SymPy's _print_Mul is given for one factor of a product: b**n
+    with |n| in PRODUCT_POWERS as |n| factors b (or divisors b), and (a*b)**n,
+    integer n, as a**n, b**n. Products then print as 2.0*a*b*b and a/(b*b*c), not
+    2.0*a*(b*b) and a/((b*b)*c), and no divisor is a product (around which SymPy
+    pastes a second pair of parentheses)."""
+    if factor.is_Pow and factor.is_commutative and factor.exp.is_Integer:
+        base, n = factor.base, int(factor.exp)
+        if base.is_Mul:
+            return [g for f in base.args
+                    for g in _spelled_out(sp.Pow(f, n, evaluate=False))]
+        if abs(n) in PRODUCT_POWERS:
+            return [base if n > 0 else sp.Pow(base, -1, evaluate=False)] * abs(n)
+    return [factor]
+
+
+def _product_power(expr):
+    """n if expr is b**n or b**-n with n in PRODUCT_POWERS (signed), else 0."""
+    if expr.is_Pow and expr.is_commutative and expr.exp.is_Integer \
+            and abs(int(expr.exp)) in PRODUCT_POWERS:
+        return int(expr.exp)
+    return 0
 
 
 class PrintError(ValueError):
@@ -91,6 +178,8 @@ def pycode(expr):
     >>> a, b = sp.symbols("a b")
     >>> pycode(sp.tanh(a) * (1 - b**2))
     '(1.0 - b*b)*tanh(a)'
+    >>> pycode(-a / b**2)
+    '-a/(b*b)'
     """
     return _printer.doprint(expr)
 
@@ -102,4 +191,4 @@ def pycode_factor(expr):
     >>> pycode_factor(1 - sp.Symbol("z"))
     '(1.0 - z)'
     """
-    return _printer.parenthesize(expr, sp.printing.precedence.PRECEDENCE["Mul"])
+    return _printer.parenthesize(_printer.written_out(expr), PRECEDENCE["Mul"])

@@ -92,7 +92,7 @@ def cpu_context(derivation, online=False):
     arrays = [dict(name=a.name, role=a.role,
                    shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
-    args = ["T", "B", "TB", *d.sizes, "x_seq", *plan.vector_params,
+    args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
             *[f"W_{g.name}" for g in plan.groups], *[a.name for a in plan.arrays],
             *[f"dW_{g.name}" for g in plan.groups]]
     # Stacked weight gradients, (rows of the group, columns of its source).
@@ -127,6 +127,7 @@ def cpu_context(derivation, online=False):
         states_dict=repr({s.name: s.size for s in d.states}),
         input_tuple=repr((d.input, d.input_size)),
         input_size=d.input_size,
+        input_array=plan.input_array,
         output_tuple=repr((d.loss.node, d.loss.size)),
         target="index" if index else "vector",
         loss_at=d.loss.at,
@@ -135,9 +136,9 @@ def cpu_context(derivation, online=False):
         blocks=plan.blocks,
         loss=plan.loss,
         target_element="1.0 if _k == targets[_r] else 0.0" if index else "targets[_r, _k]",
-        dummy_targets="T * B" if index else "(T * B, O)",
+        dummy_targets="T * B" if index else f"(T * B, {d.loss.size})",
         target_dtype="np.int64" if index else "dtype",
-        flat_targets="T * B" if index else "T * B, O",
+        flat_targets="T * B" if index else f"T * B, {d.loss.size}",
         targets_doc="(T, B) integer classes" if index else f"(T, B, {d.loss.size}) floats",
         args=args,
         args_tuple=repr(tuple(args)),

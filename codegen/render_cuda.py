@@ -54,7 +54,7 @@ class CudaPlan:
         self.arrays = [a for a in plan.arrays if a.role != "scratch"]
         # Candidate kernel arguments, in the CPU kernels' argument order, each with
         # the name the printed lines use for it.
-        self.candidates = {a: a for a in self.ints + ["x_seq", *plan.vector_params]}
+        self.candidates = {a: a for a in self.ints + [plan.input_array, *plan.vector_params]}
         self.candidates.update((self.array_name(a), a.name) for a in self.arrays)
         self.kernels = []
         self.phases = {}
@@ -141,7 +141,7 @@ class CudaPlan:
         used = set(extra)
         for _, line in self.phases[(direction, phase)]:
             used.update(_IDENT.findall(line))
-        names = ["x_seq", *self.plan.vector_params] + \
+        names = [self.plan.input_array, *self.plan.vector_params] + \
             [f"W_{g.name}" for g in self.plan.groups] + \
             [self.array_name(a) for a in self.arrays]
         return [n for n in names if n in used]

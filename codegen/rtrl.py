@@ -130,7 +130,7 @@ class RtrlPlan:
                 continue
             lines += [f"    for _i in range({size}):",
                       f"        for _j in range({cols}):",
-                      f"            {dot(g.name)}[{_plus(off, '_i')}, _c + o_{weight} + _i*{cols}"
+                      f"            {dot(g.name)}[{_plus(off, '_i')}, _c + _o_{weight} + _i*{cols}"
                       f" + _j] {op} {plan.value(src, row='_r', col='_j')}"]
         return StepBlock(comment, lines)
 
@@ -150,10 +150,10 @@ class RtrlPlan:
             by_coef, immediate = {}, []
             for p, e in zip(partials, reduced):
                 if p.wrt in node.params:
-                    immediate.append(f"{dot(name)}[_k, _c + o_{p.wrt} + _k] += {pycode(e)}")
+                    immediate.append(f"{dot(name)}[_k, _c + _o_{p.wrt} + _k] += {pycode(e)}")
                     continue
                 if not (e.is_Symbol or e.is_Number):
-                    coef = f"_d{name}_d{p.wrt}"
+                    coef = f"_d{name}__d{p.wrt}"
                     body.append(f"{coef} = {pycode(e)}")
                     e = sp.Symbol(coef)
                 by_coef.setdefault(e, []).append(self.tangent(p.wrt, "_k", "_c + _p"))
@@ -207,7 +207,7 @@ class RtrlPlan:
     # -- for the template -----------------------------------------------------
     def context(self):
         init = [f"NP = {_code(self.np)}"]
-        init += [f"o_{x.param} = {_code(x.first)}" for x in self.directions]
+        init += [f"_o_{x.param} = {_code(x.first)}" for x in self.directions]
         init += [f"{dot(g.name)}[:, :] = 0.0" for g in self.groups if g.source not in self.has]
         return dict(
             params=repr(tuple(x.param for x in self.directions)),

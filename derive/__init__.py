@@ -11,11 +11,15 @@ codegen/. reference.py evaluates a Derivation in plain NumPy.
 
 from .derivation import Derivation, derive
 from .functions import relu as relu_function, sigmoid as sigmoid_function
-from .losses import Loss, custom_loss, mse, sigmoid_bce, softmax_cross_entropy, sse
-from .model import DefinitionError, Model, exp, log, relu, sigmoid, softplus, tanh
+from .losses import K, Loss, custom_loss, d, mse, sigmoid_bce, softmax_cross_entropy, sse, z
+from .model import DefinitionError, Model, exp, log, relu, sigmoid, softplus, sqrt, tanh
+from .model import absolute as abs  # noqa: A001 (elementwise, like tanh)
+from .model import maximum as max  # noqa: A001
+from .model import minimum as min  # noqa: A001
 
 __all__ = [
-    "Derivation", "DefinitionError", "Loss", "Model", "custom_loss", "derive", "exp", "log",
-    "mse", "relu", "relu_function", "sigmoid", "sigmoid_bce", "sigmoid_function",
-    "softmax_cross_entropy", "softplus", "sse", "tanh",
+    "Derivation", "DefinitionError", "K", "Loss", "Model", "abs", "custom_loss", "d",
+    "derive", "exp", "log", "max", "min", "mse", "relu", "relu_function", "sigmoid",
+    "sigmoid_bce", "sigmoid_function", "softmax_cross_entropy", "softplus", "sqrt", "sse",
+    "tanh", "z",
 ]

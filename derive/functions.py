@@ -10,7 +10,20 @@ simplifier can later replace it by a value the forward pass already stored.
 import sympy as sp
 
 
-class sigmoid(sp.Function):
+class _RealFunction(sp.Function):
+    """A real function of a real argument that SymPy can evaluate numerically
+    (through ``_numeric``), so comparisons like Max(softplus(1), x) work."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_evalf(self, prec):
+        if self.args[0].is_number:
+            return self._numeric(self.args[0])._eval_evalf(prec)
+        return None
+
+
+class sigmoid(_RealFunction):
     """Logistic function 1 / (1 + exp(-x)).
 
     >>> x = sp.Symbol("x")
@@ -25,8 +38,10 @@ class sigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return 1 / (1 + sp.exp(-x))
 
+    _numeric = _eval_rewrite_as_exp
 
-class softplus(sp.Function):
+
+class softplus(_RealFunction):
     """log(1 + exp(x)), whose derivative is the sigmoid.
 
     >>> x = sp.Symbol("x")
@@ -40,8 +55,10 @@ class softplus(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return sp.log(1 + sp.exp(x))
 
+    _numeric = _eval_rewrite_as_exp
 
-class relu(sp.Function):
+
+class relu(_RealFunction):
     """max(x, 0); its derivative is the step function (taken as 0 at x = 0).
 
     >>> x = sp.Symbol("x")
@@ -55,13 +72,18 @@ class relu(sp.Function):
     def _eval_rewrite_as_Max(self, x, **kwargs):
         return sp.Max(x, 0)
 
+    _numeric = _eval_rewrite_as_Max
 
-class step(sp.Function):
+
+class step(_RealFunction):
     """1 for x > 0, else 0: the derivative of relu. Its own derivative is 0
     almost everywhere, which is what gradient descent uses."""
 
     def fdiff(self, argindex=1):
         return sp.S.Zero
+
+    def _numeric(self, x):
+        return sp.Piecewise((1, x > 0), (0, True))
 
 
 #: Functions a definition may use beside SymPy's elementary ones, by name.
@@ -76,5 +98,5 @@ def numpy_implementations():
         "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
         "softplus": lambda x: np.logaddexp(0.0, x),
         "relu": lambda x: np.maximum(x, 0.0),
-        "step": lambda x: (x > 0).astype(np.result_type(x, np.float32)),
+        "step": lambda x: np.asarray(x > 0, np.result_type(x, np.float32)),
     }

@@ -91,6 +91,13 @@ def custom_loss(name, value, *, target="vector", prediction=z, description="", *
     >>> custom_loss("l1ish", S, S=sp.sqrt((z - d)**2 + 1)).error()
     (-d + y)/sqrt((-d + y)**2 + 1)
     """
+    from .naming import identifier_problem
+
+    for key in sums:
+        problem = identifier_problem(key, "loss sum")
+        if problem:
+            raise LossError(f"loss {name!r}: cannot name a sum {key!r}: {problem}; the "
+                            "generated loss kernel uses it as a variable name")
     known = {s.name: s for s in (z, d, m, K)}
     known.update({key: sp.Symbol(key, real=True) for key in sums})
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from . import functions, losses
+from . import functions, losses, naming
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -188,6 +188,33 @@ log = _elementwise(sp.log)
 sigmoid = _elementwise(functions.sigmoid)
 softplus = _elementwise(functions.softplus)
 relu = _elementwise(functions.relu)
+sqrt = _elementwise(sp.sqrt)
+absolute = _elementwise(sp.Abs)
+
+
+def _elementwise_pair(sympy_function, name):
+    """Lift a two-argument SymPy function (Max, Min) to vectors of one size, or a
+    vector and a number: ``maximum(u, 0)``, ``minimum(u, v)``."""
+
+    def lifted(a, b):
+        a, b = (v.t if isinstance(v, State) else v for v in (a, b))
+        if not isinstance(a, Vec) and not isinstance(b, Vec):
+            return sympy_function(a, b)
+        vec = a if isinstance(a, Vec) else b
+        if isinstance(a, Vec) and isinstance(b, Vec) and a.size != b.size:
+            raise DefinitionError(f"shape mismatch in {name}({a.expr}, {b.expr}): sizes "
+                                  f"{a.size} and {b.size} differ")
+        # Vec arithmetic checks the other operand (a number, or a vector of the model).
+        a, b = (v if isinstance(v, Vec) else vec * 0 + v for v in (a, b))
+        return Vec(vec.model, sympy_function(a.expr, b.expr), vec.size)
+
+    lifted.__name__ = name
+    lifted.__doc__ = f"Elementwise {name} of two vectors (or a vector and a number)."
+    return lifted
+
+
+maximum = _elementwise_pair(sp.Max, "max")
+minimum = _elementwise_pair(sp.Min, "min")
 
 _ALLOWED_FUNCTIONS = set(functions.CUSTOM.values())
 _CHECKED_FUNCTIONS = {}
@@ -231,17 +258,31 @@ def _differentiability_problem(expr, what):
     return None
 
 
+_KIND_WORDS = {"input": "input", "state": "state", "prev": "previous state",
+               "matrix": "matrix", "param": "vector parameter", "node": "node"}
+
+
+def _refuse_name(name, kind, what):
+    """A DefinitionError naming the clash when ``name`` cannot name ``what`` in
+    generated code (derive/naming.py decides)."""
+    problem = naming.identifier_problem(name, kind)
+    if problem:
+        raise DefinitionError(
+            f"cannot name {what} {name!r}: {problem}; the model's names become variable "
+            "names in the generated code, so choose another")
+
+
 class Model:
     """A recurrent model under definition. See the module docstring."""
 
     def __init__(self, name, sizes):
-        if not name.isidentifier():
-            raise DefinitionError(f"model name {name!r} is not a Python identifier")
+        _refuse_name(name, "model", "the model")
         self.name = name
         self.sizes = tuple(sizes)
         for size in self.sizes:
-            if not size.isidentifier():
-                raise DefinitionError(f"size name {size!r} is not an identifier")
+            _refuse_name(size, "size", "a size")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise DefinitionError(f"size names repeat: {self.sizes}")
         self.inputs = {}  # name -> size
         self.states = {}  # name -> State
         self.params = {}  # name -> ParamDef
@@ -259,14 +300,16 @@ class Model:
         return sp.Symbol(name, real=True)
 
     def _declare(self, name, kind, size):
-        if not isinstance(name, str) or not name.isidentifier():
-            raise DefinitionError(f"name {name!r} is not a Python identifier")
+        if kind != "prev":  # s_prev is derived from the state's checked name
+            _refuse_name(name, kind, f"a {_KIND_WORDS[kind]}")
         if name in self.sizes:
             raise DefinitionError(f"name '{name}' is already defined as a size")
         if name in self._symbols:
             what = {"prev": "the previous value of a state", "param": "a vector parameter",
                     "matrix": "a matrix", "node": "a node", "input": "an input",
                     "state": "a state"}[self._symbols[name][0]]
+            if name == self.output_node:
+                what = "the readout, by output()"
             where = self._defined_at.get(name)
             raise DefinitionError(f"name '{name}' is already defined, as {what}"
                                   + (f" at {where}" if where else ""))
@@ -364,6 +407,11 @@ class Model:
             # every matrix product reads a whole contiguous array.
             source = self._materialize(vec, name=f"{source}_v")
         name = f"{matrix.name}_{source}"
+        problem = naming.identifier_problem(name, "node")
+        if problem:
+            raise DefinitionError(
+                f"the product {matrix.name} @ {source} is a vector named '{name}', and "
+                f"{problem}: rename the matrix or the vector")
         self._linear_nodes.add(name)
         self._declare(name, "node", matrix.rows)
         self.nodes.append(NodeDef(name, matrix.rows, "linear", weight=matrix.name,
@@ -431,6 +479,16 @@ class Model:
             raise DefinitionError(f"at must be 'every' or 'last', got {at!r}")
         if isinstance(vec, State):
             vec = vec.t
+        if "z" in self._symbols:
+            kind = self._symbols["z"][0]
+            raise DefinitionError(
+                f"output() names the readout 'z', but 'z' is already defined as a "
+                f"{_KIND_WORDS.get(kind, kind)} at {self._defined_at.get('z')}: rename that one")
+        clash = sorted({sym.name for sym, _ in loss.sums} & {getattr(vec, "size", None)})
+        if clash:
+            raise DefinitionError(
+                f"the loss {loss.name!r} has a sum named '{clash[0]}', the name of the "
+                "readout's size: rename the sum (a keyword of custom_loss) or the size")
         # Always a node of its own, so the readout never sits inside the recurrence.
         self.output_node = self._materialize(vec, name="z")
         self.loss, self.loss_at = loss, at

@@ -26,10 +26,22 @@ An identifier is split once, the same way everywhere: the text before the first
 underscore is the base symbol, the rest a subscript, and trailing digits that
 follow a letter are a layer number written as a superscript (h1 -> h^{(1)},
 W_xh2 -> W^{(2)}_{xh}, but W_1 -> W_1). Greek names (alpha, lambda) become Greek
-letters. This module is read by derive/latex.py and by codegen/.
+letters. This module is read by derive/model.py, derive/latex.py and codegen/.
+
+A user's name reaches generated code as a variable name, so the definition API asks
+``identifier_problem`` about every name before it accepts it (Tangent's naming
+module keeps a set of taken names for the same reason). A name is refused, with the
+clash named, when it is a Python keyword, an identifier the generated code binds or
+calls itself (``T``, ``carry``, ``np``, ``range``, ...), or has the shape of a name
+the generator derives from another one (``d_h``, ``h_seq``, ``P_x``, a leading
+underscore, a double underscore): every derived name has a prefix or suffix below,
+so a name without them can never meet one. tests/test_naming.py parses every
+generated module and fails if the code binds a name this module does not know.
 """
 
+import keyword
 import re
+import sys
 from dataclasses import dataclass
 
 from sympy.printing.latex import translate
@@ -39,6 +51,89 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", 
           "kappa", "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau", "upsilon",
           "phi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi",
           "Sigma", "Upsilon", "Phi", "Psi", "Omega"}
+
+
+# -- the names generated code takes for itself ----------------------------------------
+
+#: What the generator prefixes to a user's name (adjoints d_, delta_, gradients dW_,
+#: product groups P_ and their stacked weights W_P_ and scratch rows, temporaries _)
+#: and appends to it (value arrays _seq, RTRL tangents _dot, CUDA per-row bias
+#: gradients _rows). A second group of one source is P_<source>__<phase>.
+DERIVED_PREFIXES = ("_", "d_", "delta_", "dW_", "P_", "W_P_", "scratch_")
+DERIVED_SUFFIXES = ("_seq", "_dot", "_rows")
+
+#: Functions and modules the generated kernels call (the printer's targets included).
+CALLED = frozenset({
+    "np", "math", "numba", "njit", "cuda", "crt", "online", "runtime",
+    "exp", "tanh", "sigmoid", "softplus", "relu", "step",
+    "abs", "min", "max", "range", "float", "int", "len",
+})
+#: Arguments and locals of the step kernels, where every name of the model but the
+#: loss's sums is a variable too.
+KERNEL_LOCALS = frozenset({
+    "T", "B", "TB", "NP", "t_hi", "t_lo", "carry", "grad", "l2", "loss", "scale",
+    "targets", "total", "w", "weights",
+})
+#: Locals of the loss kernel, where the output size and the loss's sums are variables
+#: (z, d, m, K and y are the loss's own symbols).
+LOSS_LOCALS = frozenset({"TB", "d", "m", "K", "y", "z", "scale", "targets", "total",
+                         "weights"})
+#: Names of the generated module's Python functions and globals, where the size names
+#: (and, in the CUDA module's host functions, the vector parameters) are variables too.
+DRIVER_NAMES = frozenset({
+    "ALGORITHMS", "B", "KERNELS", "KERNEL_FUNCTIONS", "NAME", "NP", "PARAMS", "RTRL_PARAMS",
+    "SIZES", "SPEC", "STATES", "T", "TB", "Trainer", "TypeError", "ValueError", "a", "algorithm",
+    "args", "c", "call", "count", "dict", "directions", "dtype", "final", "first",
+    "flat_targets", "forward", "free_workspace", "grad", "grads", "init_params", "k1",
+    "k2", "l2", "loss", "loss_and_grads", "loss_rows", "mask", "memory_limit",
+    "module_name", "name", "out", "params", "plan", "role", "rtrl", "rtrl_directions",
+    "g", "s", "scale", "seed", "sens", "sensitivities", "shape", "sizes", "state0",
+    "t_hi", "t_lo", "targets", "total", "truncate", "w", "weights", "ws", "x", "y",
+})
+#: Modules a generated module imports or is imported beside: a model must not be
+#: named like one of them (its generated file would shadow it).
+MODULES = frozenset({"numpy", "numba", "scipy", "sympy", "jinja2", "llvmlite", "derive",
+                     "codegen", "generated", "templates", "bpttgen", "tests"}
+                    | set(getattr(sys, "stdlib_module_names", ())))
+
+def identifier_problem(name, kind):
+    """None if ``name`` may name a ``kind`` of the model ("size", "model", "loss sum",
+    or any vector or parameter kind), else why not, in words.
+
+    >>> identifier_problem("W_xh", "matrix") is None
+    True
+    >>> identifier_problem("lambda", "param")
+    "'lambda' is a Python keyword (e.g. 'lambda_' would do)"
+    >>> identifier_problem("d_h", "node")
+    "'d_h' starts with 'd_', which the generated code adds to a name for a name of its own"
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        return f"{name!r} is not a Python identifier"
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        return f"'{name}' is a Python keyword (e.g. '{name}_' would do)"
+    if kind == "model":
+        if name in MODULES:
+            return (f"'{name}' is the name of a module; the generated file {name}.py "
+                    "would shadow it")
+        return None
+    if "__" in name:
+        return f"'{name}' has a double underscore, which the generated code keeps for itself"
+    for prefix in DERIVED_PREFIXES:
+        if name.startswith(prefix):
+            return (f"'{name}' starts with '{prefix}', which the generated code adds to a "
+                    "name for a name of its own")
+    for suffix in DERIVED_SUFFIXES:
+        if name.endswith(suffix):
+            return (f"'{name}' ends with '{suffix}', which the generated code adds to a "
+                    "name for a name of its own")
+    taken = CALLED | (LOSS_LOCALS if kind == "loss sum" else KERNEL_LOCALS)
+    if kind == "size":  # an argument of every kernel and a local of the driver
+        taken = taken | LOSS_LOCALS | DRIVER_NAMES
+    elif kind == "param":  # a vector parameter is a local of CUDA host functions
+        taken = taken | DRIVER_NAMES
+    if name in taken:
+        return f"'{name}' is a variable or function of the generated code"
+    return None
 
 
 # -- code names ----------------------------------------------------------------------
@@ -97,7 +192,14 @@ def split(identifier):
     (Parts(base='h', sub='', layer='1', word=False), '1')
     >>> split("zg").word, split("alpha").base
     (True, '\\\\alpha')
+
+    A trailing underscore, Python's escape for a keyword, is not printed:
+
+    >>> split("lambda_").base
+    '\\\\lambda'
     """
+    if identifier.endswith("_") and identifier.strip("_"):
+        identifier = identifier.rstrip("_")
     base, _, sub = identifier.partition("_")
     pieces = sub.split("_") if sub else []
     if not base or any(not p for p in pieces):

@@ -7,6 +7,7 @@ its numbers (or its traceback) to a JSON file as soon as it is done; the test
 process asserts on them, one test per case.
 
     NUMBA_ENABLE_CUDASIM=1 python tests/cuda_sim_worker.py OUT.json [CASE ...]
+    BPTTGEN_CUDA_REAL=1 python tests/cuda_sim_worker.py OUT.json [CASE ...]   # real GPU
 
 Sizes are tiny and ragged (3 and 5 against tiles of 4 and blocks of 8 threads): the
 simulator runs every GPU thread as a Python thread.
@@ -249,11 +250,20 @@ def _serialise_shared_allocation():
 
 
 def main(out, ids):
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or "numba.cuda" in sys.modules:
-        raise SystemExit("run with NUMBA_ENABLE_CUDASIM=1 in a fresh process")
-    _serialise_shared_allocation()
-    # Many short simulator threads: a short GIL switch interval makes them ~3x faster.
-    sys.setswitchinterval(1e-4)
+    if os.environ.get("BPTTGEN_CUDA_REAL") == "1":
+        # The same cases on the real GPU (tests/test_cuda.py with BPTTGEN_CUDA_REAL=1).
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            raise SystemExit("BPTTGEN_CUDA_REAL=1 asks for the GPU: unset NUMBA_ENABLE_CUDASIM")
+        from codegen.cuda_runtime import device_name
+
+        if device_name() is None:
+            raise SystemExit("BPTTGEN_CUDA_REAL=1 but numba.cuda finds no usable GPU")
+    else:
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" or "numba.cuda" in sys.modules:
+            raise SystemExit("run with NUMBA_ENABLE_CUDASIM=1 in a fresh process")
+        _serialise_shared_allocation()
+        # Many short simulator threads: a short GIL switch interval makes them ~3x faster.
+        sys.setswitchinterval(1e-4)
     # Modules of non-built-in cases go to a folder kept between runs: generate()
     # leaves an unchanged file untouched, so Numba's cache of the CPU module beside
     # it stays valid and the next run skips compiling it.

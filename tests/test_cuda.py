@@ -9,6 +9,8 @@ No GPU is needed; two halves run side by side on the two cores:
 * in a subprocess with NUMBA_ENABLE_CUDASIM=1 (tests/cuda_sim_worker.py, started
   when this module's first test runs): loss_and_grads and forward of each CUDA
   module against its CPU module, to 1e-10 in float64, at tiny ragged sizes.
+  With BPTTGEN_CUDA_REAL=1 the same worker runs those cases on the real GPU
+  instead (NUMBA_ENABLE_CUDASIM unset; bench/cuda_device.sh does this).
 
 Where numba-cuda is missing the tests skip, except in CI (CI=true): there they fail.
 """
@@ -28,13 +30,22 @@ import pytest
 
 import cuda_sim_worker as worker
 
+# One xdist worker runs this module (--dist loadgroup): the simulator run its fixture
+# starts is a few minutes of CPU, not to be repeated by a second worker.
+pytestmark = pytest.mark.xdist_group("cuda")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 MISSING = 'numba-cuda is not installed: pip install -e ".[cuda]" (or ".[test]")'
 BUILTIN = list(worker.BUILTIN)
 CCS = [(8, 0), (9, 0)]
-SIM_TIMEOUT = 1200  # seconds for the whole simulator run
+#: Seconds the simulator run may go without finishing a case before it is taken as
+#: hung and stopped. Only a hang bound: a loaded machine that keeps finishing cases is
+#: never cut off, however long the whole run takes (the slowest case takes ~100 s).
+STALL_TIMEOUT = 1200
+#: BPTTGEN_CUDA_REAL=1: the worker's cases on the real GPU, not the simulator.
+REAL_GPU = os.environ.get("BPTTGEN_CUDA_REAL") == "1"
 
 #: Tolerances per check (relative, see helpers.max_relative_error): float64 checks
 #: differ from the CPU only in summation order; float32 in the CPU's rational tanh.
@@ -55,10 +66,15 @@ class SimulatorRun:
     """tests/cuda_sim_worker.py in a subprocess over the selected cases; each case's
     result is read as soon as the worker has written it."""
 
+    stalled = False  # True once the worker was stopped as hung (STALL_TIMEOUT)
+    _progress = None  # (cases finished, when the last of them was first seen)
+
     def __init__(self, folder, ids):
         self.out = os.path.join(folder, "cuda_sim.json")
         self.log = open(os.path.join(folder, "cuda_sim.log"), "w+")
         env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        if REAL_GPU:
+            del env["NUMBA_ENABLE_CUDASIM"]
         env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
         self.start = time.perf_counter()
         self.process = None
@@ -73,24 +89,33 @@ class SimulatorRun:
         with open(self.out) as f:  # replaced atomically by the worker
             return json.load(f)
 
+    def _poll(self):
+        """(the results so far, whether the worker has ended). A worker that finished
+        no case in STALL_TIMEOUT seconds is taken as hung: it is stopped (then ended)."""
+        done = self.process.poll() is not None
+        results = self._read()  # after poll(): an ended worker's results are complete
+        now = time.perf_counter()
+        if self._progress is None:
+            self._progress = (0, self.start)
+        if len(results) > self._progress[0]:
+            self._progress = (len(results), now)
+        elif not done and now - self._progress[1] > STALL_TIMEOUT:
+            self.stalled = True
+            self.stop()
+            done = True
+        return results, done
+
     def result(self, case):
         """The worker's numbers for one case; None if it ended without them."""
-        deadline = self.start + SIM_TIMEOUT
         while True:
-            done = self.process.poll() is not None
-            results = self._read()
+            results, done = self._poll()
             if case in results or done:
                 return results.get(case)
-            if time.perf_counter() > deadline:
-                self.stop()
-                return None
             time.sleep(0.2)
 
     def wait(self):
-        try:
-            self.process.wait(timeout=max(1.0, self.start + SIM_TIMEOUT - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            self.stop()
+        while not self._poll()[1]:
+            time.sleep(0.2)
         self.seconds = time.perf_counter() - self.start
         return self._read()
 
@@ -201,8 +226,10 @@ def test_simulator_matches_cpu(case, simulator):
     r = simulator.result(case)
     if r is None:
         code = simulator.process.poll()
-        pytest.fail(f"the simulator run gave no result for {case} (exit code {code}):\n"
-                    f"{simulator.output()}")
+        hung = (f"; stopped after {STALL_TIMEOUT} s without finishing a case"
+                if simulator.stalled else "")
+        pytest.fail(f"the simulator run gave no result for {case} (exit code {code}"
+                    f"{hung}):\n{simulator.output()}")
     assert "error" not in r, r.get("error")
     loss_tol, grad_tol = TOLERANCE.get(case.split(":")[1], DEFAULT_TOLERANCE)
     assert not r["bad_arrays"], f"wrong type, shape or dtype: {r['bad_arrays']}"

@@ -48,9 +48,10 @@ def test_runs_without_jit():
         "print(repr(l)); print(repr(float(g['W_hh'].sum())))\n"
     )
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    # timeout: bounds a hang only (the calls take seconds)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+                         text=True, check=True, timeout=900).stdout.split()
     jit = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+                         check=True, timeout=900).stdout.split()
     assert float(out[0]) == pytest.approx(float(jit[0]), rel=1e-12)
     assert float(out[1]) == pytest.approx(float(jit[1]), rel=1e-9, abs=1e-14)
