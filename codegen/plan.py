@@ -122,7 +122,8 @@ class Plan:
     # -- checks ---------------------------------------------------------------
     def _check(self):
         for n in self.d.nodes:
-            if n.phase == "post" and any(a in self.prev_of for a in n.args):
+            reads = [n.source] if n.kind == "linear" else n.args
+            if n.phase == "post" and any(a in self.prev_of for a in reads):
                 raise PlanError(f"the readout node '{n.name}' reads a previous state; "
                                 "read the state at t instead")
             if n.kind == "linear" and n.source in self.nodes and \

@@ -77,6 +77,21 @@ def _equations(derivation):
     return lines
 
 
+def member_rows(groups):
+    """Per group, its members for the templates: the weight, its rows of the group's
+    stacked gradient, and ``first``: a weight used in several products (W h and
+    W x) has gradient rows in each group, which sum; its first assigns, the rest add."""
+    seen, out = set(), []
+    for g in groups:
+        members = []
+        for _, w, size, off in g.members:
+            rows = f"{off}:{off} + {size}" if off != "0" else f":{size}"
+            members.append(dict(weight=w, rows=rows, first=w not in seen))
+            seen.add(w)
+        out.append(members)
+    return out
+
+
 def cpu_context(derivation, online=False):
     """The template context of a CPU module. ``online``: with the per-step carry
     factor of ARTBP in the backward kernel, the RTRL kernel (codegen/rtrl.py) and
@@ -99,14 +114,12 @@ def cpu_context(derivation, online=False):
     arrays += [dict(name=f"dW_{g.name}", role="grad",
                     shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
     groups = []
-    for g in plan.groups:
+    for g, members in zip(plan.groups, member_rows(plan.groups)):
         if len(g.members) == 1:
             stack = f'np.ascontiguousarray(params["{g.members[0][1]}"])'
         else:
             stack = "np.concatenate((" + ", ".join(
                 f'params["{w}"]' for _, w, _, _ in g.members) + "))"
-        members = [dict(weight=w, rows=f"{off}:{off} + {size}" if off != "0" else f":{size}")
-                   for _, w, size, off in g.members]
         groups.append(dict(name=g.name, stack=stack, members=members,
                            adjoint=plan.group_adjoint(g),
                            source_rows=plan.rows(g.source, lo="0", hi="TB")))

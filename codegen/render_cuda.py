@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from .plan import Plan, PlanError
-from .render import _block_comment, cpu_context, environment, header
+from .render import _block_comment, cpu_context, environment, header, member_rows
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDENT = " " * 8
@@ -159,9 +159,7 @@ def cuda_context(derivation):
     arrays = [dict(name=cp.array_name(a), shape=rows[a.rows].format(a.cols),
                    zero=a.role != "value") for a in cp.arrays]
     groups = []
-    for g in plan.groups:
-        members = [dict(weight=w, rows=f"{off}:{off} + {size}" if off != "0" else f":{size}")
-                   for _, w, size, off in g.members]
+    for g, members in zip(plan.groups, member_rows(plan.groups)):
         groups.append(dict(name=g.name, weights=[w for _, w, _, _ in g.members],
                            gradient=cp.weight_gradient(g), members=members))
     functions = []

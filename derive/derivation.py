@@ -166,7 +166,8 @@ def derive(model: Model) -> Derivation:
     depends = {name: True for name in prevs}
     for n in model.nodes:
         reads = [n.source] if n.kind == "linear" else [s.name for s in n.expr.free_symbols]
-        depends[n.name] = any(depends.get(r, False) for r in reads)
+        # A state is computed in the time loop even when it reads no previous state.
+        depends[n.name] = n.name in model.states or any(depends.get(r, False) for r in reads)
     feeds = set(model.states)
     for n in reversed(model.nodes):
         if n.name in feeds:
@@ -243,5 +244,12 @@ def _check_complete(model):
         if p.name not in used:
             raise DefinitionError(f"parameter '{p.name}' is declared but never used",
                                   location=p.location)
+    sized = {size for _, size in model._symbols.values()}
+    sized.update(s for p in model.params.values() for s in p.shape)
+    for size in model.sizes:
+        if size not in sized:
+            raise DefinitionError(
+                f"size '{size}' of model '{model.name}' is used by no input, state, "
+                "parameter or node, so no argument tells its value: remove it", location=None)
     if model.loss.target == "index" and model.loss_at not in ("every", "last"):
         raise DefinitionError("unknown loss schedule")

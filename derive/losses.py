@@ -62,8 +62,11 @@ class Loss:
         ):
             unknown = expr.free_symbols - allowed
             if unknown:
+                names = sorted(map(str, unknown))
+                hint = next((f" ('{n}' is an option of custom_loss, not a sum: rename the "
+                             "sum)" for n in names if n in _OPTIONS), "")
                 raise LossError(f"loss {self.name!r}: {what} uses undefined symbol(s) "
-                                f"{sorted(map(str, unknown))}")
+                                f"{names}{hint}")
         for sym, summand in self.sums:
             unknown = summand.free_symbols - {z, d, m, K}
             if unknown:
@@ -82,7 +85,7 @@ class Loss:
         return grad.subs(self.prediction, y)
 
 
-def custom_loss(name, value, *, target="vector", prediction=z, description="", **sums):
+def custom_loss(name, value, /, *, target="vector", prediction=z, description="", **sums):
     """A loss from a user's SymPy expressions; ``sums`` name the reductions.
 
     The error is written through the prediction y, here z itself:
@@ -109,6 +112,9 @@ def custom_loss(name, value, *, target="vector", prediction=z, description="", *
     pairs = tuple((known[key], canonical(expr)) for key, expr in sums.items())
     return Loss(name, target, pairs, canonical(value), canonical(prediction), description)
 
+
+#: custom_loss's keyword options: a sum cannot be named like one of them.
+_OPTIONS = ("target", "prediction", "description")
 
 _S, _D = sp.symbols("S D", real=True)
 
