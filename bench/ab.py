@@ -31,6 +31,13 @@ def module_at(rev, model, folder):
     """generated/<model>.py as it was at rev, imported under another name."""
     text = subprocess.run(["git", "show", f"{rev}:generated/{model}.py"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout
+    # A module from before the bpttgen namespace imports the same run time by its old
+    # names: the kernels are what is compared, on today's run time.
+    text = text.replace("from codegen import online, runtime",
+                        "from bpttgen.codegen import runtime\n"
+                        "from bpttgen.codegen.runtime import online")
+    text = text.replace("from codegen.kernel_functions import",
+                        "from bpttgen.codegen.runtime.kernel_functions import")
     path = os.path.join(folder, f"ab_{model}.py")
     with open(path, "w") as f:
         f.write(text)
@@ -63,7 +70,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models.split(","):
-            new = importlib.import_module(f"generated.{model}")
+            new = importlib.import_module(f"bpttgen.generated.{model}")
             old = module_at(args.rev, model, folder)
             for B, T, I, H, O in QUICK_SIZES if args.quick else SIZES:
                 rng = np.random.default_rng(0)

@@ -68,7 +68,7 @@ def problem(np, module, sizes, T, B, dtype):
 
 def compile_times(model):
     """First call with an empty Numba cache vs a second process reading the cache."""
-    code = (f"import time, numpy as np; t = time.perf_counter(); import generated.{model} as m; "
+    code = (f"import time, numpy as np; t = time.perf_counter(); import bpttgen.generated.{model} as m; "
             "p = m.init_params({s: 4 for s in m.SIZES}); x = np.ones((3, 2, 4), np.float32); "
             "tg = np.zeros((3, 2), np.int64) if m.SPEC['target'] == 'index' else "
             "np.zeros((3, 2, 4), np.float32); m.loss_and_grads(p, x, tg); "
@@ -91,7 +91,7 @@ def main():
     _setup_threads(args.threads)
     import numpy as np
 
-    module = importlib.import_module(f"generated.{args.model}")
+    module = importlib.import_module(f"bpttgen.generated.{args.model}")
     print(f"# model {args.model}, float32, {args.threads} threads")
 
     first, cached = compile_times(args.model)

@@ -46,7 +46,7 @@ def check_gpu(smoke):
     if simulator and not smoke:
         no_gpu("NUMBA_ENABLE_CUDASIM=1 selects the simulator, whose timings mean nothing "
                "(use --smoke to check the script only)")
-    from codegen.cuda_runtime import device_name
+    from bpttgen.codegen.runtime.cuda import device_name
 
     name = device_name()
     if name is None:
@@ -137,12 +137,12 @@ def main():
     import numpy as np
     from numba import cuda
 
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     dtype = np.dtype(args.dtype)
     sync = cuda.synchronize
-    gpu = importlib.import_module(f"generated.{args.model}_cuda")
-    cpu = importlib.import_module(f"generated.{args.model}")
+    gpu = importlib.import_module(f"bpttgen.generated.{args.model}_cuda")
+    cpu = importlib.import_module(f"bpttgen.generated.{args.model}")
     print(f"# model {args.model}, {args.dtype}, GPU: {name}")
 
     if args.smoke:  # the simulator runs a Python thread per GPU thread: keep it tiny

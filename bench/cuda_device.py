@@ -127,7 +127,7 @@ class Part:
 def _simulator_setup():
     """Under NUMBA_ENABLE_CUDASIM=1: small launch sizes, and the test worker's lock
     around the simulator's shared-array allocation (a race of the simulator)."""
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     crt.configure(**SIM_LAUNCH)
     try:
@@ -177,7 +177,7 @@ def worker_probe(args, part):
     import numba
     from numba import cuda
 
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     info["simulator"] = bool(numba.config.ENABLE_CUDASIM)
     info["cuda_available"] = bool(cuda.is_available())
@@ -220,7 +220,7 @@ def worker_probe(args, part):
         _simulator_setup()
     part.save()
     # One tiny call through every kind of kernel: compile (NVVM), link, launch, copy back.
-    gpu = importlib.import_module("generated.elman_cuda")
+    gpu = importlib.import_module("bpttgen.generated.elman_cuda")
     sizes = {"I": 3, "H": 5, "O": 4}
     params = gpu.init_params(sizes, dtype=np.float32)
     rng = np.random.default_rng(0)
@@ -308,7 +308,7 @@ def compare(result, ref, dtype):
     """Errors of (loss, grads) against the reference (loss, grads)."""
     import numpy as np
 
-    from codegen.gradcheck import max_relative_error
+    from bpttgen.codegen.runtime.gradcheck import max_relative_error
 
     (l1, g1), (l0, g0) = result, ref
     per = {k: rel_err(g1[k], g0[k]) for k in g0}
@@ -340,14 +340,14 @@ def worker_check(args, part):
     import numpy as np
     from numba import cuda
 
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     model = args.model
     sim = _is_simulator()
     if sim:
         _simulator_setup()
-    cpu = importlib.import_module(f"generated.{model}")
-    gpu = importlib.import_module(f"generated.{model}_cuda")
+    cpu = importlib.import_module(f"bpttgen.generated.{model}")
+    gpu = importlib.import_module(f"bpttgen.generated.{model}_cuda")
     algorithms = tuple(gpu.ALGORITHMS)
     part.data["algorithms"] = list(algorithms)
     base_launch = dict(tile=crt.TILE, block=crt.BLOCK, chunks=crt.CHUNKS,
@@ -567,7 +567,7 @@ def worker_gemm(args, part):
     import numpy as np
     from numba import cuda
 
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     sim = _is_simulator()
     if sim:
@@ -589,8 +589,8 @@ def worker_time(args, part):
     sim = _is_simulator()
     if sim:
         _simulator_setup()
-    cpu = importlib.import_module(f"generated.{model}")
-    gpu = importlib.import_module(f"generated.{model}_cuda")
+    cpu = importlib.import_module(f"bpttgen.generated.{model}")
+    gpu = importlib.import_module(f"bpttgen.generated.{model}_cuda")
     torch, why = None, None
     try:
         import torch

@@ -17,14 +17,14 @@ import sys
 
 import sympy
 
-from derive.models import BUILTIN
+from bpttgen.derive.models import BUILTIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ONE_RUN = """
 import time
-from derive import derive
-from derive.models import build
+from bpttgen.derive import derive
+from bpttgen.derive.models import build
 start = time.perf_counter()
 D = derive(build({name!r}))
 print(time.perf_counter() - start, len(D.nodes), len(D.partials))

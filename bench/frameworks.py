@@ -284,7 +284,7 @@ def cold_compile_seconds(model):
     """First call of a generated module with an empty Numba cache (a fresh process
     and cache folder): the compile time a user sees once per machine."""
     code = (f"import time; t = time.perf_counter(); import numpy as np; "
-            f"import generated.{model} as m; "
+            f"import bpttgen.generated.{model} as m; "
             "p = m.init_params({'I': 4, 'H': 4, 'O': 4}); x = np.ones((3, 2, 4), np.float32); "
             "m.loss_and_grads(p, x, np.zeros((3, 2), np.int64)); print(time.perf_counter() - t)")
     cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bpttgen-fw-cache-{os.getpid()}")
@@ -302,7 +302,7 @@ def profile_phases(np, module, params, x, targets, repeats=9):
     work. Relies on the generated module's private layout (_workspace, _ARGS)."""
     from numba import njit
 
-    from codegen import runtime
+    from bpttgen.codegen import runtime
 
     @njit(cache=True)
     def step_products(a, w, out, T, B, lo_shift):
@@ -479,7 +479,7 @@ def main(argv=None):
         return profile_main(np, importlib, models, sizes, args.out)
     rows, checks = [], []
     for model in models:
-        module = importlib.import_module(f"generated.{model}")
+        module = importlib.import_module(f"bpttgen.generated.{model}")
         cold = None if args.no_cold_compile else cold_compile_seconds(model)
         err64 = check_float64(np, torch, module, model)
         checks.append((model, err64))
@@ -551,7 +551,7 @@ def profile_main(np, importlib, models, sizes, folder):
     """Phase breakdown of bpttgen's bptt call for every model and size."""
     lines = []
     for model in models:
-        module = importlib.import_module(f"generated.{model}")
+        module = importlib.import_module(f"bpttgen.generated.{model}")
         for (B, T, I, H, O) in sizes:
             params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
             module.loss_and_grads(params, x, targets)

@@ -55,7 +55,7 @@ def cost_per_step(np, model, Hs, B=1, IO=8, steps=None):
     runs over more steps (its per-call overhead would hide its O(H^2) otherwise)."""
     import importlib
 
-    module = importlib.import_module(f"generated.{model}")
+    module = importlib.import_module(f"bpttgen.generated.{model}")
     rng = np.random.default_rng(0)
     steps = steps or {"bptt": 512, "rtrl": 16}
     rows = []
@@ -85,7 +85,7 @@ def cost_per_step(np, model, Hs, B=1, IO=8, steps=None):
 # -- 2. estimates at fixed weights ---------------------------------------------------
 def estimates(np, module, c, samples, T, H, seed=0):
     """Relative error of the mean of n estimates vs n, and the variance of one."""
-    from codegen import tasks
+    from bpttgen.codegen.app import tasks
 
     task = tasks.adding(T, 16, classes=5, seed=seed)
     params = module.init_params({"I": 2, "H": H, "O": 5}, seed=seed, dtype=np.float64)
@@ -120,7 +120,7 @@ def estimates(np, module, c, samples, T, H, seed=0):
 def training(np, module, T, H, c, epochs, n_train, n_test, lr, seeds):
     """Held-out loss after each epoch, per algorithm and seed (the seed draws the data,
     the initial weights, the minibatch order and ARTBP's cuts)."""
-    from codegen import tasks
+    from bpttgen.codegen.app import tasks
 
     k = int(round(1 / c))
     sizes = {"I": 2, "H": H, "O": 5}
@@ -177,7 +177,7 @@ def main(argv=None):
 
     cost = cost_per_step(np, "elman", [8, 16] if quick else [8, 16, 32, 64, 128])
     cost += cost_per_step(np, "lstm", [8, 16] if quick else [8, 16, 32, 64])
-    lstm = importlib.import_module("generated.lstm")
+    lstm = importlib.import_module("bpttgen.generated.lstm")
     T, c = 40, 0.1
     est = estimates(np, lstm, c, 30 if quick else 3000, T, H=8)
     print(f"relative error of the mean of n estimates (n = {est['n']}):")
@@ -186,7 +186,7 @@ def main(argv=None):
               + f"; variance of one estimate / |grad|^2 {est[name + '_var']:.2f}")
     trained = {}
     for model in TRAINED:
-        trained[model] = training(np, importlib.import_module(f"generated.{model}"), T, H=16,
+        trained[model] = training(np, importlib.import_module(f"bpttgen.generated.{model}"), T, H=16,
                                   c=c, epochs=2 if quick else 20,
                                   n_train=256 if quick else 2000,
                                   n_test=128 if quick else 500, lr=0.01,

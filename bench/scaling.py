@@ -62,7 +62,7 @@ def main(argv=None):
     import numba
     import numpy as np
 
-    module = importlib.import_module(f"generated.{args.model}")
+    module = importlib.import_module(f"bpttgen.generated.{args.model}")
     B, I, H, O = (int(v) for v in args.size.split(","))
     sizes = {"I": I, "H": H, "O": O}
     algos = ["bptt", "naive"] + [f"tbptt({k1},{k2})" for k1, k2 in TBPTT]

@@ -15,10 +15,11 @@ import uuid
 
 import numba
 
-from derive import derive
-from derive.models import BUILTIN, build
+from bpttgen.derive import derive
+from bpttgen.derive.models import BUILTIN, build
 
-from .render import is_unedited, render_cpu
+from bpttgen.codegen.render import is_unedited, render_cpu
+from bpttgen.codegen.render_cuda import render_cuda
 
 BUILTINS_COMMAND = "bpttgen generate --builtins"
 GENERATED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -39,7 +40,7 @@ def verify(name, cpu_source, *, size=2, T=3, B=2):
     tiny sizes. The kernels run as plain Python (Numba's DISABLE_JIT while the module
     is imported), which checks the printed math in well under a second where
     compiling would take a minute; ``bpttgen check`` runs the compiled kernels."""
-    from . import gradcheck
+    from bpttgen.codegen.runtime import gradcheck
 
     with tempfile.TemporaryDirectory(prefix="bpttgen-verify-") as folder:
         path = os.path.join(folder, f"{name}.py")
@@ -104,12 +105,8 @@ def module_sources(model, command, target="cpu", check=False):
             verify(model.name, cpu)
         if target in ("cpu", "all"):
             out[f"{model.name}.py"] = cpu
-    if target in ("cuda", "all") and _has_cuda_renderer():
-        from .render_cuda import render_cuda
-
+    if target in ("cuda", "all"):
         out[f"{model.name}_cuda.py"] = render_cuda(derivation, command)
-    elif target == "cuda":
-        raise ValueError("the CUDA target is not available in this version")
     return out
 
 
@@ -124,10 +121,6 @@ def generate(model, out_dir, command, target="cpu", force=False, check=True):
         write_safely(path, text, force=force)
         written.append(path)
     return written
-
-
-def _has_cuda_renderer():
-    return importlib.util.find_spec("codegen.render_cuda") is not None
 
 
 def generate_builtins(out_dir=GENERATED_DIR, target="all", force=False, progress=None,

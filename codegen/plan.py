@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from derive.losses import K as LOSS_K
-from derive.losses import d as LOSS_D
-from derive.simplify import cse
+from bpttgen.derive.losses import K as LOSS_K
+from bpttgen.derive.losses import d as LOSS_D
+from bpttgen.derive import naming
+from bpttgen.derive.simplify import cse
 
-from .printer import pycode, pycode_factor
+from bpttgen.codegen.printer import pycode, pycode_factor
 
 
 class PlanError(ValueError):
@@ -247,9 +248,9 @@ class Plan:
         return blocks
 
     def _group_name(self, source, phase):
-        name = f"P_{source}"
+        name = naming.code_group(source)
         if any(g.name == name for g in self.groups):
-            name = f"P_{source}__{phase}"  # no user name has a double underscore
+            name = naming.code_group(source, phase)
         return name
 
     def _adjoint_arrays(self):

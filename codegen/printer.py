@@ -15,7 +15,7 @@ from sympy.core.mul import _keep_coeff
 from sympy.printing.precedence import PRECEDENCE, precedence
 from sympy.printing.pycode import PythonCodePrinter
 
-from derive.functions import CUSTOM
+from bpttgen.derive.functions import CUSTOM
 
 #: Integer powers printed as products (b*b, b*b*b, b*b*b*b): exact and vectorisable.
 PRODUCT_POWERS = (2, 3, 4)
@@ -38,7 +38,7 @@ class NumbaPrinter(PythonCodePrinter):
                           **(settings or {})})
         for name in CUSTOM:
             self.known_functions[name] = name
-        # tanh and exp from codegen.kernel_functions: exact in float64,
+        # tanh and exp from codegen/runtime/kernel_functions.py: exact in float64,
         # vectorisable in float32.
         self.known_functions["tanh"] = "tanh"
         self.known_functions["exp"] = "exp"

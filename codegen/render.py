@@ -12,12 +12,13 @@ import os
 import jinja2
 import sympy as sp
 
-from derive.derivation import LAM, W_ELEM
+from bpttgen.derive import naming
+from bpttgen.derive.derivation import LAM, W_ELEM
 
-from .kernel_functions import fingerprint
-from .plan import Plan
-from .printer import pycode
-from .rtrl import RtrlPlan
+from bpttgen.codegen.runtime.kernel_functions import fingerprint
+from bpttgen.codegen.plan import Plan
+from bpttgen.codegen.printer import pycode
+from bpttgen.codegen.rtrl import RtrlPlan
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "templates")
@@ -108,10 +109,10 @@ def cpu_context(derivation, online=False):
                    shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
     args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
-            *[f"W_{g.name}" for g in plan.groups], *[a.name for a in plan.arrays],
-            *[f"dW_{g.name}" for g in plan.groups]]
+            *[naming.code_group_weights(g.name) for g in plan.groups], *[a.name for a in plan.arrays],
+            *[naming.code_group_gradient(g.name) for g in plan.groups]]
     # Stacked weight gradients, (rows of the group, columns of its source).
-    arrays += [dict(name=f"dW_{g.name}", role="grad",
+    arrays += [dict(name=naming.code_group_gradient(g.name), role="grad",
                     shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
     groups = []
     for g, members in zip(plan.groups, member_rows(plan.groups)):

@@ -24,8 +24,9 @@ codegen/runtime.py, which Numba compiles for the device too. What differs:
 import re
 from dataclasses import dataclass
 
-from .plan import Plan, PlanError
-from .render import _block_comment, cpu_context, environment, header, member_rows
+from bpttgen.derive import naming
+from bpttgen.codegen.plan import Plan, PlanError
+from bpttgen.codegen.render import _block_comment, cpu_context, environment, header, member_rows
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDENT = " " * 8
@@ -142,7 +143,7 @@ class CudaPlan:
         for _, line in self.phases[(direction, phase)]:
             used.update(_IDENT.findall(line))
         names = [self.plan.input_array, *self.plan.vector_params] + \
-            [f"W_{g.name}" for g in self.plan.groups] + \
+            [naming.code_group_weights(g.name) for g in self.plan.groups] + \
             [self.array_name(a) for a in self.arrays]
         return [n for n in names if n in used]
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from derive.naming import code_tangent as dot
-from derive.simplify import cse
+from bpttgen.derive.naming import code_tangent as dot
+from bpttgen.derive.simplify import cse
 
-from .printer import pycode, pycode_factor
+from bpttgen.codegen.printer import pycode, pycode_factor
 
 
 @dataclass

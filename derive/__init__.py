@@ -1,6 +1,6 @@
 """bpttgen's symbolic side: define a recurrent model, derive its BPTT.
 
-    from derive import Model, tanh, derive
+    from bpttgen.derive import Model, tanh, derive
     m = Model("cell", sizes=("I", "H", "O"))
     ...
     derivation = derive(m)
@@ -8,6 +8,11 @@
 Data flow: model.py (definition) -> derivation.py (Derivation) -> latex.py /
 codegen/. reference.py evaluates a Derivation in plain NumPy.
 """
+
+if __name__.split(".")[0] == "derive":  # a checkout's folder imported as the old top level
+    from bpttgen.derive.errors import old_import_message
+
+    raise ImportError(old_import_message("derive"), name="derive")
 
 from .derivation import Derivation, derive
 from .functions import relu as relu_function, sigmoid as sigmoid_function

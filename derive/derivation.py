@@ -244,12 +244,14 @@ def _check_complete(model):
         if p.name not in used:
             raise DefinitionError(f"parameter '{p.name}' is declared but never used",
                                   location=p.location)
-    sized = {size for _, size in model._symbols.values()}
+    # A call tells the sizes by the shapes of the input and the parameters.
+    sized = set(model.inputs.values())
     sized.update(s for p in model.params.values() for s in p.shape)
     for size in model.sizes:
         if size not in sized:
             raise DefinitionError(
-                f"size '{size}' of model '{model.name}' is used by no input, state, "
-                "parameter or node, so no argument tells its value: remove it", location=None)
+                f"size '{size}' of model '{model.name}' is the size of no input and no "
+                "parameter, so no argument of a call tells its value: give it a parameter "
+                "or use another size", location=None)
     if model.loss.target == "index" and model.loss_at not in ("every", "last"):
         raise DefinitionError("unknown loss schedule")

@@ -7,9 +7,9 @@ expressions, ``Partial.expr`` from ``sympy.diff``, the loss error, the L2 terms)
 printed by ``DerivationPrinter``, a ``LatexPrinter`` subclass; symbols come from
 naming.py, whose code names the generated kernels use.
 
-    from derive import derive
-    from derive.latex import render
-    from derive.models import build
+    from bpttgen.derive import derive
+    from bpttgen.derive.latex import render
+    from bpttgen.derive.models import build
     print(render(derive(build("elman")), form="markdown"))
 
 The content, in order: notation; the forward step and the readout; the loss; the
@@ -393,12 +393,18 @@ class _Builder:
                 rows.append((n.adjoint(s.prev), code,
                              f"adjoint of ${n.vector(s.prev)}$ through step $t$, added "
                              f"into ${n.adjoint(s.name, -1)}$", size(s.size)))
-        rows.append((r"\bar{\mathbf{v}}_{t}", "d_<v>",
+        group = naming.code_group("<u>")
+        rows.append((r"\bar{\mathbf{v}}_{t}", naming.code_adjoint("<v>", ()),
                      r"adjoint $\partial L / \partial \mathbf{v}_t$ of another vector "
-                     r"$\mathbf{v}$; of a product: $\overline{\mathbf{W}\mathbf{u}_{t}}$, "
-                     "code `d_<W>_<u>`", r"as $\mathbf{v}$"))
-        rows.append((r"\partial L / \partial \boldsymbol{\theta}", "d_<theta>",
-                     r"gradient of a parameter $\boldsymbol{\theta}$",
+                     r"$\mathbf{v}$. The products $\mathbf{W}\mathbf{u}_{t}$ of one vector "
+                     rf"$\mathbf{{u}}$ are one matrix product in code, `{group}`, with "
+                     f"the weights stacked in `{naming.code_group_weights(group)}`; their "
+                     rf"adjoints $\overline{{\mathbf{{W}}\mathbf{{u}}_{{t}}}}$ are columns "
+                     f"of `{naming.code_adjoint(group, ())}`", r"as $\mathbf{v}$"))
+        rows.append((r"\partial L / \partial \boldsymbol{\theta}",
+                     naming.code_gradient("<theta>"),
+                     r"gradient of a vector parameter $\boldsymbol{\theta}$; of a matrix: "
+                     f"its rows of `{naming.code_group_gradient(group)}`",
                      r"as $\boldsymbol{\theta}$"))
         rows.append(("w_{tb}", "mask", "weight of the loss at step $t$ of sequence $b$",
                      "scalar"))

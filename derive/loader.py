@@ -1,7 +1,7 @@
 """Find a model by built-in name or by the path of a user's definition file.
 
 A definition file is plain Python that defines ``model()`` returning a
-``derive.Model`` (or a module-level ``model`` that is one). Errors in it are
+``bpttgen.Model`` (or a module-level ``model`` that is one). Errors in it are
 reported with its file name and line.
 """
 
@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 
+from .errors import MOVED, OLD_PACKAGES, old_import_message
 from .losses import LossError
 from .model import DefinitionError, Model
 from .models import BUILTIN, build
@@ -35,6 +36,12 @@ def load_model(spec):
             found = found()
     except (DefinitionError, LossError):  # already located in the file
         raise
+    except ImportError as err:
+        if err.name in OLD_PACKAGES or str(err).startswith(MOVED):
+            raise DefinitionError(old_import_message(err.name or "derive"),
+                                  location=_location_in(err, spec)) from err
+        raise DefinitionError(f"{type(err).__name__}: {err}",
+                              location=_location_in(err, spec)) from err
     except SyntaxError as err:
         raise DefinitionError(f"syntax error: {err.msg}",
                               location=f"{spec}:{err.lineno}") from err
@@ -44,7 +51,7 @@ def load_model(spec):
     finally:
         sys.modules.pop(name, None)
     if not isinstance(found, Model):
-        raise DefinitionError(f"{spec} must define model() returning a derive.Model",
+        raise DefinitionError(f"{spec} must define model() returning a bpttgen.Model",
                               location=f"{spec}:1")
     return found
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from .errors import _caller_location
 from .functions import sigmoid, softplus
 
 #: element of the readout, element of the target, the shift max_k z_k, output size
@@ -28,8 +29,6 @@ class LossError(ValueError):
     message starts with the file:line that defines the loss."""
 
     def __init__(self, message):
-        from .model import _caller_location  # model.py imports this module
-
         self.location = _caller_location()
         super().__init__(f"{self.location}: {message}" if self.location else message)
 

@@ -16,39 +16,12 @@ makes them runs, with that line's file and number.
     m.output(m.matrix("W_hy", "O", "H") @ h + m.bias("b_y", "O"), loss=softmax_cross_entropy)
 """
 
-import os
-import traceback
 from dataclasses import dataclass
 
 import sympy as sp
 
 from . import functions, losses, naming
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class DefinitionError(ValueError):
-    """A model definition that cannot be derived; names the line and symbol."""
-
-    def __init__(self, message, location=None):
-        self.location = location or _caller_location()
-        where = f"{self.location}: " if self.location else ""
-        super().__init__(where + message)
-
-
-def _caller_location():
-    """'file:line' of the innermost frame outside derive/'s engine modules.
-
-    Built-in definitions in derive/models/ count as user code: an error in one
-    should point at its line too.
-    """
-    for frame in reversed(traceback.extract_stack()):
-        if frame.filename == "<string>" and frame.name == "__init__":
-            continue  # a dataclass's generated __init__ (derive.Loss's checks)
-        path = os.path.abspath(frame.filename)
-        if os.path.dirname(path) != _HERE:
-            return f"{frame.filename}:{frame.lineno}"
-    return None
+from .errors import DefinitionError, _caller_location
 
 
 @dataclass(frozen=True)
@@ -111,7 +84,9 @@ class Vec:
     def __truediv__(self, o): return self._combine(o, lambda a, b: a / b, "/")
     def __rtruediv__(self, o): return self._combine(o, lambda a, b: b / a, "/")
     def __pow__(self, o): return self._combine(o, lambda a, b: a ** b, "**")
+    def __rpow__(self, o): return self._combine(o, lambda a, b: b ** a, "**")
     def __neg__(self): return Vec(self.model, -self.expr, self.size)
+    def __abs__(self): return Vec(self.model, sp.Abs(self.expr), self.size)
 
     def apply(self, function):
         """Apply a scalar SymPy function (or a lambda building a SymPy expression)
@@ -148,7 +123,11 @@ class State:
     def __mul__(self, o): return self.t * o
     def __rmul__(self, o): return o * self.t
     def __truediv__(self, o): return self.t / o
+    def __rtruediv__(self, o): return o / self.t
+    def __pow__(self, o): return self.t ** o
+    def __rpow__(self, o): return o ** self.t
     def __neg__(self): return -self.t
+    def __abs__(self): return abs(self.t)
 
     def apply(self, function):
         return self.t.apply(function)
@@ -299,9 +278,12 @@ class Model:
     def _symbol(self, name):
         return sp.Symbol(name, real=True)
 
-    def _declare(self, name, kind, size):
-        if kind != "prev":  # s_prev is derived from the state's checked name
-            _refuse_name(name, kind, f"a {_KIND_WORDS[kind]}")
+    def _declare(self, name, kind, size, minted=False):
+        # s_prev is derived from the state's checked name; a minted name is safe by
+        # construction (_minted)
+        if kind != "prev" and not minted:
+            word = _KIND_WORDS[kind]
+            _refuse_name(name, kind, f"{'an' if word[0] in 'aeiou' else 'a'} {word}")
         if name in self.sizes:
             raise DefinitionError(f"name '{name}' is already defined as a size")
         if name in self._symbols:
@@ -371,7 +353,19 @@ class Model:
         if problem:
             raise DefinitionError(problem)
 
-    def _materialize(self, vec, name=None):
+    def _minted(self, stem):
+        """The name of a vector the definition did not name (a product W @ v): ``stem``
+        when a user could have written it and it is free, else ``_p<k>``, in the
+        generator's own namespace (a leading underscore, which no user name has)."""
+        if naming.identifier_problem(stem, "node") is None and stem not in self._symbols \
+                and stem not in self.sizes:
+            return stem
+        k = 1
+        while f"_p{k}" in self._symbols:
+            k += 1
+        return f"_p{k}"
+
+    def _materialize(self, vec, name=None, minted=False):
         """The name of a node holding ``vec``: the vector itself when it already is
         a named symbol, otherwise a new elementwise node."""
         if isinstance(vec, State):
@@ -387,7 +381,7 @@ class Model:
                 self._counter += 1
                 name = f"u{self._counter}"
         self._check_expr(vec.expr, f"the expression for '{name}'")
-        self._declare(name, "node", vec.size)
+        self._declare(name, "node", vec.size, minted=minted)
         self.nodes.append(NodeDef(name, vec.size, "elementwise", expr=vec.expr,
                                   location=_caller_location()))
         return name
@@ -405,15 +399,13 @@ class Model:
         if source in self._linear_nodes:
             # A product of a product: store the inner one as a vector of its own, so
             # every matrix product reads a whole contiguous array.
-            source = self._materialize(vec, name=f"{source}_v")
-        name = f"{matrix.name}_{source}"
-        problem = naming.identifier_problem(name, "node")
-        if problem:
-            raise DefinitionError(
-                f"the product {matrix.name} @ {source} is a vector named '{name}', and "
-                f"{problem}: rename the matrix or the vector")
+            source = self._materialize(vec, name=self._minted(f"{source}_v"), minted=True)
+        for n in self.nodes:  # the same product written twice is one vector
+            if n.kind == "linear" and (n.weight, n.source) == (matrix.name, source):
+                return Vec(self, self._symbol(n.name), matrix.rows)
+        name = self._minted(f"{matrix.name}_{source}")
         self._linear_nodes.add(name)
-        self._declare(name, "node", matrix.rows)
+        self._declare(name, "node", matrix.rows, minted=True)
         self.nodes.append(NodeDef(name, matrix.rows, "linear", weight=matrix.name,
                                   source=source, location=_caller_location()))
         return Vec(self, self._symbol(name), matrix.rows)

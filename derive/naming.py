@@ -42,6 +42,7 @@ generated module and fails if the code binds a name this module does not know.
 import keyword
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 
 from sympy.printing.latex import translate
@@ -109,6 +110,10 @@ def identifier_problem(name, kind):
     """
     if not isinstance(name, str) or not name.isidentifier():
         return f"{name!r} is not a Python identifier"
+    if unicodedata.normalize("NFKC", name) != name:
+        # Python reads the identifier as its NFKC form (ℌ as H), a string as written.
+        return (f"{name!r} is not in Unicode's NFKC form; Python would read it as "
+                f"{unicodedata.normalize('NFKC', name)!r}")
     if keyword.iskeyword(name) or keyword.issoftkeyword(name):
         return f"'{name}' is a Python keyword (e.g. '{name}_' would do)"
     if kind == "model":
@@ -161,12 +166,43 @@ def code_tangent(name):
 
 
 def code_gradient(param):
-    """Code name of dL/dparam.
+    """Code name of dL/dparam of a vector parameter (a matrix's gradient is its rows of
+    its product group's stacked gradient, ``code_group_gradient``).
 
-    >>> code_gradient("W_xh")
-    'd_W_xh'
+    >>> code_gradient("b_h")
+    'd_b_h'
     """
     return f"d_{param}"
+
+
+def code_group(source, phase=None):
+    """Code name of a product group: the products of one phase that read ``source``,
+    computed as one matrix product with their weights stacked. A second group of the
+    same source (another phase) takes the phase after a double underscore, which no
+    user name has.
+
+    >>> code_group("x"), code_group("h", "post")
+    ('P_x', 'P_h__post')
+    """
+    return f"P_{source}" if phase is None else f"P_{source}__{phase}"
+
+
+def code_group_weights(group):
+    """The stacked weights of a product group.
+
+    >>> code_group_weights("P_x")
+    'W_P_x'
+    """
+    return f"W_{group}"
+
+
+def code_group_gradient(group):
+    """The stacked gradient of a product group's weights (each weight's rows).
+
+    >>> code_group_gradient("P_x")
+    'dW_P_x'
+    """
+    return f"dW_{group}"
 
 
 # -- LaTeX symbols -------------------------------------------------------------------

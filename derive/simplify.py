@@ -18,7 +18,7 @@ class ThroughStoredValues:
     >>> a, h = sp.symbols("a h")
     >>> ThroughStoredValues(((sp.tanh(a), h),)).apply(sp.diff(sp.tanh(a), a))
     1 - h**2
-    >>> from derive.functions import sigmoid
+    >>> from bpttgen.derive.functions import sigmoid
     >>> ThroughStoredValues(((sigmoid(a), h),)).apply(sp.diff(sigmoid(a), a))
     h*(1 - h)
     """
@@ -35,7 +35,7 @@ class ThroughStoredValues:
 class DropZeroSteps:
     """The derivative of a step function is zero almost everywhere.
 
-    >>> from derive.functions import step
+    >>> from bpttgen.derive.functions import step
     >>> a = sp.Symbol("a")
     >>> DropZeroSteps().apply(3 * sp.Derivative(step(a), a) + 1)
     1

@@ -2,7 +2,7 @@
 200, learned by an Elman RNN, an LSTM and a GRU with full (accumulated) BPTT and
 with truncated BPTT(k1, k2).
 
-The task (Hochreiter & Schmidhuber; codegen.tasks.adding): two input channels, a
+The task (Hochreiter & Schmidhuber; bpttgen.codegen.app.tasks.adding): two input channels, a
 random value in [0, 1] and a marker; one marked value in each half of the
 sequence; at the last step the model names the sum, binned into --classes equal
 classes (softmax cross-entropy on the last step only, a mask on the others). The
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(HERE), "bench", "results")
 sys.path.insert(0, os.path.dirname(HERE))
 
-from codegen import tasks  # noqa: E402
+from bpttgen.codegen.app import tasks  # noqa: E402
 
 MODELS = ("elman", "lstm", "gru")
 LABEL = {"elman": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU"}
@@ -71,7 +71,7 @@ def accuracy_and_loss(module, params, task):
 
 
 def run(name, algorithm, T, args, train, test, k1=None, k2=None):
-    module = importlib.import_module(f"generated.{name}")
+    module = importlib.import_module(f"bpttgen.generated.{name}")
     trainer = module.Trainer({"I": 2, "H": args.hidden, "O": args.classes}, optimizer="adam",
                              lr=args.lr, clip=args.clip, algorithm=algorithm, k1=k1, k2=k2,
                              seed=args.seed)

@@ -95,7 +95,7 @@ def run(name, algorithm, args, data, k1=None, k2=None, n=None, dtype=None):
     if n is not None:
         x, targets = x[:, :n], targets[:, :n]
     V = len(vocabulary)
-    module = importlib.import_module(f"generated.{name}")
+    module = importlib.import_module(f"bpttgen.generated.{name}")
     dtype = dtype or (np.float64 if args.float64 else np.float32)
     x = x.astype(dtype, copy=False)
     trainer = module.Trainer({"I": V, "H": args.hidden, "O": V}, optimizer="adam", lr=args.lr,

@@ -1,0 +1,2 @@
+"""The committed modules of the built-in cells, installed as bpttgen.generated
+(``bpttgen generate --builtins`` regenerates them)."""

@@ -15,8 +15,8 @@ def generated_module(tmp_path_factory):
     """case id -> imported generated CPU module. Built-in models come from the
     committed generated/ folder; other cases are generated into a temporary folder
     once per session (Numba's cache=True then spares recompiling them)."""
-    from codegen.generate import generate, import_path
-    from derive.models import BUILTIN
+    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.derive.models import BUILTIN
 
     folder = tmp_path_factory.mktemp("generated")
     cache = {}
@@ -24,7 +24,7 @@ def generated_module(tmp_path_factory):
     def get(case):
         if case not in cache:
             if case in BUILTIN:
-                cache[case] = importlib.import_module(f"generated.{case}")
+                cache[case] = importlib.import_module(f"bpttgen.generated.{case}")
             else:
                 model = CASES[case]()
                 model.name = case.replace("-", "_")

@@ -25,7 +25,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from derive.models import BUILTIN  # noqa: E402
+from bpttgen.derive.models import BUILTIN  # noqa: E402
 from helpers import CASES  # noqa: E402
 
 #: The project's user-defined cell: tests/user_cell.py where present, else the one
@@ -86,17 +86,17 @@ def _user_losses():
 # -- everything below runs in the simulator process only ------------------------------
 def _modules(case, folder, cache={}):
     """(CPU module, CUDA module, derivation) of a case."""
-    from codegen.cli import main as bpttgen
-    from codegen.generate import generate, import_path
-    from derive import derive
-    from derive.loader import load_model
+    from bpttgen.codegen.app.cli import main as bpttgen
+    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.derive import derive
+    from bpttgen.derive.loader import load_model
 
     if case in cache:
         return cache[case]
     if case in BUILTIN:
         model = CASES[case]()
-        cpu = importlib.import_module(f"generated.{case}")
-        gpu = importlib.import_module(f"generated.{case}_cuda")
+        cpu = importlib.import_module(f"bpttgen.generated.{case}")
+        gpu = importlib.import_module(f"bpttgen.generated.{case}_cuda")
     elif case == "user":
         # As a user would: bpttgen generate FILE --target all -o DIR.
         model = load_model(user_cell_path())
@@ -145,7 +145,7 @@ def run_case(case_id, folder):
     import numpy as np
     from numba import cuda
 
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     case, check = case_id.split(":")
     cpu, gpu, D = _modules(case, folder)
@@ -254,7 +254,7 @@ def main(out, ids):
         # The same cases on the real GPU (tests/test_cuda.py with BPTTGEN_CUDA_REAL=1).
         if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
             raise SystemExit("BPTTGEN_CUDA_REAL=1 asks for the GPU: unset NUMBA_ENABLE_CUDASIM")
-        from codegen.cuda_runtime import device_name
+        from bpttgen.codegen.runtime.cuda import device_name
 
         if device_name() is None:
             raise SystemExit("BPTTGEN_CUDA_REAL=1 but numba.cuda finds no usable GPU")

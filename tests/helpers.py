@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from codegen.gradcheck import finite_difference, max_relative_error  # noqa: F401 (re-exported)
-from derive import mse, sigmoid_bce, softmax_cross_entropy, sse
-from derive.models import BUILTIN, elman, lstm
+from bpttgen.codegen.runtime.gradcheck import finite_difference, max_relative_error  # noqa: F401 (re-exported)
+from bpttgen.derive import mse, sigmoid_bce, softmax_cross_entropy, sse
+from bpttgen.derive.models import BUILTIN, elman, lstm
 
 LOSSES = {"softmax_ce": softmax_cross_entropy, "sse": sse, "mse": mse,
           "sigmoid_bce": sigmoid_bce}
@@ -48,8 +48,8 @@ def tbptt_reference(D, params, x, targets, state0, k1, k2):
     """tbptt(k1, k2) by its definition, evaluated with the NumPy reference: each
     window's losses, differentiated with the state before the window held fixed,
     summed (weighted as the generated modules weight them: by all T*B steps)."""
-    from codegen.runtime import windows
-    from derive import reference
+    from bpttgen.codegen.runtime import windows
+    from bpttgen.derive import reference
 
     T, B = x.shape[:2]
     trajectory, _ = reference._run_forward(D, params, x, state0)

@@ -9,9 +9,10 @@ the sample variance of the estimates (a z-score per gradient element).
 import numpy as np
 import pytest
 
-from codegen import online, tasks
-from derive import derive, reference
-from derive.models import BUILTIN
+from bpttgen.codegen.runtime import online
+from bpttgen.codegen.app import tasks
+from bpttgen.derive import derive, reference
+from bpttgen.derive.models import BUILTIN
 from helpers import CASES, max_relative_error, random_problem, tiny_sizes
 
 
@@ -204,7 +205,7 @@ def test_online_artbp_updates_at_cuts_and_learns(generated_module):
 
 
 def test_trainer_needs_c():
-    import generated.elman as module
+    import bpttgen.generated.elman as module
 
     with pytest.raises(ValueError, match="needs c"):
         module.Trainer({"I": 1, "H": 2, "O": 2}, algorithm="artbp")

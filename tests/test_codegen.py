@@ -8,7 +8,7 @@ between algorithms (bptt == naive == tbptt(T, T) == epochwise).
 import numpy as np
 import pytest
 
-from derive import derive, reference
+from bpttgen.derive import derive, reference
 from helpers import (CASES, GENERATED_CASES, finite_difference, max_relative_error,
                      random_problem, tbptt_reference, tiny_sizes)
 

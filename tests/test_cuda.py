@@ -181,8 +181,8 @@ def _compile_all(kernels, dtype):
 @pytest.fixture(scope="module")
 def user_cuda_module(tmp_path_factory):
     """The user's cell, generated for CUDA into a temporary folder."""
-    from codegen.generate import generate, import_path
-    from derive.loader import load_model
+    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.derive.loader import load_model
 
     model = load_model(worker.user_cell_path())
     folder = tmp_path_factory.mktemp("user_cuda")
@@ -196,7 +196,7 @@ def test_kernels_compile_to_ptx(model, dtype, request):
     if model == "user":
         module = request.getfixturevalue("user_cuda_module")
     else:
-        module = importlib.import_module(f"generated.{model}_cuda")
+        module = importlib.import_module(f"bpttgen.generated.{model}_cuda")
     kernels = [(name, k.py_func, kinds) for name, (k, kinds) in module.KERNELS.items()]
     assert kernels
     failures = _compile_all(kernels, dtype)
@@ -205,7 +205,7 @@ def test_kernels_compile_to_ptx(model, dtype, request):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_runtime_kernels_compile_to_ptx(dtype):
-    from codegen import cuda_runtime as crt
+    from bpttgen.codegen.runtime import cuda as crt
 
     failures = _compile_all(crt.ptx_kernels(np.dtype(dtype)), dtype)
     assert not failures, "\n".join(failures)
@@ -214,7 +214,7 @@ def test_runtime_kernels_compile_to_ptx(dtype):
 def test_every_kernel_is_listed():
     """KERNELS (what the PTX test compiles) holds every @cuda.jit kernel of a module."""
     for model in BUILTIN:
-        module = importlib.import_module(f"generated.{model}_cuda")
+        module = importlib.import_module(f"bpttgen.generated.{model}_cuda")
         defined = {name for name, value in vars(module).items()
                    if type(value).__name__ == "CUDADispatcher"}
         assert defined == set(module.KERNELS), model
@@ -251,7 +251,7 @@ def test_simulator_run_ends_cleanly(simulator):
 
 # -- the benchmark without a GPU -----------------------------------------------------------
 def test_benchmark_says_no_gpu():
-    from codegen.cuda_runtime import device_name
+    from bpttgen.codegen.runtime.cuda import device_name
 
     if device_name() is not None:
         pytest.skip("a GPU is present: the benchmark would run")

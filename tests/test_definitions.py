@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import sympy
 
-from derive import DefinitionError, Loss, Model, custom_loss, derive, sse, tanh
-from derive.loader import load_model
-from derive.losses import LossError, d, z
-from derive.model import Vec
+from bpttgen.derive import DefinitionError, Loss, Model, custom_loss, derive, sse, tanh
+from bpttgen.derive.loader import load_model
+from bpttgen.derive.losses import LossError, d, z
+from bpttgen.derive.model import Vec
 
 HERE = os.path.basename(__file__)
 
@@ -233,7 +233,7 @@ def test_a_parameter_declared_but_never_used():
 
 
 GOOD_FILE = '''\
-from derive import Model, sse, tanh
+from bpttgen.derive import Model, sse, tanh
 
 
 def model():
@@ -254,7 +254,7 @@ BROKEN_FILES = {
                        ["shape mismatch", "W_hh @ x"]),
     "unused parameter": (9, "    m.output(m.matrix('W_hy', 'O', 'H') @ h, loss=sse); "
                             "m.bias('b_unused', 'H')", ["'b_unused'", "never used"]),
-    "not scalar loss": (9, "    from derive.losses import custom_loss, z, d; "
+    "not scalar loss": (9, "    from bpttgen.derive.losses import custom_loss, z, d; "
                            "custom_loss('bad', z, S=(z - d) ** 2)", ["not scalar", "['z']"]),
 }
 
@@ -282,7 +282,7 @@ def test_a_good_definition_file(tmp_path):
 def test_a_definition_file_without_model(tmp_path):
     path = tmp_path / "empty.py"
     path.write_text(textwrap.dedent("""\
-        import derive
+        import bpttgen.derive
         cell = None
     """))
     with pytest.raises(DefinitionError) as info:

@@ -83,7 +83,7 @@ def test_frameworks_gradients_agree(model):
 
     fw = _script("bench", "frameworks")
 
-    module = importlib.import_module(f"generated.{model}")
+    module = importlib.import_module(f"bpttgen.generated.{model}")
     assert fw.check_float64(np, torch, module, model) < fw.TOLERANCE_F64
     params, x, targets = fw.problem(np, module, model, 3, 6, 5, 7, 4, np.float32)
     loss_ref, g_ref = module.loss_and_grads(params, x, targets)

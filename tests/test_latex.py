@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import derive.latex
-import derive.naming
-from derive import derive as derive_model
-from derive.latex import FORMS, render
-from derive.loader import load_model
-from derive.models import BUILTIN, build
+import bpttgen.derive.latex
+import bpttgen.derive.naming
+from bpttgen.derive import derive as derive_model
+from bpttgen.derive.latex import FORMS, render
+from bpttgen.derive.loader import load_model
+from bpttgen.derive.models import BUILTIN, build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
@@ -219,7 +219,7 @@ def test_index_form_is_optional():
 def test_every_partial_is_printed():
     """The backward step prints Derivation.partials, not a rederivation."""
     d = derivation("lstm")
-    printer = derive.latex._Builder(d, False).vec
+    printer = bpttgen.derive.latex._Builder(d, False).vec
     text = render(d, form="markdown")
     for p in d.partials:
         if p.expr != 1:
@@ -232,7 +232,7 @@ def test_unknown_form():
     assert FORMS == ("document", "fragment", "markdown")
 
 
-@pytest.mark.parametrize("module", [derive.naming, derive.latex])
+@pytest.mark.parametrize("module", [bpttgen.derive.naming, bpttgen.derive.latex])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.failed == 0

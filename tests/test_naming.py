@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from codegen.generate import GENERATED_DIR
-from derive import DefinitionError, Model, custom_loss, naming, sse, tanh
-from derive.losses import LossError
-from derive.models import BUILTIN, build
+from bpttgen.codegen.generate import GENERATED_DIR
+from bpttgen.derive import DefinitionError, Model, custom_loss, naming, sse, tanh
+from bpttgen.derive.losses import LossError
+from bpttgen.derive.models import BUILTIN, build
 
 _MODULES = sorted(f for f in os.listdir(GENERATED_DIR)
                   if f.endswith(".py") and f != "__init__.py")
@@ -100,11 +100,24 @@ def test_a_size_may_not_be_a_driver_variable():
             Model("cell", sizes=("I", bad))
 
 
-def test_a_product_named_like_a_generated_array_names_the_product():
-    m = Model("cell", sizes=("I", "H"))
-    x = m.input("x", "I")
-    with pytest.raises(DefinitionError, match=r"product W_P @ x .* 'W_P_x'"):
-        m.matrix("W_P", "H", "I") @ x
+def test_a_product_whose_name_would_clash_gets_a_private_name():
+    """W @ v is the vector W_v unless that name would clash; then it is named in the
+    generator's own namespace (a leading underscore) and the module still verifies."""
+    from bpttgen.codegen.generate import verify
+    from bpttgen.codegen.render import render_cpu
+    from bpttgen.derive import derive
+
+    m = Model("cell", sizes=("I", "H", "O"))
+    x, h = m.input("x", "I"), m.state("h", "H")
+    p = m.matrix("W_P", "H", "I") @ x  # W_P_x: the name of a stacked weight
+    q = m.matrix("lambda_", "H", "H") @ h.prev  # lambda__h_prev: a double underscore
+    assert (p.expr.name, q.expr.name) == ("_p1", "_p2")
+    w = m.matrix("W", "H", "H")
+    assert (w @ h.prev).expr.name == "W_h_prev"
+    assert (w @ h.prev).expr.name == "W_h_prev"  # the same product twice: one vector
+    m.update(h, tanh(p + q + w @ h.prev))
+    m.output(m.matrix("V", "O", "H") @ h, loss=sse)
+    verify("cell", render_cpu(derive(m), "test"))
 
 
 def test_model_names_that_shadow_modules_are_refused():

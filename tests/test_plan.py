@@ -3,9 +3,9 @@ pass with or without them): shared adjoints and the reuse of work arrays."""
 
 import numpy as np
 
-from codegen.plan import Plan
-from derive import derive
-from derive.models import BUILTIN
+from bpttgen.codegen.plan import Plan
+from bpttgen.derive import derive
+from bpttgen.derive.models import BUILTIN
 from helpers import max_relative_error, random_problem, tbptt_reference, tiny_sizes
 
 
@@ -92,7 +92,7 @@ def _tricky():
     """Structures the built-ins do not have, for the shared-adjoint decisions: a bias
     in two nodes, a product read by two nodes (not 'single'), a state read at t by
     another state, and an output summing products of two states."""
-    from derive import Model, sigmoid, softmax_cross_entropy, tanh
+    from bpttgen.derive import Model, sigmoid, softmax_cross_entropy, tanh
 
     m = Model("tricky", sizes=("I", "H", "O"))
     x = m.input("x", "I")
@@ -108,8 +108,8 @@ def _tricky():
 
 
 def test_shared_adjoints_on_unusual_structures_match_the_reference(tmp_path):
-    from codegen.generate import generate, import_path
-    from derive import reference
+    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.derive import reference
 
     D = derive(_tricky())
     plan = Plan(D, share=True)

@@ -19,9 +19,9 @@ import sympy as sp
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
-from codegen import kernel_functions
-from codegen.printer import pycode, pycode_factor
-from derive.functions import numpy_implementations, relu, sigmoid, softplus, step
+from bpttgen.codegen.runtime import kernel_functions
+from bpttgen.codegen.printer import pycode, pycode_factor
+from bpttgen.derive.functions import numpy_implementations, relu, sigmoid, softplus, step
 
 X, Y, Z = sp.symbols("x y z", real=True)
 P = sp.Symbol("p", positive=True)
@@ -364,7 +364,7 @@ def test_factor_text(expr, text):
 
 
 def test_user_function_without_definition_is_an_error():
-    from codegen.printer import PrintError
+    from bpttgen.codegen.printer import PrintError
 
     with pytest.raises(PrintError, match="'mystery'"):
         pycode(sp.Function("mystery")(a) + 1)

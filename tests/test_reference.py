@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from derive import derive
-from derive import reference
+from bpttgen.derive import derive
+from bpttgen.derive import reference
 from helpers import CASES, finite_difference, max_relative_error, random_problem, tiny_sizes
 
 

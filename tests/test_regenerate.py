@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from codegen.generate import BUILTINS_COMMAND, GENERATED_DIR, module_sources
-from codegen.render import is_unedited
-from derive.models import BUILTIN, build
+from bpttgen.codegen.generate import BUILTINS_COMMAND, GENERATED_DIR, module_sources
+from bpttgen.codegen.render import is_unedited
+from bpttgen.derive.models import BUILTIN, build
 
 
 @pytest.mark.parametrize("name", list(BUILTIN))
@@ -40,7 +40,7 @@ def test_runs_without_jit():
     """One model with NUMBA_DISABLE_JIT=1: the kernels are plain Python that gives
     the same numbers (readable errors when something breaks)."""
     code = (
-        "import numpy as np, generated.elman as m\n"
+        "import numpy as np, bpttgen.generated.elman as m\n"
         "p = m.init_params({'I': 3, 'H': 4, 'O': 3}, dtype=np.float64, seed=1)\n"
         "x = np.random.default_rng(0).normal(size=(4, 2, 3))\n"
         "t = np.random.default_rng(1).integers(0, 3, (4, 2))\n"

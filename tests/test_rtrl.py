@@ -8,9 +8,10 @@ Tiny sizes and the committed generated modules; every built-in model is checked.
 import numpy as np
 import pytest
 
-from codegen import online, tasks
-from derive import derive
-from derive.models import BUILTIN
+from bpttgen.codegen.runtime import online
+from bpttgen.codegen.app import tasks
+from bpttgen.derive import derive
+from bpttgen.derive.models import BUILTIN
 from helpers import CASES, max_relative_error, random_problem, tiny_sizes
 
 
@@ -180,7 +181,7 @@ def test_online_rtrl_with_one_update_is_bptt(generated_module):
 
 
 def test_trainer_options():
-    import generated.elman as module
+    import bpttgen.generated.elman as module
 
     with pytest.raises(ValueError, match="every must be a positive integer"):
         module.Trainer({"I": 1, "H": 2, "O": 2}, algorithm="rtrl", every=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from codegen import kernel_functions as runtime
+from bpttgen.codegen.runtime import kernel_functions as runtime
 
 
 def _over_array(fn, **options):

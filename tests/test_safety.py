@@ -21,19 +21,19 @@ import time
 import numpy as np
 import pytest
 
-from codegen import cli
+from bpttgen.codegen.app import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def elman():
-    return importlib.import_module("generated.elman")
+    return importlib.import_module("bpttgen.generated.elman")
 
 
 @pytest.fixture(scope="module")
 def lstm():
-    return importlib.import_module("generated.lstm")
+    return importlib.import_module("bpttgen.generated.lstm")
 
 
 def problem(module, T=4, B=2, dtype=np.float64, seed=0):
@@ -54,9 +54,9 @@ def call(module, p, **kw):
 
 
 def raised_in_checks(excinfo):
-    """The error comes from codegen/runtime.py or online.py (their checks), not from a
+    """The error comes from codegen/runtime/calls.py or online.py (their checks), not from a
     kernel."""
-    return os.path.basename(str(excinfo.traceback[-1].path)) in ("runtime.py", "online.py")
+    return os.path.basename(str(excinfo.traceback[-1].path)) in ("calls.py", "online.py")
 
 
 # -- malformed calls -------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_fit_checks_the_data(elman):
 
 # -- definition files ------------------------------------------------------------------
 GOOD_PREFIX = """\
-from derive import Model, tanh, softmax_cross_entropy
+from bpttgen.derive import Model, tanh, softmax_cross_entropy
 
 
 def model():
@@ -331,7 +331,7 @@ def test_definition_without_model(tmp_path, capsys):
     path = tmp_path / "empty.py"
     path.write_text("x = 1\n")
     assert cli.main(["generate", str(path), "-o", str(tmp_path)]) == cli.EXIT_USAGE
-    assert f"{path}:1: {path} must define model() returning a derive.Model" in \
+    assert f"{path}:1: {path} must define model() returning a bpttgen.Model" in \
         capsys.readouterr().err
 
 
@@ -610,7 +610,7 @@ def test_real_ctrl_c_in_a_subprocess(tmp_path, capsys):
     and resuming from the checkpoint ends where an uninterrupted run of the same
     length does."""
     out, ckpt, full = tmp_path / "p.npz", tmp_path / "p.ckpt.npz", tmp_path / "full.npz"
-    cmd = [sys.executable, "-m", "codegen.cli", *REAL_RUN, "--epochs", "100000",
+    cmd = [sys.executable, "-m", "bpttgen.codegen.app.cli", *REAL_RUN, "--epochs", "100000",
            "-o", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -631,7 +631,7 @@ def test_real_ctrl_c_in_a_subprocess(tmp_path, capsys):
             proc.wait()
     assert proc.returncode == cli.EXIT_INTERRUPTED, stderr
     assert not out.exists()
-    elman = importlib.import_module("generated.elman")
+    elman = importlib.import_module("bpttgen.generated.elman")
     saved = elman.Trainer({"I": 1, "H": 4, "O": 2}, dtype=np.float64).load(ckpt)
     assert saved.steps >= 20  # the first checkpoint existed before the Ctrl-C
     assert_consistent_checkpoint(saved, stderr, ckpt, batches=16)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive import Model, derive, reference, sse, tanh
-from derive.models import elman
+from bpttgen.derive import Model, derive, reference, sse, tanh
+from bpttgen.derive.models import elman
 from helpers import CASES, max_relative_error, random_problem, tiny_sizes
 from unrolled import evaluate, exact_gradient, symbolic_loss_and_grads, unrolled_loss
 

@@ -9,17 +9,17 @@ import importlib
 import numpy as np
 import pytest
 
-from codegen import tasks
+from bpttgen.codegen.app import tasks
 
 
 @pytest.fixture(scope="module")
 def elman():
-    return importlib.import_module("generated.elman")
+    return importlib.import_module("bpttgen.generated.elman")
 
 
 @pytest.fixture(scope="module")
 def lstm():
-    return importlib.import_module("generated.lstm")
+    return importlib.import_module("bpttgen.generated.lstm")
 
 
 def sizes_for(task, hidden):

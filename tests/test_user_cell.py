@@ -14,8 +14,8 @@ import pytest
 import sympy as sp
 
 import user_cell
-from derive import derive, reference
-from derive.loader import load_model
+from bpttgen.derive import derive, reference
+from bpttgen.derive.loader import load_model
 from helpers import finite_difference, max_relative_error, random_problem, tiny_sizes
 from unrolled import symbolic_loss_and_grads
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from codegen.generate import generate, import_path
-from derive import derive
-from derive.loader import load_model
+from bpttgen.codegen.generate import generate, import_path
+from bpttgen.derive import derive
+from bpttgen.derive.loader import load_model
 from helpers import finite_difference, max_relative_error, random_problem
 
 CELL = os.path.join(os.path.dirname(__file__), "data", "latex_cell.py")

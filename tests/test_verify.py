@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from codegen import cli
-from codegen.generate import VerificationFailed, verify
-from codegen.render import render_cpu
-from derive import Model, derive, sigmoid, sse, tanh
+from bpttgen.codegen.app import cli
+from bpttgen.codegen.generate import VerificationFailed, verify
+from bpttgen.codegen.render import render_cpu
+from bpttgen.derive import Model, derive, sigmoid, sse, tanh
 
 
 def _unusual_names():
@@ -51,7 +51,7 @@ def _write(tmp_path, body):
 
 def test_generate_refuses_a_keyword_name_at_its_line(tmp_path, capsys):
     path = _write(tmp_path, """\
-        from derive import Model, sse, tanh
+        from bpttgen.derive import Model, sse, tanh
 
         def model():
             m = Model("kw", sizes=("I", "H", "O"))
@@ -71,7 +71,7 @@ def test_generate_refuses_a_keyword_name_at_its_line(tmp_path, capsys):
 
 def test_generate_checks_then_writes(tmp_path, capsys):
     path = _write(tmp_path, """\
-        from derive import Model, max, sqrt, sse, tanh
+        from bpttgen.derive import Model, max, sqrt, sse, tanh
 
         def model():
             m = Model("ok", sizes=("I", "H", "O"))

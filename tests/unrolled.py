@@ -23,8 +23,8 @@ import mpmath
 import numpy as np
 import sympy as sp
 
-from derive.functions import relu, sigmoid, softplus
-from derive.losses import K, d, m, z
+from bpttgen.derive.functions import relu, sigmoid, softplus
+from bpttgen.derive.losses import K, d, m, z
 
 DIGITS = 40
 

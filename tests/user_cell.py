@@ -13,8 +13,8 @@ custom losses below.
 
 import sympy
 
-from derive import Model, custom_loss, sigmoid, softmax_cross_entropy, softplus, tanh
-from derive.losses import d, m as shift, z
+from bpttgen.derive import Model, custom_loss, sigmoid, softmax_cross_entropy, softplus, tanh
+from bpttgen.derive.losses import d, m as shift, z
 
 a, b = sympy.symbols("a b", real=True)
 LOGADDEXP = sympy.log(sympy.exp(a) + sympy.exp(b))

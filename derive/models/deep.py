@@ -4,7 +4,7 @@ u_t = tanh(W_1 x_t + b_1),  s_t = tanh(W_r u_t + V s_{t-1} + b_r),
 v_t = tanh(W_2 s_t + b_2),  z_t = W_o v_t + b_o.
 """
 
-from derive import Model, softmax_cross_entropy, tanh
+from bpttgen.derive import Model, softmax_cross_entropy, tanh
 
 
 def deep(loss=softmax_cross_entropy, name="deep"):

@@ -1,6 +1,6 @@
 """Elman network (seed 002): h_t = f(W_xh x_t + W_hh h_{t-1} + b_h), y_t = g(W_hy h_t + b_y)."""
 
-from derive import Model, sigmoid, softmax_cross_entropy, tanh
+from bpttgen.derive import Model, sigmoid, softmax_cross_entropy, tanh
 
 ACTIVATIONS = {"tanh": tanh, "sigmoid": sigmoid}
 

@@ -4,7 +4,7 @@ r = sigma(W_r x + b_ir + U_r h + b_hr), z = sigma(W_z x + b_iz + U_z h + b_hz),
 n = tanh(W_n x + b_in + r * (U_n h + b_hn)),  h_t = (1 - z) * n + z * h_{t-1}.
 """
 
-from derive import Model, sigmoid, softmax_cross_entropy, tanh
+from bpttgen.derive import Model, sigmoid, softmax_cross_entropy, tanh
 
 
 def gru(loss=softmax_cross_entropy, name="gru"):

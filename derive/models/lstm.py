@@ -4,7 +4,7 @@ i = sigma(W_i x + U_i h + b_i), f = sigma(...), g = tanh(...), o = sigma(...),
 c_t = f * c_{t-1} + i * g,  h_t = o * tanh(c_t).
 """
 
-from derive import Model, sigmoid, softmax_cross_entropy, tanh
+from bpttgen.derive import Model, sigmoid, softmax_cross_entropy, tanh
 
 GATES = {"i": sigmoid, "f": sigmoid, "g": tanh, "o": sigmoid}
 

@@ -1,6 +1,6 @@
 """Stacked Elman network: layer l reads layer l-1's state at the same step."""
 
-from derive import Model, softmax_cross_entropy, tanh
+from bpttgen.derive import Model, softmax_cross_entropy, tanh
 
 
 def stacked_elman(layers=2, loss=softmax_cross_entropy, name=None):

@@ -7,7 +7,7 @@ cross-entropy loss at the last step only: paths the built-in models do not take.
 
 import sympy as sp
 
-from derive import Model, relu, sigmoid, sigmoid_bce, softplus
+from bpttgen.derive import Model, relu, sigmoid, sigmoid_bce, softplus
 
 
 class swish(sp.Function):

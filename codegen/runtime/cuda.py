@@ -1,6 +1,6 @@
 """What every generated CUDA module shares at run time: products, reductions, moves.
 
-The CUDA twin of codegen/runtime.py, at the same place in the data flow (the end:
+The CUDA twin of calls.py, at the same place in the data flow (the end:
 generated/<model>_cuda.py imports it; it imports nothing from derive/). The model-
 specific kernels (fused elementwise blocks, the loss) are in the generated module;
 here are the kernels every model needs, written once:
@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from numba import cuda, njit
 
-from . import runtime
+from . import calls, trainer
 from .kernel_functions import relu, softplus, step  # noqa: F401 (shared with the CPU)
 
 #: Tile edge of the matrix-product and reduction kernels (a power of two).
@@ -357,7 +357,7 @@ def to_device(a):
 
 def _standin(a):
     """A zero-memory NumPy array with a device array's shape and dtype, so that
-    runtime.check_call checks shapes and dtypes; the values (NaN, Inf, class
+    calls.check_call checks shapes and dtypes; the values (NaN, Inf, class
     range) stay unchecked on the device: checking them would cost a copy."""
     if is_device_array(a):
         d = to_device(a)
@@ -381,7 +381,7 @@ class Call:
         check_state = state0
         if isinstance(state0, dict):
             check_state = {k: _standin(v) for k, v in state0.items()}
-        self.sizes, self.T, self.B, self.dtype = runtime.check_call(
+        self.sizes, self.T, self.B, self.dtype = calls.check_call(
             spec, check_params, _standin(x), None if targets is None else _standin(targets),
             check_state, mask)
         self.on_device = is_device_array(next(iter(params.values())))
@@ -402,8 +402,8 @@ class Call:
             self.targets = to_device(targets).reshape(TB, targets.shape[2])
 
     def weights(self, spec):
-        """Per-row loss weights on the device and their sum (runtime.loss_weights)."""
-        w, total_weight = runtime.loss_weights(spec, self.T, self.B, self.mask, self.dtype)
+        """Per-row loss weights on the device and their sum (calls.loss_weights)."""
+        w, total_weight = calls.loss_weights(spec, self.T, self.B, self.mask, self.dtype)
         return cuda.to_device(w), total_weight
 
     def output(self, a):
@@ -412,7 +412,7 @@ class Call:
 
 
 def backward_windows(loop, ws, T, B, plan, local):
-    """runtime.backward_windows on the device: run ``loop(ws, t_hi, t_lo)`` over each
+    """calls.backward_windows on the device: run ``loop(ws, t_hi, t_lo)`` over each
     window of ``plan`` (None: one full sweep on ws itself). ``local`` lists (array,
     rows are (T+1)*B, accumulated over windows) for adjoints private to a window."""
     if plan is None:
@@ -434,8 +434,8 @@ def backward_windows(loop, ws, T, B, plan, local):
 
 
 # -- training ----------------------------------------------------------------------
-class Trainer(runtime.Trainer):
-    """codegen.runtime.Trainer around a CUDA module.
+class Trainer(trainer.Trainer):
+    """runtime.trainer.Trainer around a CUDA module.
 
     The optimizer, clipping, fit() and save/load are the CPU Trainer's: parameters
     and optimizer slots stay NumPy arrays on the host, and each step's loss and

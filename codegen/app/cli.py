@@ -16,10 +16,10 @@ import tempfile
 import time
 import warnings
 
-from derive import DefinitionError
-from derive.losses import LossError
+from bpttgen.derive import DefinitionError
+from bpttgen.derive.losses import LossError
 
-from .generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused, VerificationFailed
+from bpttgen.codegen.generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused, VerificationFailed
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -30,8 +30,8 @@ class UsageError(ValueError):
 
 # -- list, latex, generate ----------------------------------------------------------
 def _cmd_list(args):
-    from derive import derive
-    from derive.models import BUILTIN, build
+    from bpttgen.derive import derive
+    from bpttgen.derive.models import BUILTIN, build
 
     for name in BUILTIN:
         d = derive(build(name))
@@ -42,13 +42,11 @@ def _cmd_list(args):
 
 
 def _cmd_latex(args):
-    from derive import derive
-    from derive.loader import load_model
+    from bpttgen.derive import derive
+    from bpttgen.derive.loader import load_model
 
-    try:
-        from derive.latex import render
-    except ImportError:
-        raise UsageError("LaTeX output is not available in this version") from None
+    from bpttgen.derive.latex import render
+
     text = render(derive(load_model(args.model)), form=args.form,
                   index_form=args.index_form)
     if args.output:
@@ -60,11 +58,11 @@ def _cmd_latex(args):
 
 
 def _cmd_generate(args):
-    from derive.loader import load_model
-    from derive.models import BUILTIN
+    from bpttgen.derive.loader import load_model
+    from bpttgen.derive.models import BUILTIN
 
-    from .generate import generate, generate_builtins
-    from .runtime import Progress
+    from bpttgen.codegen.generate import generate, generate_builtins
+    from bpttgen.codegen.runtime import Progress
 
     if args.builtins == bool(args.model):
         raise UsageError("give either --builtins or a MODEL_OR_FILE")
@@ -90,11 +88,11 @@ def _cmd_generate(args):
 
 # -- check --------------------------------------------------------------------------
 def _cmd_check(args):
-    from derive.loader import load_model
+    from bpttgen.derive.loader import load_model
 
-    from . import gradcheck
-    from .generate import generate, import_path
-    from .runtime import Progress
+    from bpttgen.codegen.runtime import gradcheck
+    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.codegen.runtime import Progress
 
     model = load_model(args.model)
     with tempfile.TemporaryDirectory(prefix="bpttgen-check-") as folder:
@@ -133,13 +131,13 @@ def _trainer_module(spec, generated_dir, stack):
     """The generated module of a model: the committed one for a built-in (Numba's
     cache is warm), else generated into generated_dir or a temporary folder that
     ``stack`` (an ExitStack) removes."""
-    from derive.loader import load_model
-    from derive.models import BUILTIN
+    from bpttgen.derive.loader import load_model
+    from bpttgen.derive.models import BUILTIN
 
-    from .generate import generate, import_path
+    from bpttgen.codegen.generate import generate, import_path
 
     if spec in BUILTIN and os.path.isfile(os.path.join(GENERATED_DIR, f"{spec}.py")):
-        return importlib.import_module(f"generated.{spec}")
+        return importlib.import_module(f"bpttgen.generated.{spec}")
     model = load_model(spec)
     folder = generated_dir or stack.enter_context(
         tempfile.TemporaryDirectory(prefix="bpttgen-train-"))
@@ -148,7 +146,7 @@ def _trainer_module(spec, generated_dir, stack):
 
 
 def _load_task(args, module):
-    from . import tasks
+    from bpttgen.codegen.app import tasks
 
     target = module.SPEC["target"]
     if args.text:
@@ -300,7 +298,7 @@ def _train(args, module):
 
 # -- demo ---------------------------------------------------------------------------
 def _cmd_demo(args):
-    from . import demo
+    from bpttgen.codegen.app import demo
 
     config = demo.Config()
     if args.epochs is not None:
@@ -326,8 +324,8 @@ def _quiet(s):
 
 
 def parser():
-    from .online import ALGORITHMS as ONLINE
-    from .runtime import ALGORITHMS, Trainer
+    from bpttgen.codegen.runtime.online import ALGORITHMS as ONLINE
+    from bpttgen.codegen.runtime import ALGORITHMS, Trainer
 
     p = argparse.ArgumentParser(
         prog="bpttgen",

@@ -1,6 +1,6 @@
 """Run-time support of the online algorithms of the generated CPU modules: RTRL, ARTBP.
 
-Next to runtime.py at the end of the data flow (NumPy only, nothing from derive/):
+Next to calls.py at the end of the data flow (NumPy only, nothing from derive/):
 the generated module holds the kernels (the RTRL kernel printed by codegen/rtrl.py,
 the backward kernel with its per-step carry factor), this module what is the same
 for every model: the ARTBP draws and factors, the RTRL memory estimate, and the
@@ -19,6 +19,8 @@ Trainer's online loops for both.
 
 import numpy as np
 
+from .calls import ALGORITHMS as REVERSE
+
 ALGORITHMS = ("rtrl", "artbp")
 
 #: Default bound, in bytes, on the sensitivities RTRL keeps (memory_limit= overrides).
@@ -34,8 +36,6 @@ _ARTBP_STREAM = 0xA27B
 def check_options(algorithm, *, k1=None, k2=None, c=None, seed=None, truncate=None,
                   memory_limit=None):
     """Refuse an unknown algorithm and keyword arguments that do not apply to it."""
-    from .runtime import ALGORITHMS as REVERSE
-
     if algorithm not in REVERSE + ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of "
                          f"{REVERSE + ALGORITHMS}")
@@ -140,7 +140,7 @@ def check_rtrl_memory(name, B, NP, rows, dtype, limit=None):
             f"({rows} tangent rows x B={B} sequences x NP={NP} parameter directions x "
             f"{itemsize} bytes), more than the limit of {_bytes(int(limit))}. RTRL keeps "
             "O(B H P) numbers: use a smaller batch or model, 'bptt', 'tbptt' or 'artbp', or "
-            "raise the limit (memory_limit=bytes, or codegen.online.RTRL_MEMORY_LIMIT)")
+            "raise the limit (memory_limit=bytes, or bpttgen.codegen.runtime.online.RTRL_MEMORY_LIMIT)")
     return need
 
 

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 
 
-from . import gradcheck, tasks
-from .runtime import Progress
+from bpttgen.codegen.runtime import gradcheck
+from bpttgen.codegen.app import tasks
+from bpttgen.codegen.runtime import Progress
 
 
 @dataclass
@@ -61,12 +62,9 @@ def _say(quiet, *lines):
 
 def derivation_excerpt(derivation, max_backward=3):
     """A few lines of the derivation: the forward step and the accumulated
-    recurrence, as LaTeX from derive.latex where it exists, else as plain
-    equations from the Derivation itself."""
-    try:
-        from derive.latex import render
-    except ImportError:
-        return _plain_excerpt(derivation)
+    recurrence, as LaTeX from derive/latex.py."""
+    from bpttgen.derive.latex import render
+
     sections = {}
     title = None
     for block in render(derivation, form="markdown").split("\n\n"):
@@ -84,19 +82,6 @@ def derivation_excerpt(derivation, max_backward=3):
     lines = ["Forward step:"] + ["  " + e for e in forward]
     lines += ["Backward step, the accumulated recurrence (O(T), one sweep):"]
     lines += ["  " + e for e in deltas[:max_backward]]
-    return lines
-
-
-def _plain_excerpt(derivation):
-    import sympy as sp
-
-    lines = ["Forward step:"]
-    for n in derivation.nodes:
-        rhs = f"{n.weight} @ {n.source}" if n.kind == "linear" else sp.sstr(n.expr)
-        lines.append(f"  {n.name} = {rhs}")
-    lines.append("Local derivatives (from sympy.diff, through stored values):")
-    for p in derivation.partials[:6]:
-        lines.append(f"  d {p.node} / d {p.wrt} = {sp.sstr(p.expr)}")
     return lines
 
 
@@ -168,10 +153,10 @@ def plot_curves(results, baseline, path):
 def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     """The demo; returns (gradient check rows, training results). Raises
     RuntimeError if the gradient check fails."""
-    from derive import derive
-    from derive.models import build
+    from bpttgen.derive import derive
+    from bpttgen.derive.models import build
 
-    from .generate import generate, import_path
+    from bpttgen.codegen.generate import generate, import_path
 
     config = config or Config()
     t0 = time.perf_counter()
@@ -214,7 +199,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     train, test = data.split(config.test)
     results = []
     for name, algorithm, extra in config.runs:
-        module = importlib.import_module(f"generated.{name}")
+        module = importlib.import_module(f"bpttgen.generated.{name}")
         r = train_run(module, train, test, config, algorithm, extra, quiet)
         results.append(r)
         if r.losses:

@@ -1,0 +1,300 @@
+"""What every generated module's functions share at run time: the checks of a call's
+arguments, the schedule of backward windows for each algorithm, reused work arrays,
+parameter initialisation. NumPy and Numba only.
+"""
+
+import math
+import threading
+
+import numpy as np
+
+from .kernel_functions import JIT_OPTIONS, fingerprint  # noqa: F401 (used by modules)
+
+
+def check_fingerprint(module_name, stated):
+    """Warn when a generated module was made against other kernel functions:
+    Numba's cache does not see changes in functions a kernel inlines."""
+    if stated != fingerprint():
+        import warnings
+
+        warnings.warn(f"{module_name} was generated against different kernel functions "
+                      "(codegen/kernel_functions.py changed); regenerate it", stacklevel=3)
+
+
+ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise")
+
+
+class ArrayCache:
+    """The work arrays of a module's last call, per thread, for the next call of the
+    same sizes: a training loop then neither allocates nor page-faults its
+    trajectory (fresh pages cost about as much again as writing them: ~9 ms per
+    64 MB here). On reuse the arrays named in ``zeros`` are zeroed and those in
+    ``ones`` filled with ones, as a fresh allocation would give them; the rest are
+    overwritten by the kernels before they are read. Results handed to a caller
+    must be copies. ``clear()`` frees the arrays (of the calling thread)."""
+
+    def __init__(self, zeros=(), ones=()):
+        self.zeros, self.ones = tuple(zeros), tuple(ones)
+        self._local = threading.local()
+
+    def get(self, key, allocate):
+        """The arrays for ``key`` (a tuple of sizes and dtype): the cached ones if the
+        last call of this thread had the same key, else ``allocate(*key)``."""
+        last = getattr(self._local, "last", None)
+        if last is not None and last[0] == key:
+            arrays = last[1]
+            for name in self.zeros:
+                arrays[name].fill(0)
+            for name in self.ones:
+                arrays[name].fill(1)
+            return arrays
+        self._local.last = None  # free the old arrays before allocating new ones
+        arrays = allocate(*key)
+        self._local.last = (key, arrays)
+        return arrays
+
+    def clear(self):
+        self._local.last = None
+
+
+def windows(algorithm, T, k1=None, k2=None):
+    """Backward windows (end, start, first loss step), or None for one full sweep.
+
+    Each window injects the losses of steps first..end and propagates them back to
+    step ``start``, where the recurrence is cut. naive: every step alone through
+    all earlier ones (seed 000's O(T^2)); tbptt: every k1 steps, the last k1
+    losses through the last k2 steps (seed 003).
+
+    >>> windows("tbptt", 5, k1=2, k2=3).tolist()
+    [[1, 0, 0], [3, 1, 2], [4, 2, 4]]
+    """
+    if algorithm in ("bptt", "epochwise"):
+        if k1 is not None or k2 is not None:
+            raise ValueError(f"k1/k2 apply to algorithm='tbptt', not {algorithm!r}")
+        return None
+    if algorithm == "naive":
+        return np.array([(t, 0, t) for t in range(T)], dtype=np.int64)
+    if algorithm == "tbptt":
+        if k1 is None or k2 is None:
+            raise ValueError("algorithm='tbptt' needs k1 and k2 (every k1 steps, "
+                             "backpropagate over the last k2)")
+        if not (isinstance(k1, (int, np.integer)) and isinstance(k2, (int, np.integer))):
+            raise TypeError(f"k1 and k2 must be integers, got {k1!r} and {k2!r}")
+        if not 1 <= k1 <= k2:
+            raise ValueError(f"tbptt needs 1 <= k1 <= k2, got k1={k1}, k2={k2} "
+                             "(with k2 < k1 some losses would never be backpropagated)")
+        ends = list(range(k1 - 1, T, k1))
+        if not ends or ends[-1] != T - 1:
+            ends.append(T - 1)
+        out, first = [], 0
+        for end in ends:
+            out.append((end, max(0, end - k2 + 1), first))
+            first = end + 1
+        return np.array(out, dtype=np.int64)
+    raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+
+
+def backward_windows(kernel, args, ws, T, B, plan, local):
+    """Run the time-loop backward kernel over each window of ``plan``.
+
+    ``local`` lists (array name, rows are (T+1)*B, accumulate over windows) for the
+    adjoints private to a window. With ``plan`` None (full BPTT) the kernel runs
+    once on the workspace itself: no copies.
+    """
+    if plan is None:
+        kernel(T - 1, 0, *[ws[a] for a in args])
+        return
+    win = {name: np.zeros_like(ws[name]) for name, _, _ in local}
+    total = {name: np.zeros_like(ws[name]) for name, _, acc in local if acc}
+    call = [win.get(a, ws.get(a)) for a in args]
+    for end, start, first in plan:
+        for name, shifted, _ in local:
+            a, s = win[name], B if shifted else 0
+            a[start * B:(end + 1) * B + s] = 0
+            a[first * B + s:(end + 1) * B + s] = ws[name][first * B + s:(end + 1) * B + s]
+        kernel(end, start, *call)
+        for name, arr in total.items():
+            arr[start * B:(end + 1) * B] += win[name][start * B:(end + 1) * B]
+    for name, arr in total.items():
+        ws[name][...] = arr
+
+
+# -- checks -------------------------------------------------------------------
+# Every check runs before any kernel: a Numba kernel given a wrong shape or dtype
+# fails with a typing traceback, reads out of bounds or silently returns garbage.
+# Non-contiguous arrays are not refused: the generated code copies them.
+
+
+def _fail(kind, message):
+    raise kind(message)
+
+
+def _shape_of(a):
+    return getattr(a, "shape", type(a).__name__)
+
+
+def _require_finite(name, a):
+    if not np.all(np.isfinite(a)):
+        bad = np.argwhere(~np.isfinite(a))[0]
+        _fail(ValueError, f"{name} contains NaN or Inf (first at index {tuple(bad.tolist())}, "
+              f"value {a[tuple(bad)]})")
+
+
+def check_call(spec, params, x, targets=None, state0=None, mask=None, l2=None):
+    """Validate a call before any kernel runs; return (sizes, T, B, dtype).
+
+    Every message names the argument, the expected and the actual shape/dtype.
+    ``targets`` None means a forward call (no loss).
+    """
+    if not isinstance(params, dict):
+        _fail(TypeError, f"params must be a dict of arrays, got {type(params).__name__}")
+    missing = [p for p in spec["params"] if p not in params]
+    if missing:
+        _fail(ValueError, f"params is missing {missing}; expected keys {list(spec['params'])}")
+    extra = [p for p in params if p not in spec["params"]]
+    if extra:
+        _fail(ValueError, f"params has unknown keys {extra}; expected keys "
+              f"{list(spec['params'])}")
+    for name in spec["params"]:
+        if not isinstance(params[name], np.ndarray):
+            _fail(TypeError, f"params[{name!r}] must be a numpy array, got "
+                  f"{type(params[name]).__name__}")
+    first = next(iter(spec["params"]))
+    dtype = params[first].dtype
+    if dtype not in (np.float32, np.float64):
+        _fail(TypeError, f"params must be float32 or float64 arrays, got dtype {dtype} "
+              f"for params[{first!r}]")
+    sizes = {}
+    for name, shape in spec["params"].items():
+        p = params[name]
+        if p.dtype != dtype:
+            _fail(TypeError, f"params[{name!r}] has dtype {p.dtype}, expected {dtype} "
+                  "like the other parameters")
+        if p.ndim != len(shape):
+            _fail(ValueError, f"params[{name!r}] has shape {p.shape}, expected "
+                  f"{len(shape)} dimensions {shape}")
+        for size, n in zip(shape, p.shape):
+            if sizes.setdefault(size, n) != n:
+                _fail(ValueError, f"params[{name!r}] has shape {p.shape} but {size} = "
+                      f"{sizes[size]} from the other parameters (expected "
+                      f"{tuple(sizes.get(s, s) for s in shape)})")
+            if n < 1:
+                _fail(ValueError, f"params[{name!r}] has shape {p.shape}: size {size} "
+                      "must be at least 1")
+        _require_finite(f"params[{name!r}]", p)
+    x_name, x_size = spec["input"]
+    if not isinstance(x, np.ndarray):
+        _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
+              f"{type(x).__name__}")
+    if x.ndim != 3:
+        _fail(ValueError, f"x must have shape (T, B, {x_size}) (time-major), got {x.shape}")
+    if x.dtype != dtype:
+        _fail(TypeError, f"x has dtype {x.dtype}, expected {dtype} (the parameters' dtype)")
+    if sizes.setdefault(x_size, x.shape[2]) != x.shape[2]:
+        _fail(ValueError, f"x has shape {x.shape}, expected (T, B, {x_size}={sizes[x_size]})")
+    T, B = x.shape[0], x.shape[1]
+    if T < 1 or B < 1:
+        _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
+    _require_finite("x", x)
+    out_size = spec["output"][1]
+    if targets is not None:
+        _check_targets(spec, targets, T, B, sizes[out_size], dtype)
+    if state0 is not None:
+        _check_state0(spec, state0, B, sizes, dtype)
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.shape != (T, B):
+            _fail(ValueError, f"mask must have shape (T, B) = {(T, B)}, got {_shape_of(mask)}")
+        if not (np.issubdtype(mask.dtype, np.floating) or np.issubdtype(mask.dtype, np.integer)
+                or mask.dtype == np.bool_):
+            _fail(TypeError, f"mask must hold numbers (float, int or bool), got dtype "
+                  f"{mask.dtype}")
+        _require_finite("mask", mask)
+        if np.any(mask < 0):
+            _fail(ValueError, f"mask must be non-negative, got minimum {mask.min()}")
+    if l2 is not None and not (isinstance(l2, (int, float, np.floating, np.integer))
+                               and math.isfinite(l2) and l2 >= 0):
+        _fail(ValueError, f"l2 must be a finite number >= 0, got {l2!r}")
+    return sizes, T, B, dtype
+
+
+def _check_state0(spec, state0, B, sizes, dtype):
+    if not isinstance(state0, dict):
+        _fail(TypeError, f"state0 must be a dict {{state: (B, size) array}} with keys "
+              f"{list(spec['states'])}, got {type(state0).__name__}")
+    for name, size in spec["states"].items():
+        if name not in state0:
+            _fail(ValueError, f"state0 is missing the state {name!r} (expected keys "
+                  f"{list(spec['states'])}; leave state0 out to start from zeros)")
+        s = state0[name]
+        if not isinstance(s, np.ndarray):
+            _fail(TypeError, f"state0[{name!r}] must be a numpy array of shape (B, {size}) = "
+                  f"{(B, sizes[size])}, got {type(s).__name__}")
+        if s.shape != (B, sizes[size]):
+            _fail(ValueError, f"state0[{name!r}] must have shape (B, {size}) = "
+                  f"{(B, sizes[size])}, got {s.shape}")
+        if s.dtype != dtype:
+            _fail(TypeError, f"state0[{name!r}] has dtype {s.dtype}, expected {dtype}")
+        _require_finite(f"state0[{name!r}]", s)
+    extra = [k for k in state0 if k not in spec["states"]]
+    if extra:
+        _fail(ValueError, f"state0 has unknown states {extra}; expected keys "
+              f"{list(spec['states'])}")
+
+
+def _check_targets(spec, targets, T, B, O, dtype):
+    if not isinstance(targets, np.ndarray):
+        _fail(TypeError, f"targets must be a numpy array, got {type(targets).__name__}")
+    if spec["target"] == "index":
+        if targets.shape != (T, B):
+            _fail(ValueError, f"targets must have shape (T, B) = {(T, B)} of class "
+                  f"indices, got {targets.shape}")
+        if not np.issubdtype(targets.dtype, np.integer):
+            _fail(TypeError, f"targets must be integer class indices, got dtype "
+                  f"{targets.dtype}")
+        if targets.size and (targets.min() < 0 or targets.max() >= O):
+            where = np.argwhere((targets < 0) | (targets >= O))[0]
+            _fail(ValueError, f"targets contains class {targets[tuple(where)]} at (t, b) = "
+                  f"{tuple(where.tolist())}, outside [0, {O}) ({spec['output'][1]} = {O} "
+                  "output units)")
+    else:
+        if targets.shape != (T, B, O):
+            _fail(ValueError, f"targets must have shape (T, B, {spec['output'][1]}) = "
+                  f"{(T, B, O)}, got {targets.shape}")
+        if targets.dtype != dtype:
+            _fail(TypeError, f"targets has dtype {targets.dtype}, expected {dtype}")
+        _require_finite("targets", targets)
+
+
+def loss_weights(spec, T, B, mask, dtype):
+    """w_tb: the mask (ones by default), only the last step for a last-step loss."""
+    w = np.ones((T, B), dtype) if mask is None else mask.astype(dtype)
+    if spec["loss_at"] == "last":
+        w = w.copy()
+        w[:-1] = 0
+    total = float(w.sum())
+    if total <= 0:
+        raise ValueError("mask selects no loss term (its sum is 0)")
+    return np.ascontiguousarray(w.reshape(T * B)), total
+
+
+# -- parameters -----------------------------------------------------------------
+def init_params(spec, sizes, *, seed=0, dtype=np.float32):
+    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, as PyTorch's RNNs; zero biases."""
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype}")
+    if isinstance(sizes, (tuple, list)):
+        sizes = dict(zip(spec["sizes"], sizes))
+    missing = [s for s in spec["sizes"] if s not in sizes]
+    if missing:
+        raise ValueError(f"sizes is missing {missing}; expected {spec['sizes']}")
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in spec["params"].items():
+        dims = tuple(int(sizes[s]) for s in shape)
+        role = spec["roles"][name]
+        if role == "bias":
+            params[name] = np.zeros(dims, dtype)
+        else:
+            bound = 1.0 / math.sqrt(dims[-1] if role == "weight" else dims[0])
+            params[name] = rng.uniform(-bound, bound, dims).astype(dtype)
+    return params
