@@ -30,7 +30,7 @@ processes saving different signatures of one function can cross their entries).
          and with torch's defaults. Median over interleaved rounds after warm-up
          (frameworks.timed_rounds); the first call (kernel compilation, cache load,
          cuDNN set-up) separately. Also the float32 GEMM rate at 4096^3 of the
-         modules' tiled kernel and of cuBLAS through CuPy (bench/cuda.py).
+         modules' tiled kernel and of cuBLAS through CuPy (bench/cuda_bench.py).
 
 Tolerances. float64: the CUDA result equals the CPU module's to 1e-10, relative
 (every gradient array: max |a - b| / max |b|, as bench/frameworks.py; and the
@@ -69,12 +69,11 @@ import threading
 import time
 import traceback
 
-# This folder holds bench/cuda.py, which would shadow the "cuda" package (NVIDIA's
-# cuda-python bindings, imported by numba-cuda): take it off the path; put the
-# repository root on it for codegen/ and generated/.
+# The repository root on the path, for bpttgen where it is not installed (the device
+# machine runs the checkout with PYTHONPATH). (bench/cuda_bench.py was once cuda.py,
+# which shadowed NVIDIA's "cuda" package for every script in this folder.)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
 
@@ -86,7 +85,7 @@ def _load(name, path):
 
 
 fw = _load("bench_frameworks", os.path.join(HERE, "frameworks.py"))  # timed_rounds, torch mapping
-bc = _load("bench_cuda", os.path.join(HERE, "cuda.py"))  # gemm_rates
+bc = _load("bench_cuda", os.path.join(HERE, "cuda_bench.py"))  # gemm_rates
 
 MODELS = ("elman", "elman_sigmoid", "lstm", "gru", "deep", "elman2", "lstm2")
 TIMED = ("elman", "lstm", "gru")

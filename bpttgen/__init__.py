@@ -14,10 +14,19 @@ the command), ``bpttgen.generated`` (the built-in cells' modules) and
 ``bpttgen.templates``. ARCHITECTURE.md has the map.
 """
 
-from bpttgen.derive import (  # noqa: F401 (the public definition API)
+import os as _os
+
+# A checkout also runs uninstalled (PYTHONPATH=the checkout, as on a GPU machine with
+# nothing to install): there bpttgen.derive is the folder derive/ beside this one.
+_CHECKOUT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_CHECKOUT, "pyproject.toml")) and \
+        _os.path.isfile(_os.path.join(_CHECKOUT, "derive", "model.py")):
+    __path__.append(_CHECKOUT)
+
+from bpttgen.derive import (  # noqa: E402,F401 (the public definition API)
     DefinitionError, Derivation, K, Loss, Model, abs, custom_loss, d, exp, log, max,
     min, mse, relu, sigmoid, sigmoid_bce, softmax_cross_entropy, softplus, sqrt, sse, tanh, z)
-from bpttgen.derive.losses import LossError  # noqa: F401
+from bpttgen.derive.losses import LossError  # noqa: E402,F401
 
 __all__ = [
     "DefinitionError", "Derivation", "K", "Loss", "LossError", "Model", "abs", "custom_loss",

@@ -30,10 +30,6 @@ import pytest
 
 import cuda_sim_worker as worker
 
-# One xdist worker runs this module (--dist loadgroup): the simulator run its fixture
-# starts is a few minutes of CPU, not to be repeated by a second worker.
-pytestmark = pytest.mark.xdist_group("cuda")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
@@ -255,7 +251,7 @@ def test_benchmark_says_no_gpu():
 
     if device_name() is not None:
         pytest.skip("a GPU is present: the benchmark would run")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cuda.py"), "--quick"],
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cuda_bench.py"), "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no CUDA GPU" in done.stderr, done.stderr

@@ -6,7 +6,7 @@ is installed; then, per size, ms and GFLOP/s of loss_and_grads for the CUDA modu
 with every array already on the device, with NumPy arrays in and out (transfers
 included), and for the CPU module at the same sizes.
 
-    python bench/cuda.py [--model elman] [--dtype float32] [--quick]
+    python bench/cuda_bench.py [--model elman] [--dtype float32] [--quick]
 
 Needs a CUDA GPU and numba-cuda (pip install -e ".[cuda]"). Without a GPU it exits
 with status 1 and says so; it refuses the CUDA simulator (its times mean nothing)
@@ -33,7 +33,7 @@ SMOKE = [(3, 4, 5, 6, 3)]
 
 
 def no_gpu(reason):
-    sys.stderr.write(f"bench/cuda.py: no CUDA GPU: {reason}. Nothing to measure; the "
+    sys.stderr.write(f"bench/cuda_bench.py: no CUDA GPU: {reason}. Nothing to measure; the "
                      "CUDA modules are verified without a GPU by tests/test_cuda.py "
                      "(PTX compilation and the CUDA simulator).\n")
     raise SystemExit(1)
