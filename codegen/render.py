@@ -60,6 +60,25 @@ def is_unedited(text):
         hashlib.sha256(parts[2].encode()).hexdigest() == parts[1]
 
 
+def docstring_text(text):
+    r"""A user's free text (a loss's name) as it may stand inside a triple-quoted
+    docstring: backslashes, double quotes and unprintable characters escaped, so that
+    no name can end the docstring or break the module.
+
+    >>> print(docstring_text('say "hi"\n'))
+    say \"hi\"\n
+    """
+    out = []
+    for c in text:
+        if c in '\\"':
+            out.append("\\" + c)
+        elif not c.isprintable():
+            out.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def _block_comment(plan, block):
     if block.kind == "linear":
         g = block.group
@@ -73,7 +92,7 @@ def _equations(derivation):
     for n in derivation.nodes:
         rhs = f"{n.weight} @ {n.source}" if n.kind == "linear" else sp.sstr(n.expr)
         lines.append(f"{n.name} = {rhs}")
-    lines.append(f"loss: {derivation.loss.loss.name} on {derivation.loss.node}, "
+    lines.append(f"loss: {docstring_text(derivation.loss.loss.name)} on {derivation.loss.node}, "
                  f"dl/d{derivation.loss.node} = {sp.sstr(derivation.loss.error)}")
     return lines
 
@@ -145,7 +164,7 @@ def cpu_context(derivation, online=False):
         output_tuple=repr((d.loss.node, d.loss.size)),
         target="index" if index else "vector",
         loss_at=d.loss.at,
-        loss_name=d.loss.loss.name,
+        loss_name=docstring_text(d.loss.loss.name),
         equations=_equations(d),
         blocks=plan.blocks,
         loss=plan.loss,

@@ -183,7 +183,10 @@ class RtrlPlan:
         for n in self.d.nodes:
             if n.phase == "post":
                 reads.update([n.source] if n.kind == "linear" else n.args)
-        return [n.name for n in self.d.nodes if n.phase == "loop" and n.name in reads]
+        # A vector with no tangent (a state whose update reads nothing that has one)
+        # adds nothing to grad.
+        return [n.name for n in self.d.nodes
+                if n.phase == "loop" and n.name in reads and n.name in self.has]
 
     def _gradient(self):
         plan = self.plan
@@ -209,6 +212,8 @@ class RtrlPlan:
         init = [f"NP = {_code(self.np)}"]
         init += [f"_o_{x.param} = {_code(x.first)}" for x in self.directions]
         init += [f"{dot(g.name)}[:, :] = 0.0" for g in self.groups if g.source not in self.has]
+        # A state without a tangent carries zeros to the next step (and out of rtrl()).
+        init += [f"{dot(s.name)}[:, :] = 0.0" for s in self.d.states if s.name not in self.has]
         return dict(
             params=repr(tuple(x.param for x in self.directions)),
             directions=[dict(param=x.param, first=_code(x.first), count=_code(x.count),

@@ -74,6 +74,7 @@ CALLED = frozenset({
 KERNEL_LOCALS = frozenset({
     "T", "B", "TB", "NP", "t_hi", "t_lo", "carry", "grad", "l2", "loss", "scale",
     "targets", "total", "w", "weights",
+    "y",  # the kernels' prediction array is y_seq, which a vector y would also take
 })
 #: Locals of the loss kernel, where the output size and the loss's sums are variables
 #: (z, d, m, K and y are the loss's own symbols).
