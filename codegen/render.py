@@ -92,7 +92,8 @@ def _equations(derivation):
     for n in derivation.nodes:
         rhs = f"{n.weight} @ {n.source}" if n.kind == "linear" else sp.sstr(n.expr)
         lines.append(f"{n.name} = {rhs}")
-    lines.append(f"loss: {docstring_text(derivation.loss.loss.name)} on {derivation.loss.node}, "
+    name = docstring_text(derivation.loss.loss.name)
+    lines.append(f"loss: {name} on {derivation.loss.node}, "
                  f"dl/d{derivation.loss.node} = {sp.sstr(derivation.loss.error)}")
     return lines
 
@@ -128,7 +129,8 @@ def cpu_context(derivation, online=False):
                    shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
     args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
-            *[naming.code_group_weights(g.name) for g in plan.groups], *[a.name for a in plan.arrays],
+            *[naming.code_group_weights(g.name) for g in plan.groups],
+            *[a.name for a in plan.arrays],
             *[naming.code_group_gradient(g.name) for g in plan.groups]]
     # Stacked weight gradients, (rows of the group, columns of its source).
     arrays += [dict(name=naming.code_group_gradient(g.name), role="grad",

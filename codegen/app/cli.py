@@ -19,7 +19,8 @@ import warnings
 from bpttgen.derive import DefinitionError
 from bpttgen.derive.losses import LossError
 
-from bpttgen.codegen.generate import BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused, VerificationFailed
+from bpttgen.codegen.generate import (BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused,
+                                      VerificationFailed)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 

@@ -140,7 +140,8 @@ def check_rtrl_memory(name, B, NP, rows, dtype, limit=None):
             f"({rows} tangent rows x B={B} sequences x NP={NP} parameter directions x "
             f"{itemsize} bytes), more than the limit of {_bytes(int(limit))}. RTRL keeps "
             "O(B H P) numbers: use a smaller batch or model, 'bptt', 'tbptt' or 'artbp', or "
-            "raise the limit (memory_limit=bytes, or bpttgen.codegen.runtime.online.RTRL_MEMORY_LIMIT)")
+            "raise the limit (memory_limit=bytes, or "
+            "bpttgen.codegen.runtime.online.RTRL_MEMORY_LIMIT)")
     return need
 
 
