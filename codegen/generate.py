@@ -20,6 +20,9 @@ from bpttgen.derive.models import BUILTIN, build
 
 from bpttgen.codegen.render import is_unedited, render_cpu
 from bpttgen.codegen.render_cuda import render_cuda
+# Imported (and their Numba functions made) before verify() turns the JIT off: what
+# a generated module imports must stay compiled for the rest of the process.
+from bpttgen.codegen.runtime import gradcheck, kernel_functions, online  # noqa: F401
 
 BUILTINS_COMMAND = "bpttgen generate --builtins"
 GENERATED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -36,12 +39,10 @@ class VerificationFailed(RuntimeError):
 
 def verify(name, cpu_source, *, size=2, T=3, B=2):
     """Check a rendered CPU module before it is written: every exact algorithm's
-    float64 gradients against central finite differences (codegen/gradcheck.py) at
+    float64 gradients against central finite differences (runtime/gradcheck.py) at
     tiny sizes. The kernels run as plain Python (Numba's DISABLE_JIT while the module
     is imported), which checks the printed math in well under a second where
     compiling would take a minute; ``bpttgen check`` runs the compiled kernels."""
-    from bpttgen.codegen.runtime import gradcheck
-
     with tempfile.TemporaryDirectory(prefix="bpttgen-verify-") as folder:
         path = os.path.join(folder, f"{name}.py")
         with open(path, "w") as f:

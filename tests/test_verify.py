@@ -84,3 +84,22 @@ def test_generate_checks_then_writes(tmp_path, capsys):
     rc = cli.main(["generate", path, "-o", str(tmp_path)])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "ok.py").exists()
+
+
+def test_verify_leaves_the_run_time_compiled(tmp_path):
+    """verify() turns Numba's JIT off while it imports the new module; the run time
+    that module imports must still be compiled afterwards (a fresh process, where
+    generate() is the first to import it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from bpttgen.derive.models import build\n"
+        "from bpttgen.codegen.generate import generate, import_path\n"
+        f"path, = generate(build('elman'), {str(tmp_path)!r}, 'test')\n"
+        "m = import_path(path, 'elman_after_verify')\n"
+        "from bpttgen.codegen.runtime import kernel_functions as kf\n"
+        "print(type(m._bptt).__name__, type(kf.softplus).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=600).stdout.split()  # timeout: a hang only
+    assert out == ["CPUDispatcher", "CPUDispatcher"]
