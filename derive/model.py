@@ -237,8 +237,9 @@ def _differentiability_problem(expr, what):
     return None
 
 
-_KIND_WORDS = {"input": "input", "state": "state", "prev": "previous state",
-               "matrix": "matrix", "param": "vector parameter", "node": "node"}
+#: Each kind of declared name, in words (refusals and "already defined" messages).
+_KINDS = {"input": "an input", "state": "a state", "prev": "the previous value of a state",
+          "matrix": "a matrix", "param": "a vector parameter", "node": "a node"}
 
 
 def _refuse_name(name, kind, what):
@@ -282,14 +283,11 @@ class Model:
         # s_prev is derived from the state's checked name; a minted name is safe by
         # construction (_minted)
         if kind != "prev" and not minted:
-            word = _KIND_WORDS[kind]
-            _refuse_name(name, kind, f"{'an' if word[0] in 'aeiou' else 'a'} {word}")
+            _refuse_name(name, kind, _KINDS[kind])
         if name in self.sizes:
             raise DefinitionError(f"name '{name}' is already defined as a size")
         if name in self._symbols:
-            what = {"prev": "the previous value of a state", "param": "a vector parameter",
-                    "matrix": "a matrix", "node": "a node", "input": "an input",
-                    "state": "a state"}[self._symbols[name][0]]
+            what = _KINDS[self._symbols[name][0]]
             if name == self.output_node:
                 what = "the readout, by output()"
             where = self._defined_at.get(name)
@@ -474,8 +472,8 @@ class Model:
         if "z" in self._symbols:
             kind = self._symbols["z"][0]
             raise DefinitionError(
-                f"output() names the readout 'z', but 'z' is already defined as a "
-                f"{_KIND_WORDS.get(kind, kind)} at {self._defined_at.get('z')}: rename that one")
+                f"output() names the readout 'z', but 'z' is already defined as "
+                f"{_KINDS[kind]} at {self._defined_at.get('z')}: rename that one")
         clash = sorted({sym.name for sym, _ in loss.sums} & {getattr(vec, "size", None)})
         if clash:
             raise DefinitionError(
