@@ -18,6 +18,11 @@
 # index), or a venv in /tmp with `pip install -e ".[cuda]"` (needs the index).
 # If numba-cuda's CUDA 13 build cannot launch on this driver, the probe is
 # retried in a venv with `pip install "numba-cuda[cu12]"` (needs the index too).
+# The H200 image of 2026-11 has numpy 2.5, which numba-cuda 0.30.4 cannot compile
+# kernels under (np.row_stack is gone): there, carry numpy 2.3.5's wheel in .whl/
+# (on this machine: pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 -d .whl numpy==2.3.5) and the probe's fallback
+# installs it.
 #
 #   --dry-run   install nothing (say what would be installed); run the rest
 #   --sim       no GPU: everything under the CUDA simulator at tiny sizes
