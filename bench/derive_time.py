@@ -27,7 +27,7 @@ from bpttgen.derive import derive
 from bpttgen.derive.models import build
 start = time.perf_counter()
 D = derive(build({name!r}))
-print(time.perf_counter() - start, len(D.nodes), len(D.partials))
+print(time.perf_counter() - start, len(D.nodes), sum(t.rule == "local" for t in D.backward.terms))
 """
 
 

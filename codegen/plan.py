@@ -1,7 +1,7 @@
 """From a Derivation to a kernel plan: storage, schedule and printed code lines.
 
 This is where the layout of the generated code is decided, never its math: the
-math is the Derivation's (node expressions, partials, loss error), printed by
+math is the Derivation's (node expressions, the sums of its Backward, loss error), printed by
 printer.py after ``sympy.cse``. What is decided here:
 
 * storage: every vector of the step lives in a 2-D array with one row per
@@ -107,7 +107,7 @@ class Plan:
         self.block_of = {n: b for bl in self.blocks.values() for b in bl
                          if b.kind == "elementwise" for n in b.nodes}
         self.needs_array = self._adjoint_arrays()
-        self.single = {}  # product -> (its one consumer, the partial) when shared
+        self.single = {}  # product -> the one Term into its adjoint, when shared
         self.alias = {}  # group name -> the group whose adjoint array it uses
         self.node_alias = {}  # group name -> the node whose adjoint array it is
         self.direct = set()  # post groups whose backward product writes its target
@@ -269,16 +269,16 @@ class Plan:
     def _share_adjoints(self):
         """The shared adjoints of the module docstring (``share``)."""
         sources = {}
-        for p in self.d.partials:
-            if p.wrt in self.member_of:
-                sources.setdefault(p.wrt, []).append(p)
-        self.single = {name: ps[0] for name, ps in sources.items() if len(ps) == 1
+        for t in self.d.backward.terms:
+            if t.rule == "local" and t.target in self.member_of:
+                sources.setdefault(t.target, []).append(t)
+        self.single = {name: ts[0] for name, ts in sources.items() if len(ts) == 1
                        and name != self.d.loss.node and name not in self.state_names}
         owners = {}  # what a group's adjoint holds -> the group owning that array
         for g in sorted(self.groups, key=lambda g: g.phase != "loop"):
             if any(node not in self.single for node, _, _, _ in g.members):
                 continue
-            holds = tuple((self.single[node].node, self.single[node].expr, size, off)
+            holds = tuple((self.single[node].via, self.single[node].expr, size, off)
                           for node, _, size, off in g.members)
             owner = owners.setdefault(holds, g)
             # A loop group's array is private to a truncated window, a pre group's
@@ -291,23 +291,23 @@ class Plan:
             # z's own backward starts (nothing in z's block reads z).
             if g.name in self.alias or len(g.members) != 1:
                 continue
-            p = self.single.get(g.members[0][0])
-            if p is not None and p.expr == 1 and p.node in self.needs_array \
-                    and p.node not in self.state_names \
-                    and self.size_of(g.members[0][0]) == self.size_of(p.node) \
-                    and not any(p.node in self.nodes[m].args
-                                for m in self.block_of[p.node].nodes):
-                self.node_alias[g.name] = p.node
+            t = self.single.get(g.members[0][0])
+            if t is not None and t.expr == 1 and t.via in self.needs_array \
+                    and t.via not in self.state_names \
+                    and self.size_of(g.members[0][0]) == self.size_of(t.via) \
+                    and not any(t.via in self.nodes[m].args
+                                for m in self.block_of[t.via].nodes):
+                self.node_alias[g.name] = t.via
         self.direct = self._first_writers()
         for n in self.d.nodes:
-            partials = self.d.partials_of(n.name)
-            products = [p for p in partials if self.single.get(p.wrt) == p]
-            for p in partials:
-                if p.wrt in self.vector_params:
-                    same = [q.wrt for q in products if q.expr == p.expr
-                            and self.size_of(q.wrt) == n.size]
+            leaving = self.d.backward.leaving(n.name)
+            products = [t for t in leaving if self.single.get(t.target) == t]
+            for t in leaving:
+                if t.target in self.vector_params:
+                    same = [q.target for q in products if q.expr == t.expr
+                            and self.size_of(q.target) == n.size]
                     if same:
-                        self.bias_sums[(n.name, p.wrt)] = same[0]
+                        self.bias_sums[(n.name, t.target)] = same[0]
 
     def _first_writers(self):
         """Post-phase products whose backward product is the first write to their
@@ -327,17 +327,17 @@ class Plan:
                 written.add(target[0])
                 continue
             for n in block.nodes:
-                for p in self.d.partials_of(n):
-                    if p.wrt not in block.nodes and p.wrt not in self.vector_params \
-                            and p.wrt != self.d.input:
-                        written.add(self.storage(p.wrt, adjoint=True)[0])
+                for t in self.d.backward.leaving(n):
+                    if t.target not in block.nodes and t.target not in self.vector_params \
+                            and t.target != self.d.input:
+                        written.add(self.storage(t.target, adjoint=True)[0])
         return first
 
     def _assigns(self, node, wrt):
         """Whether node's contribution to the adjoint of wrt may be assigned (=): it
         is the only one, and no truncated window revisits the rows (a loop node
         writing a pre product's array, kept across windows, accumulates)."""
-        if self.single.get(wrt) is None or self.single[wrt].node != node:
+        if self.single.get(wrt) is None or self.single[wrt].via != node:
             return False
         g, _ = self.member_of[wrt]
         owner = self.alias.get(g.name, g.name)
@@ -415,26 +415,26 @@ class Plan:
             init = self.adjoint(name) if name in self.needs_array else "0.0"
             body.append(f"d_{name} = {init}")
         for name in reversed(block.nodes):
-            partials = [p for p in self.d.partials_of(name) if p.wrt != self.d.input]
-            if not partials:
+            terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
+            if not terms:
                 continue
-            temps, reduced = cse([self._local_symbols(p.expr) for p in partials],
+            temps, reduced = cse([self._local_symbols(t.expr) for t in terms],
                                  prefix=f"_{name}_")
-            exprs.extend(p.expr for p in partials)
-            body += [f"{t} = {pycode(e)}" for t, e in temps]
+            exprs.extend(t.expr for t in terms)
+            body += [f"{v} = {pycode(e)}" for v, e in temps]
             written = set()
-            for p, e in zip(partials, reduced):
+            for t, e in zip(terms, reduced):
                 contribution = f"d_{name}" if e == 1 else f"d_{name}*{pycode_factor(e)}"
-                if p.wrt in block.nodes:
-                    body.append(f"d_{p.wrt} += {contribution}")
-                elif p.wrt in self.vector_params:
-                    if (name, p.wrt) not in self.bias_sums:
-                        body.append(f"d_{p.wrt}[_k] += {contribution}")
-                elif self.adjoint(p.wrt) not in written | {self.adjoint(name)}:
-                    written.add(self.adjoint(p.wrt))  # a shared array: written once
-                    op = "=" if self._assigns(name, p.wrt) else "+="
-                    body.append(f"{self.adjoint(p.wrt)} {op} "
-                                f"{self._carried(p.wrt, contribution)}")
+                if t.target in block.nodes:
+                    body.append(f"d_{t.target} += {contribution}")
+                elif t.target in self.vector_params:
+                    if (name, t.target) not in self.bias_sums:
+                        body.append(f"d_{t.target}[_k] += {contribution}")
+                elif self.adjoint(t.target) not in written | {self.adjoint(name)}:
+                    written.add(self.adjoint(t.target))  # a shared array: written once
+                    op = "=" if self._assigns(name, t.target) else "+="
+                    body.append(f"{self.adjoint(t.target)} {op} "
+                                f"{self._carried(t.target, contribution)}")
         stores = [line for line in body if "[" in line.split("=")[0]]
         block.backward = _loop(block.size, self._loads(exprs, set()) + body) \
             if stores else []

@@ -11,10 +11,11 @@ and adds (dl_t/ds_t) S_t to the gradient at every step: the gradient of the loss
 seen so far is known online, with no backward sweep. Nothing is derived a second
 time: S_t is the tangent of the step (a JVP) along all NP parameter directions at
 once, built node by node from the same node list and Partials as the backward
-pass, read forwards:
+pass, read forwards: the tangent sums of the Derivation's Backward
+(derive/backward.py),
 
 * elementwise z = f(a, ..., p):  z_dot = sum_a (df/da) a_dot + (df/dp) p_dot,
-  df/da the Partial's expression; p_dot: the unit direction of each element p_k;
+  df/da the local derivative; p_dot: the unit direction of each element p_k;
 * linear z = W v:                z_dot = W v_dot + W_dot v, where W_dot v puts v_j
   in row i of the direction of W_ij.
 
@@ -60,7 +61,7 @@ class RtrlPlan:
         self.plan = plan
         d = plan.d
         self.d = d
-        self.has = set(d.tangent_vectors())  # vectors whose tangent is not zero
+        self.has = set(d.backward.tangent_vectors)  # vectors whose tangent is not zero
         self.directions = self._directions()
         self.np = sum((x.count for x in self.directions), sp.S.Zero)
         self.groups = [g for g in plan.groups if g.phase in ("pre", "loop")
@@ -85,7 +86,7 @@ class RtrlPlan:
     def _directions(self):
         out, first = [], sp.S.Zero
         for p in self.d.params:
-            if p.name in self.d.tangent_params():
+            if p.name in self.d.backward.directions:
                 count = sp.Mul(*(sp.Symbol(s) for s in p.shape))
                 out.append(Direction(p.name, tuple(p.shape), count, first))
                 first += count
@@ -139,24 +140,21 @@ class RtrlPlan:
         nodes = [n for n in block.nodes if n in self.has]
         body, exprs = [], []
         for name in nodes:
-            node = plan.nodes[name]
-            partials = [p for p in self.d.partials_of(name)
-                        if p.wrt in self.has or p.wrt in node.params]
-            partials = [p for p in partials if p.expr != 0]
-            exprs.extend(p.expr for p in partials)
-            temps, reduced = cse([plan._local_symbols(p.expr) for p in partials],
+            terms = self.d.backward.tangent(name)
+            exprs.extend(t.expr for t in terms)
+            temps, reduced = cse([plan._local_symbols(t.expr) for t in terms],
                                  prefix=f"_{name}_")
-            body += [f"{t} = {pycode(e)}" for t, e in temps]
+            body += [f"{v} = {pycode(e)}" for v, e in temps]
             by_coef, immediate = {}, []
-            for p, e in zip(partials, reduced):
-                if p.wrt in node.params:
-                    immediate.append(f"{dot(name)}[_k, _c + _o_{p.wrt} + _k] += {pycode(e)}")
+            for t, e in zip(terms, reduced):
+                if t.rule == "direction":
+                    immediate.append(f"{dot(name)}[_k, _c + _o_{t.via} + _k] += {pycode(e)}")
                     continue
                 if not (e.is_Symbol or e.is_Number):
-                    coef = f"_d{name}__d{p.wrt}"
+                    coef = f"_d{name}__d{t.via}"
                     body.append(f"{coef} = {pycode(e)}")
                     e = sp.Symbol(coef)
-                by_coef.setdefault(e, []).append(self.tangent(p.wrt, "_k", "_c + _p"))
+                by_coef.setdefault(e, []).append(self.tangent(t.via, "_k", "_c + _p"))
             # Arguments with one coefficient (the summands of a pre-activation) are
             # summed first: f'(a) (a1_dot + a2_dot), one product per direction.
             terms = []

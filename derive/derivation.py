@@ -4,7 +4,7 @@ The step is a list of nodes, each linear (z = W v) or elementwise (z = f(args),
 f a SymPy expression over element symbols). Reverse mode over that list gives the
 local rules, all from ``sympy.diff``:
 
-* elementwise z = f(a, b, ...):   a_bar += z_bar * df/da   (a ``Partial``)
+* elementwise z = f(a, b, ...):   a_bar += z_bar * df/da   (a partial)
 * linear z = W v:                 v_bar += W^T z_bar,  W_bar += z_bar v^T
 
 A state's previous value h_prev is the state's value one step earlier, so its
@@ -22,15 +22,16 @@ in O(T). Nodes are split into three phases so code generators can hoist:
             in one batch after the loop.
 
 Weight gradients are sums over t of outer products, so every one is a single
-matrix product over all T*B rows once the adjoints are stored. The naive O(T^2),
-truncated and forward-mode (RTRL) algorithms reuse the same nodes and partials.
+matrix product over all T*B rows once the adjoints are stored. backward.py turns the
+partials into these sums once (``Derivation.backward``); the naive O(T^2), truncated
+and forward-mode (RTRL) algorithms, the LaTeX and every target read them from there.
 """
 
 from dataclasses import dataclass
 
 import sympy as sp
 
-from . import losses
+from . import backward, losses
 from .model import DefinitionError, Model
 from .simplify import DropZeroSteps, ThroughStoredValues, simplify
 
@@ -60,15 +61,6 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Partial:
-    """d node / d wrt, simplified through stored values: wrt_bar += node_bar * expr."""
-
-    node: str
-    wrt: str
-    expr: sp.Expr
-
-
-@dataclass(frozen=True)
 class StateInfo:
     name: str  # the update node's name, holding s_t
     size: str
@@ -93,7 +85,7 @@ class Derivation:
     states: tuple  # StateInfo
     params: tuple  # Param
     nodes: tuple  # Node, forward order
-    partials: tuple  # Partial, grouped by node in forward order
+    backward: backward.Backward  # adjoints, gradients and tangents as sums of Terms
     loss: LossInfo
     l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
     l2_gradient: sp.Expr
@@ -106,9 +98,6 @@ class Derivation:
 
     def phase_nodes(self, phase):
         return tuple(n for n in self.nodes if n.phase == phase)
-
-    def partials_of(self, node):
-        return tuple(p for p in self.partials if p.node == node)
 
     def param(self, name):
         return next(p for p in self.params if p.name == name)
@@ -125,32 +114,6 @@ class Derivation:
                 return p.shape[0]
         return self.node(name).size
 
-    def state_of_prev(self, name):
-        return next((s for s in self.states if s.prev == name), None)
-
-    def tangent_vectors(self):
-        """The vectors forward-mode RTRL carries a derivative along the parameters
-        for: the previous states, and the pre and loop nodes on the recurrent path
-        (a state reads them) that read one of these or a parameter, in order."""
-        feeds = {s.name for s in self.states}
-        for n in reversed(self.nodes):
-            if n.name in feeds:
-                feeds.update([n.source] if n.kind == "linear" else n.args)
-        out = [s.prev for s in self.states]
-        for n in self.nodes:
-            if n.phase != "post" and n.name in feeds and (
-                    n.kind == "linear" or n.params or any(a in out for a in n.args)):
-                out.append(n.name)
-        return tuple(out)
-
-    def tangent_params(self):
-        """The parameters of the tangent vectors (RTRL's directions), in order."""
-        vectors = set(self.tangent_vectors())
-        used = set()
-        for n in self.nodes:
-            if n.name in vectors:
-                used.update([n.weight] if n.kind == "linear" else n.params)
-        return tuple(p.name for p in self.params if p.name in used)
 
 
 W_ELEM, LAM = sp.symbols("w lambda", real=True)
@@ -196,7 +159,7 @@ def derive(model: Model) -> Derivation:
         rules = [ThroughStoredValues(tuple(stored))] + rules_tail
         for wrt in args + params:
             local = sp.diff(n.expr, sp.Symbol(wrt, real=True))
-            partials.append(Partial(n.name, wrt, simplify(local, rules)))
+            partials.append((n.name, wrt, simplify(local, rules)))
         nodes.append(Node(n.name, n.size, "elementwise", phase, expr=n.expr, args=args,
                           params=params))
 
@@ -206,15 +169,17 @@ def derive(model: Model) -> Derivation:
                               location=model.states[next(iter(model.states))].location)
     loss = LossInfo(out, model.size_of(out), model.loss, model.loss.error(), model.loss_at)
     penalty = LAM / 2 * W_ELEM ** 2
+    states = tuple(StateInfo(s, st.size, f"{s}_prev") for s, st in model.states.items())
+    params = tuple(Param(p.name, p.shape, p.kind, p.role) for p in model.params.values())
     return Derivation(
         name=model.name,
         sizes=model.sizes,
         input=next(iter(model.inputs)),
         input_size=next(iter(model.inputs.values())),
-        states=tuple(StateInfo(s, st.size, f"{s}_prev") for s, st in model.states.items()),
-        params=tuple(Param(p.name, p.shape, p.kind, p.role) for p in model.params.values()),
+        states=states,
+        params=params,
         nodes=tuple(nodes),
-        partials=tuple(partials),
+        backward=backward.build(nodes, partials, states, params, loss),
         loss=loss,
         l2_penalty=penalty,
         l2_gradient=sp.diff(penalty, W_ELEM),

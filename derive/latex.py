@@ -3,7 +3,7 @@
 Data flow: derivation.py (Derivation) -> this module -> a LaTeX document, a fragment
 of equations to paste into a paper, or GitHub Markdown. Nothing here is written per
 model: every right-hand side is a SymPy expression of the Derivation (node
-expressions, ``Partial.expr`` from ``sympy.diff``, the loss error, the L2 terms)
+expressions, the sums of ``Derivation.backward``, the loss error, the L2 terms)
 printed by ``DerivationPrinter``, a ``LatexPrinter`` subclass; symbols come from
 naming.py, whose code names the generated kernels use.
 
@@ -29,7 +29,7 @@ from sympy.printing.latex import LatexPrinter
 
 from . import functions, naming
 from .derivation import W_ELEM
-from .losses import K as LOSS_K, m as LOSS_M, z as LOSS_Z
+from .losses import K as LOSS_K, m as LOSS_M
 
 FORMS = ("document", "fragment", "markdown")
 
@@ -251,13 +251,14 @@ class _Builder:
                 symbols[f"mat:{p.name}"] = (n.matrix(p.name) if vector else
                                             n.matrix_element(p.name, j, k))
         # RTRL's tangents: a dot over a vector; a product's is W v_dot + W_dot v.
-        tangents = d.tangent_vectors()
-        for name in tangents + d.tangent_params():
+        bw = d.backward
+        for name in bw.tangent_vectors + bw.directions:
             if name in n.linear:
-                node = n.linear[name]
-                tex = n.tangent(node.weight) + n.vector(node.source)
-                if node.source in tangents:
-                    tex = n.matrix(node.weight) + n.tangent(node.source) + " + " + tex
+                pieces = [(n.matrix(t.weight) + n.tangent(t.via)) if t.rule == "product"
+                          else (n.tangent(t.weight) + n.vector(t.source))
+                          for t in bw.tangent(name)]
+                tex = " + ".join(pieces)
+                if len(pieces) > 1:
                     compound.add(f"dot:{name}")
             else:
                 tex = n.tangent(name)
@@ -346,7 +347,7 @@ class _Builder:
 
     def _functions_used(self):
         exprs = [n.expr for n in self.d.nodes if n.expr is not None]
-        exprs += [p.expr for p in self.d.partials]
+        exprs += [t.expr for t in self.d.backward.terms if t.rule == "local"]
         exprs += [s for _, s in self.d.loss.loss.sums] + [self.d.loss.loss.prediction]
         used = {}
         for e in exprs:
@@ -502,12 +503,6 @@ class _Builder:
                  self.eq("loss:norm", "N", rf"{sums} w_{{tb}}"))
         self.text("where $R$ is the L2 penalty of @eq{l2:penalty}.")
 
-    def _raw_error(self):
-        """dl/dz_k before the rewrite through y: what Loss.error() starts from."""
-        loss = self.d.loss.loss
-        return sum((sp.diff(loss.value, sym) * sp.diff(summand, LOSS_Z)
-                    for sym, summand in loss.sums), sp.S.Zero)
-
     def _simple_error(self):
         """The error with common factors cancelled, (2y - 2d)/(2K) -> (y - d)/K, where
         that is shorter; the same value as LossInfo.error."""
@@ -524,7 +519,7 @@ class _Builder:
         j = n.index
         p = self.loss_idx
         self.section("Output error")
-        raw, error = self._raw_error(), d.loss.error
+        raw, error = d.loss.loss.raw_error(), d.loss.error
         pieces = [p.doprint(raw)]
         for form in (error, self._simple_error()):
             if p.doprint(form) not in (x.lstrip("= ") for x in pieces):
@@ -542,21 +537,27 @@ class _Builder:
     # -- backward ------------------------------------------------------------------
     def consumers(self, name):
         """Contributions to the adjoint of ``name``, in forward order."""
-        out = []
-        for node in self.d.nodes:
-            if node.kind == "linear" and node.source == name:
-                out.append(sp.Symbol(f"WT:{node.name}"))
-            for p in self.d.partials_of(node.name):
-                if p.wrt == name:
-                    out.append(sp.Symbol(f"bar:{node.name}") * p.expr)
-        return out
+        return self.d.backward.consumers(name)
+
+    @staticmethod
+    def _summand(term):
+        """A Term of backward.py as the expression this printer prints."""
+        if term.rule == "transpose":
+            return sp.Symbol(f"WT:{term.via}")
+        if term.rule == "outer":
+            return sp.Symbol(f"outer:{term.via}")
+        return sp.Symbol(f"bar:{term.via}") * term.expr
 
     def adjoint_terms(self, name, truncated=False, reweighted=False):
-        terms = self.consumers(name)
-        if name in self.states and any(self.consumers(self.states[name].prev)):
-            carry = sp.Symbol(f"carry:{name}")
-            factor = "iv:tau" if truncated else "iv:kappa" if reweighted else None
-            terms.append(sp.Symbol(factor) * carry if factor else carry)
+        """bar(name) but the output error (printed apart, adjoint_eq)."""
+        terms = []
+        for term in self.d.backward.adjoint(name):
+            if term.rule == "carry":
+                carry = sp.Symbol(f"carry:{name}")
+                factor = "iv:tau" if truncated else "iv:kappa" if reweighted else None
+                terms.append(sp.Symbol(factor) * carry if factor else carry)
+            elif term.rule != "error":
+                terms.append(self._summand(term))
         return terms
 
     def adjoint_eq(self, name, form, truncated=False, reweighted=False):
@@ -572,11 +573,6 @@ class _Builder:
         key = f"{form}:adj:{name}" + (":trunc" if truncated else ":artbp" if reweighted
                                       else "")
         return self.eq(key, lhs, pieces)
-
-    def backward_order(self):
-        """Nodes in reverse order, then the previous states: all that has an adjoint."""
-        names = [x.name for x in reversed(self.d.nodes)]
-        return names + [s.prev for s in self.d.states if self.consumers(s.prev)]
 
     def backward(self):
         d, n = self.d, self.names
@@ -606,7 +602,7 @@ class _Builder:
                 "the previous states computed at step $t+1$ (last equations below); they "
                 "are zero at $t = T$") if carries else "") + ".")
         eqs = []
-        for name in self.backward_order():
+        for name in self.d.backward.sweep:
             if name == self.loss_node and not self.adjoint_terms(name):
                 continue  # its adjoint is the output error
             eqs.append(self.adjoint_eq(name, "vector"))
@@ -614,11 +610,7 @@ class _Builder:
 
     # -- gradients -----------------------------------------------------------------
     def gradient_terms(self, param):
-        if param.kind == "matrix":
-            return [sp.Symbol(f"outer:{x.name}") for x in self.d.nodes
-                    if x.kind == "linear" and x.weight == param.name]
-        return [sp.Symbol(f"bar:{p.node}") * p.expr for p in self.d.partials
-                if p.wrt == param.name]
+        return [self._summand(t) for t in self.d.backward.gradient(param.name)]
 
     def gradient_eq(self, param, form):
         printer = self.vec if form == "vector" else self.idx
@@ -711,13 +703,11 @@ class _Builder:
         self.eqs(*eqs)
 
     def tangent_eq(self, name):
-        """z_dot = sum over args of (dz/da) a_dot + (dz/dp) p_dot, from the Partials;
+        """z_dot = sum over args of (dz/da) a_dot + (dz/dp) p_dot, the Backward's sum;
         arguments with the same coefficient (a pre-activation's summands) summed first."""
-        node, has = self.d.node(name), set(self.d.tangent_vectors())
         by_coef = {}
-        for p in self.d.partials_of(name):
-            if p.wrt in has or p.wrt in node.params:
-                by_coef.setdefault(p.expr, []).append(sp.Symbol(f"dot:{p.wrt}"))
+        for t in self.d.backward.tangent(name):
+            by_coef.setdefault(t.expr, []).append(sp.Symbol(f"dot:{t.via}"))
         terms = [coef * sp.Add(*dots, evaluate=False) if len(dots) > 1 else coef * dots[0]
                  for coef, dots in by_coef.items()]
         return self.eq(f"rtrl:dot:{name}", self.names.tangent(name), self.terms(self.vec, terms))
@@ -740,7 +730,7 @@ class _Builder:
                      rf"{{\partial {s}_{{t}}}} \dot{{\mathbf{{s}}}}_{{t}}",
                      rf"+ \frac{{\partial l_{{t}}}}{{\partial {theta}}}\bigr)"]))
         tangents = [x.name for x in d.nodes
-                    if x.kind == "elementwise" and x.name in d.tangent_vectors()]
+                    if x.kind == "elementwise" and x.name in d.backward.tangent_vectors]
         self.text(
             "The right-hand side of @eq{rtrl} is the tangent of the forward step: the step "
             "differentiated forwards, node by node, with the local derivatives of the "
@@ -750,7 +740,7 @@ class _Builder:
             "$\\dot{\\mathbf{b}}$ holds the unit directions of a vector parameter. For this "
             "model, with $\\dot{\\mathbf{s}}_{t-1}$ of the previous step:")
         self.eqs(*(self.tangent_eq(x) for x in tangents))
-        directions = d.tangent_params()
+        directions = d.backward.directions
         rest = [p.name for p in d.params if p.name not in directions]
         size = DerivationPrinter({"symbols": {x: naming.size(x) for x in d.sizes}})
         count = sum((sp.Mul(*(sp.Symbol(x) for x in d.param(p).shape)) for p in directions),
@@ -811,7 +801,7 @@ class _Builder:
         self.text("Backward step, with $" + n.adjoint_element(self.loss_node) + "$ the "
                   "element of @eq{error}:")
         eqs = []
-        for name in self.backward_order():
+        for name in self.d.backward.sweep:
             if name == self.loss_node and not self.adjoint_terms(name):
                 continue
             eqs.append(self.adjoint_eq(name, "index"))

@@ -72,16 +72,18 @@ class Loss:
                 raise LossError(f"loss {self.name!r}: summand {sym} uses undefined "
                                 f"symbol(s) {sorted(map(str, unknown))}")
 
+    def raw_error(self):
+        """dl/dz_k from SymPy by the chain rule through the sums, as differentiated."""
+        return sum((sp.diff(self.value, sym) * sp.diff(summand, z)
+                    for sym, summand in self.sums), sp.S.Zero)
+
     def error(self):
-        """dl/dz_k from SymPy, rewritten through the prediction y where it appears.
+        """dl/dz_k, rewritten through the prediction y where it appears.
 
         >>> softmax_cross_entropy.error()
         -d + y
         """
-        y = sp.Symbol("y", real=True)
-        grad = sum((sp.diff(self.value, sym) * sp.diff(summand, z)
-                    for sym, summand in self.sums), sp.S.Zero)
-        return grad.subs(self.prediction, y)
+        return self.raw_error().subs(self.prediction, sp.Symbol("y", real=True))
 
 
 def custom_loss(name, value, /, *, target="vector", prediction=z, description="", **sums):

@@ -125,33 +125,30 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
     P = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     grads = {k: np.zeros_like(v) for k, v in P.items()}
     loss = 0.0
+    bw = derivation.backward
     carried = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
-    by_node = {}
-    for p in derivation.partials:
-        by_node.setdefault(p.node, []).append(p)
     for t in reversed(range(T)):
         env = trajectory[t]
         value, _, error = _loss_terms(derivation, env[derivation.loss.node], targets[t], sizes)
         loss += float(np.sum(w[t] * value)) / total
-        bar = {name: np.zeros((B, sizes[derivation.size_of(name)]))
-               for name in list(env) if name not in P}
-        bar[derivation.loss.node] += error * (w[t] / total)[:, None]
-        for s in derivation.states:
-            bar[s.name] += carried[s.prev]
-        for n in reversed(derivation.nodes):
-            zbar = bar[n.name]
-            if n.kind == "linear":
-                bar[n.source] += zbar @ P[n.weight]
-                grads[n.weight] += zbar.T @ env[n.source]
-                continue
-            for p in by_node.get(n.name, ()):
-                local = zbar * evaluate(p.expr, env)
-                if p.wrt in P:
-                    grads[p.wrt] += local.sum(axis=0)
-                else:
-                    bar[p.wrt] += local
+        summand = {  # the rules of backward.py, evaluated at this step
+            "error": lambda term: error * (w[t] / total)[:, None],
+            "local": lambda term: bar[term.via] * evaluate(term.expr, env),
+            "transpose": lambda term: bar[term.via] @ P[term.weight],
+            "carry": lambda term: carried[term.via],
+            "outer": lambda term: bar[term.via].T @ env[term.source],
+        }
+        bar = {}
+        for name in bw.sweep:
+            bar[name] = np.zeros((B, sizes[derivation.size_of(name)]))
+            for term in bw.adjoint(name):
+                bar[name] = bar[name] + summand[term.rule](term)
+        for p in derivation.params:
+            for term in bw.gradient(p.name):
+                g = summand[term.rule](term)
+                grads[p.name] += g if term.rule == "outer" else g.sum(axis=0)
         factor = 1.0 if carry is None else carry[t]
-        carried = {s.prev: factor * bar[s.prev] for s in derivation.states}
+        carried = {s.prev: factor * bar.get(s.prev, 0.0) for s in derivation.states}
     for p in derivation.params:
         if p.role == "weight" and l2:
             loss += float(np.sum(evaluate(derivation.l2_penalty, {"w": P[p.name], "lambda": l2})))

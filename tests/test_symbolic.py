@@ -108,10 +108,12 @@ def test_check_detects_a_wrong_partial_on_the_recurrent_path():
     model = elman()
     sizes = tiny_sizes(derive(elman()), 2)
     D = derive(model)
-    target = next(p for p in D.partials if p.node == "h" and p.wrt.startswith("W_hh"))
-    broken = dataclasses.replace(D, partials=tuple(
-        dataclasses.replace(p, expr=p.expr * sp.Float(1.01)) if p is target else p
-        for p in D.partials))
+    bw = D.backward
+    target = next(t for t in bw.terms if t.rule == "local" and t.via == "h"
+                  and t.target.startswith("W_hh"))
+    broken = dataclasses.replace(D, backward=dataclasses.replace(bw, terms=tuple(
+        dataclasses.replace(t, expr=t.expr * sp.Float(1.01)) if t is target else t
+        for t in bw.terms)))
     params, x, targets, state0 = random_problem(D, sizes, T=3, B=1)
     _, grads = reference.loss_and_grads(broken, params, x, targets, state0=state0)
     _, sym = symbolic_loss_and_grads(model, sizes, params, x, targets, state0)

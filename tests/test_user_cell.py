@@ -32,11 +32,11 @@ def test_definition_file_loads_and_derives():
     n = D.node("n")
     assert n.expr.has(sp.log) and n.expr.has(sp.exp)  # the user's logaddexp, as given
     # derivatives are written through stored values: tanh' = 1 - n^2, sigma' = f (1 - f)
-    partials = {(p.node, p.wrt): p.expr for p in D.partials}
+    partials = {(t.via, t.target): t.expr for t in D.backward.terms if t.rule == "local"}
     nsym, fsym = sp.Symbol("n", real=True), sp.Symbol("f", real=True)
     assert partials[("n", "U_n_u1")].has(nsym)
     assert sp.simplify(partials[("f", "b_f")] - fsym * (1 - fsym)) == 0
-    assert {p.wrt for p in D.partials_of("h")} == {"f", "h_prev", "n"}
+    assert {t.target for t in D.backward.leaving("h")} == {"f", "h_prev", "n"}
 
 
 def test_custom_loss_errors_are_derived():
