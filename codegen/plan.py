@@ -99,7 +99,7 @@ class Plan:
         self.vector_params = [p.name for p in derivation.params if p.kind == "vector"]
         self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
         self.nodes = {n.name: n for n in derivation.nodes}
-        self.input_array = f"{derivation.input}_seq"
+        self.input_array = naming.code_array(derivation.input)
         self._check()
         self.groups = []
         self.member_of = {}  # linear node -> (group, offset code)
@@ -144,32 +144,40 @@ class Plan:
         if name == self.d.input:
             return f"{self.input_array}[{row}, {col}]"
         if name in self.prev_of:
-            return f"{self.prev_of[name].name}_seq[{row}, {col}]"
+            return f"{naming.code_array(self.prev_of[name].name)}[{row}, {col}]"
         if name in self.state_names:
-            return f"{name}_seq[{row} + B, {col}]"
+            return f"{naming.code_array(name)}[{row} + B, {col}]"
         if name in self.member_of:
             g, off = self.member_of[name]
-            return f"{g.name}_seq[{row}, {_plus(off, col)}]"
-        return f"{name}_seq[{row}, {col}]"
+            return f"{naming.code_array(g.name)}[{row}, {_plus(off, col)}]"
+        return f"{naming.code_array(name)}[{row}, {col}]"
 
     def adjoint(self, name, row="_r", col="_k"):
         """Code for the adjoint array element of a vector (None: the input)."""
         if name == self.d.input:
             return None
         if name in self.prev_of:
-            return f"delta_{self.prev_of[name].name}_seq[{row}, {col}]"
+            return f"{self._adjoint_array(name)}[{row}, {col}]"
         if name in self.state_names:
-            return f"delta_{name}_seq[{row} + B, {col}]"
+            return f"{self._adjoint_array(name)}[{row} + B, {col}]"
         if name in self.member_of:
             g, off = self.member_of[name]
             return f"{self.group_adjoint(g)}[{row}, {_plus(off, col)}]"
-        return f"d_{name}_seq[{row}, {col}]"
+        return f"{self._adjoint_array(name)}[{row}, {col}]"
+
+    def _adjoint_array(self, name):
+        """The adjoint array of a vector (a state's also holds its previous value's)."""
+        return naming.code_array(naming.code_adjoint(name, self.state_names))
+
+    def local_adjoint(self, name):
+        """The kernel's scalar adjoint of one element of an elementwise node."""
+        return naming.code_adjoint(name, ())
 
     def group_adjoint(self, group):
         """The adjoint array of a product group (another group's, or its consumer's,
         where shared)."""
         owner = self.alias.get(group.name, group.name)
-        return f"d_{self.node_alias.get(owner, owner)}_seq"
+        return self._adjoint_array(self.node_alias.get(owner, owner))
 
     def storage(self, name, adjoint=False):
         """(array, row shift, column offset) of a vector's value (or adjoint):
@@ -178,26 +186,25 @@ class Plan:
         to kernels instead of slicing (the CUDA module). None: the input's adjoint."""
         if name == self.d.input:
             return None if adjoint else (self.input_array, "0", "0")
-        prefix = "delta_" if adjoint else ""
+        array = self._adjoint_array if adjoint else naming.code_array
         if name in self.prev_of:
-            return f"{prefix}{self.prev_of[name].name}_seq", "0", "0"
+            return array(self.prev_of[name].name), "0", "0"
         if name in self.state_names:
-            return f"{prefix}{name}_seq", "B", "0"
-        prefix = "d_" if adjoint else ""
+            return array(name), "B", "0"
         if name in self.member_of:
             g, off = self.member_of[name]
-            return (self.group_adjoint(g) if adjoint else f"{g.name}_seq"), "0", off
-        return f"{prefix}{name}_seq", "0", "0"
+            return (self.group_adjoint(g) if adjoint else naming.code_array(g.name)), "0", off
+        return array(name), "0", "0"
 
     def rows(self, name, lo="_lo", hi="_hi"):
         """Code for the contiguous row slice of a vector's value array."""
         if name == self.d.input:
             return f"{self.input_array}[{lo}:{hi}]"
         if name in self.prev_of:
-            return f"{self.prev_of[name].name}_seq[{lo}:{hi}]"
+            return f"{naming.code_array(self.prev_of[name].name)}[{lo}:{hi}]"
         if name in self.state_names:
-            return f"{name}_seq[{lo} + B:{hi} + B]"
-        return f"{name}_seq[{lo}:{hi}]"
+            return f"{naming.code_array(name)}[{lo} + B:{hi} + B]"
+        return f"{naming.code_array(name)}[{lo}:{hi}]"
 
     def size_of(self, name):
         return self.d.size_of(name)
@@ -357,7 +364,7 @@ class Plan:
             lines.append(f"_sum = np.dot(np.ones(TB, {array}.dtype), {array})")
             for param, off, size in sums:
                 lines += [f"for _k in range({size}):",
-                          f"    d_{param}[_k] += _sum[{_plus(off, '_k')}]"]
+                          f"    {naming.code_gradient(param)}[_k] += _sum[{_plus(off, '_k')}]"]
         return lines
 
     # -- printing -------------------------------------------------------------
@@ -369,21 +376,22 @@ class Plan:
 
     def _print_linear(self, block):
         g = block.group
-        block.forward = [f"np.dot({self.rows(g.source)}, W_{g.name}.T, "
-                         f"{g.name}_seq[_lo:_hi])"]
+        weights = naming.code_group_weights(g.name)
+        block.forward = [f"np.dot({self.rows(g.source)}, {weights}.T, "
+                         f"{naming.code_array(g.name)}[_lo:_hi])"]
         target = self.adjoint(g.source, row="_r", col="_k")
         if target is None:  # no gradient with respect to the input
             return
         if g.name in self.direct:
             array, shift, _ = self.storage(g.source, adjoint=True)
             rows = "[_lo:_hi]" if shift == "0" else f"[_lo + {shift}:_hi + {shift}]"
-            block.backward = [f"np.dot({self.group_adjoint(g)}[_lo:_hi], W_{g.name}, "
+            block.backward = [f"np.dot({self.group_adjoint(g)}[_lo:_hi], {weights}, "
                               f"{array}{rows})  # the first write there"]
             return
-        term = f"scratch_{g.name}[_r - _lo, _k]"
+        scratch = naming.code_scratch(g.name)
+        term = f"{scratch}[_r - _lo, _k]"
         block.backward = [
-            f"np.dot({self.group_adjoint(g)}[_lo:_hi], W_{g.name}, "
-            f"scratch_{g.name}[:_hi - _lo])",
+            f"np.dot({self.group_adjoint(g)}[_lo:_hi], {weights}, {scratch}[:_hi - _lo])",
             "for _r in range(_lo, _hi):",
             f"    for _k in range({self.size_of(g.source)}):",
             f"        {target} += {self._carried(g.source, term)}",
@@ -413,7 +421,7 @@ class Plan:
         body, exprs = [], []
         for name in block.nodes:
             init = self.adjoint(name) if name in self.needs_array else "0.0"
-            body.append(f"d_{name} = {init}")
+            body.append(f"{self.local_adjoint(name)} = {init}")
         for name in reversed(block.nodes):
             terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
             if not terms:
@@ -424,12 +432,13 @@ class Plan:
             body += [f"{v} = {pycode(e)}" for v, e in temps]
             written = set()
             for t, e in zip(terms, reduced):
-                contribution = f"d_{name}" if e == 1 else f"d_{name}*{pycode_factor(e)}"
+                own = self.local_adjoint(name)
+                contribution = own if e == 1 else f"{own}*{pycode_factor(e)}"
                 if t.target in block.nodes:
-                    body.append(f"d_{t.target} += {contribution}")
+                    body.append(f"{self.local_adjoint(t.target)} += {contribution}")
                 elif t.target in self.vector_params:
                     if (name, t.target) not in self.bias_sums:
-                        body.append(f"d_{t.target}[_k] += {contribution}")
+                        body.append(f"{naming.code_gradient(t.target)}[_k] += {contribution}")
                 elif self.adjoint(t.target) not in written | {self.adjoint(name)}:
                     written.add(self.adjoint(t.target))  # a shared array: written once
                     op = "=" if self._assigns(name, t.target) else "+="
@@ -448,20 +457,22 @@ class Plan:
 
     # -- arrays and the loss ----------------------------------------------------
     def _arrays(self):
-        arrays = [Array(f"{s.name}_seq", "TB1", s.size, "value") for s in self.d.states]
-        arrays += [Array(f"{g.name}_seq", "TB", g.width, "value") for g in self.groups]
-        arrays += [Array(f"{n.name}_seq", "TB", n.size, "value") for n in self.d.nodes
+        value, adjoint = naming.code_array, self._adjoint_array
+        arrays = [Array(value(s.name), "TB1", s.size, "value") for s in self.d.states]
+        arrays += [Array(value(g.name), "TB", g.width, "value") for g in self.groups]
+        arrays += [Array(value(n.name), "TB", n.size, "value") for n in self.d.nodes
                    if n.kind == "elementwise" and n.name not in self.state_names]
-        arrays += [Array(f"delta_{s.name}_seq", "TB1", s.size, "adjoint", True)
+        arrays += [Array(adjoint(s.name), "TB1", s.size, "adjoint", True)
                    for s in self.d.states]
-        arrays += [Array(f"d_{g.name}_seq", "TB", g.width, "adjoint", g.phase == "loop")
+        arrays += [Array(adjoint(g.name), "TB", g.width, "adjoint", g.phase == "loop")
                    for g in self.groups
                    if g.name not in self.alias and g.name not in self.node_alias]
-        arrays += [Array(f"d_{n.name}_seq", "TB", n.size, "adjoint", n.phase == "loop")
+        arrays += [Array(adjoint(n.name), "TB", n.size, "adjoint", n.phase == "loop")
                    for n in self.d.nodes if n.kind == "elementwise"
                    and n.name in self.needs_array and n.name not in self.state_names]
-        arrays += [Array(f"d_{p}", "1", self.size_of(p), "grad") for p in self.vector_params]
-        arrays += [Array(f"scratch_{g.name}", "TB", self.size_of(g.source), "scratch")
+        arrays += [Array(naming.code_gradient(p), "1", self.size_of(p), "grad")
+                   for p in self.vector_params]
+        arrays += [Array(naming.code_scratch(g.name), "TB", self.size_of(g.source), "scratch")
                    for g in self.groups if g.source != self.d.input
                    and g.name not in self.direct]
         if self.carry:
@@ -478,7 +489,8 @@ class Plan:
         if stored is not None:
             # The first pass over the units stores it in y_seq, the second reads it.
             sums = [(sym, e.xreplace({stored: sp.Symbol("_e")})) for sym, e in sums]
-            prediction = prediction.xreplace({stored: sp.Symbol("y_seq[_r, _k]")})
+            prediction = prediction.xreplace(
+                {stored: sp.Symbol(f"{naming.code_array('y')}[_r, _k]")})
         return {
             "size": out_size,
             "node": info.node,

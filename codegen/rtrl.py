@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from bpttgen.derive import naming
 from bpttgen.derive.naming import code_tangent as dot
 from bpttgen.derive.simplify import cse
 
@@ -119,7 +120,7 @@ class RtrlPlan:
         weights = "; ".join(w for _, w, _, _ in g.members)
         lines = []
         if src in self.has:
-            lines.append(f"np.dot(W_{g.name}, {dot(src)}, {dot(g.name)})")
+            lines.append(f"np.dot({naming.code_group_weights(g.name)}, {dot(src)}, {dot(g.name)})")
             comment = f"{g.name} = {src} @ [{weights}]^T: W {dot(src)} + W_dot {src}"
             op = "+="
         else:  # zeroed once before the loop; the same places are set every step
@@ -131,7 +132,8 @@ class RtrlPlan:
                 continue
             lines += [f"    for _i in range({size}):",
                       f"        for _j in range({cols}):",
-                      f"            {dot(g.name)}[{_plus(off, '_i')}, _c + _o_{weight} + _i*{cols}"
+                      f"            {dot(g.name)}[{_plus(off, '_i')}, _c + "
+                      f"{naming.code_direction(weight)} + _i*{cols}"
                       f" + _j] {op} {plan.value(src, row='_r', col='_j')}"]
         return StepBlock(comment, lines)
 
@@ -148,10 +150,11 @@ class RtrlPlan:
             by_coef, immediate = {}, []
             for t, e in zip(terms, reduced):
                 if t.rule == "direction":
-                    immediate.append(f"{dot(name)}[_k, _c + _o_{t.via} + _k] += {pycode(e)}")
+                    immediate.append(f"{dot(name)}[_k, _c + {naming.code_direction(t.via)} + _k]"
+                                     f" += {pycode(e)}")
                     continue
                 if not (e.is_Symbol or e.is_Number):
-                    coef = f"_d{name}__d{t.via}"
+                    coef = naming.code_coefficient(name, t.via)
                     body.append(f"{coef} = {pycode(e)}")
                     e = sp.Symbol(coef)
                 by_coef.setdefault(e, []).append(self.tangent(t.via, "_k", "_c + _p"))
@@ -208,7 +211,7 @@ class RtrlPlan:
     # -- for the template -----------------------------------------------------
     def context(self):
         init = [f"NP = {_code(self.np)}"]
-        init += [f"_o_{x.param} = {_code(x.first)}" for x in self.directions]
+        init += [f"{naming.code_direction(x.param)} = {_code(x.first)}" for x in self.directions]
         init += [f"{dot(g.name)}[:, :] = 0.0" for g in self.groups if g.source not in self.has]
         # A state without a tangent carries zeros to the next step (and out of rtrl()).
         init += [f"{dot(s.name)}[:, :] = 0.0" for s in self.d.states if s.name not in self.has]

@@ -176,6 +176,43 @@ def code_gradient(param):
     return f"d_{param}"
 
 
+def code_array(name):
+    """The array holding a vector (or an adjoint) at every row t*B + b of a call.
+
+    >>> code_array("h"), code_array(code_adjoint("h", {"h"})), code_array("x")
+    ('h_seq', 'delta_h_seq', 'x_seq')
+    """
+    return f"{name}_seq"
+
+
+def code_scratch(group):
+    """The rows a product group's backward product is written to before it is added
+    into its source's adjoint.
+
+    >>> code_scratch("P_h_prev")
+    'scratch_P_h_prev'
+    """
+    return f"scratch_{group}"
+
+
+def code_coefficient(node, arg):
+    """A kernel temporary: d node / d arg at one element (RTRL's tangent step).
+
+    >>> code_coefficient("h", "a")
+    '_dh__da'
+    """
+    return f"_d{node}__d{arg}"
+
+
+def code_direction(param):
+    """The first RTRL direction (column) of a parameter's elements.
+
+    >>> code_direction("W_hh")
+    '_o_W_hh'
+    """
+    return f"_o_{param}"
+
+
 def code_group(source, phase=None):
     """Code name of a product group: the products of one phase that read ``source``,
     computed as one matrix product with their weights stacked. A second group of the
