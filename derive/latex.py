@@ -22,6 +22,7 @@ equation is numbered; the three forms hold the same equations in the same order.
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import sympy as sp
 from sympy.core.sorting import default_sort_key
@@ -441,7 +442,7 @@ class _Builder:
     def _node_eq(self, node, printer, form):
         lhs = (self.names.vector(node.name) if form == "vector" else
                self.names.element(node.name))
-        return self.eq(f"{form}:fwd:{node.name}", lhs, self.expr_pieces(printer, node.expr))
+        return self.eq(naming.equation_key("fwd", node.name, form), lhs, self.expr_pieces(printer, node.expr))
 
     def forward(self):
         d, n = self.d, self.names
@@ -570,8 +571,8 @@ class _Builder:
             error = self.terms(self.loss_vec if form == "vector" else self.loss_idx,
                                [self._error_expr(truncated)])
             pieces = error + [p if p.startswith("- ") else "+ " + p for p in pieces]
-        key = f"{form}:adj:{name}" + (":trunc" if truncated else ":artbp" if reweighted
-                                      else "")
+        variant = ":trunc" if truncated else ":artbp" if reweighted else ""
+        key = naming.equation_key("adj", name, form) + variant
         return self.eq(key, lhs, pieces)
 
     def backward(self):
@@ -632,7 +633,7 @@ class _Builder:
             lhs = n.gradient_element(param.name, n.index, n.sum_index)
         else:
             lhs = n.gradient_element(param.name, n.index)
-        return self.eq(f"{form}:grad:{param.name}", lhs, pieces)
+        return self.eq(naming.equation_key("grad", param.name, form), lhs, pieces)
 
     def gradients(self):
         self.section("Parameter gradients")
@@ -710,7 +711,8 @@ class _Builder:
             by_coef.setdefault(t.expr, []).append(sp.Symbol(f"dot:{t.via}"))
         terms = [coef * sp.Add(*dots, evaluate=False) if len(dots) > 1 else coef * dots[0]
                  for coef, dots in by_coef.items()]
-        return self.eq(f"rtrl:dot:{name}", self.names.tangent(name), self.terms(self.vec, terms))
+        return self.eq(naming.equation_key("dot", name), self.names.tangent(name),
+                       self.terms(self.vec, terms))
 
     def rtrl(self):
         d, n = self.d, self.names
@@ -892,25 +894,36 @@ def _lines(eq):
     return [" ".join(line) for line in lines]
 
 
+def _numbered(blocks):
+    """The equations of the blocks in order, each given its number (from 1)."""
+    eqs = [e for block in blocks for e in block.eqs]
+    for number, e in enumerate(eqs, 1):
+        e.number = number
+    return eqs
+
+
+@lru_cache(maxsize=32)
+def equation_numbers(derivation):
+    """Key -> number of every equation of the derivation as ``render`` prints it (the
+    per-element form adds equations after these only): what generated code cites."""
+    return {e.key: e.number for e in _numbered(_Builder(derivation, False).build())}
+
+
 class _Writer:
     def __init__(self, derivation, blocks):
         self.d, self.blocks = derivation, blocks
         self.slug = re.sub(r"[^A-Za-z0-9]+", "-", derivation.name)
         self.eqs = {}
-        number = 0
         used = set()
-        for block in blocks:
-            for e in block.eqs:
-                number += 1
-                e.number = number
-                base = "eq:" + self.slug + ":" + re.sub(r"[^A-Za-z0-9:]+", "-", e.key)
-                label, i = base, 1
-                while label in used:
-                    i += 1
-                    label = f"{base}-{i}"
-                used.add(label)
-                e.label = label
-                self.eqs[e.key] = e
+        for e in _numbered(blocks):
+            base = "eq:" + self.slug + ":" + re.sub(r"[^A-Za-z0-9:]+", "-", e.key)
+            label, i = base, 1
+            while label in used:
+                i += 1
+                label = f"{base}-{i}"
+            used.add(label)
+            e.label = label
+            self.eqs[e.key] = e
 
     def markup(self, text, ref, code, escape):
         out = []

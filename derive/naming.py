@@ -243,6 +243,22 @@ def code_group_gradient(group):
     return f"dW_{group}"
 
 
+# -- equations -----------------------------------------------------------------------
+
+def equation_key(kind, name, form="vector"):
+    """The key of an equation of the LaTeX derivation, by what it defines: ``fwd`` a
+    node's value, ``adj`` a vector's adjoint, ``grad`` a parameter's gradient, ``dot``
+    a vector's RTRL tangent. Kernels cite the equation a line implements by its number
+    (latex.equation_numbers), found under this key.
+
+    >>> equation_key("adj", "h"), equation_key("dot", "c", "index")
+    ('vector:adj:h', 'rtrl:dot:c')
+    """
+    if kind == "dot":
+        return f"rtrl:dot:{name}"
+    return f"{form}:{kind}:{name}"
+
+
 # -- LaTeX symbols -------------------------------------------------------------------
 
 @dataclass(frozen=True)
