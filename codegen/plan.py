@@ -43,7 +43,7 @@ import sympy as sp
 
 from bpttgen.derive.losses import K as LOSS_K
 from bpttgen.derive.losses import d as LOSS_D
-from bpttgen.derive import naming
+from bpttgen.derive import latex, naming
 from bpttgen.derive.simplify import cse
 
 from bpttgen.codegen.printer import pycode, pycode_factor
@@ -100,6 +100,7 @@ class Plan:
         self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
         self.nodes = {n.name: n for n in derivation.nodes}
         self.input_array = naming.code_array(derivation.input)
+        self.numbers = latex.equation_numbers(derivation)
         self._check()
         self.groups = []
         self.member_of = {}  # linear node -> (group, offset code)
@@ -170,8 +171,9 @@ class Plan:
         return naming.code_array(naming.code_adjoint(name, self.state_names))
 
     def local_adjoint(self, name):
-        """The kernel's scalar adjoint of one element of an elementwise node."""
-        return naming.code_adjoint(name, ())
+        """The kernel's scalar adjoint of one element of an elementwise node (a
+        state's is delta_s, as in the LaTeX, beside its array delta_s_seq)."""
+        return naming.code_adjoint(name, self.state_names)
 
     def group_adjoint(self, group):
         """The adjoint array of a product group (another group's, or its consumer's,
@@ -368,6 +370,20 @@ class Plan:
         return lines
 
     # -- printing -------------------------------------------------------------
+    def cite(self, kind, name):
+        """A trailing comment citing the LaTeX equation a printed line implements
+        (``bpttgen latex MODEL`` numbers them); the readout's adjoint, when nothing
+        else reads the readout, is the output error's equation."""
+        number = self.equation(kind, name)
+        return f"  # {number}" if number else ""
+
+    def equation(self, kind, name):
+        """"(n)", the number of the equation defining a quantity; "" if none does."""
+        number = self.numbers.get(naming.equation_key(kind, name))
+        if number is None and kind == "adj" and name == self.d.loss.node:
+            number = self.numbers["error"]
+        return f"({number})" if number else ""
+
     def _print(self, block):
         if block.kind == "linear":
             self._print_linear(block)
@@ -386,7 +402,8 @@ class Plan:
             array, shift, _ = self.storage(g.source, adjoint=True)
             rows = "[_lo:_hi]" if shift == "0" else f"[_lo + {shift}:_hi + {shift}]"
             block.backward = [f"np.dot({self.group_adjoint(g)}[_lo:_hi], {weights}, "
-                              f"{array}{rows})  # the first write there"]
+                              f"{array}{rows})  # the first write there "
+                              + self.equation("adj", g.source)]
             return
         scratch = naming.code_scratch(g.name)
         term = f"{scratch}[_r - _lo, _k]"
@@ -394,7 +411,7 @@ class Plan:
             f"np.dot({self.group_adjoint(g)}[_lo:_hi], {weights}, {scratch}[:_hi - _lo])",
             "for _r in range(_lo, _hi):",
             f"    for _k in range({self.size_of(g.source)}):",
-            f"        {target} += {self._carried(g.source, term)}",
+            f"        {target} += {self._carried(g.source, term)}" + self.cite("adj", g.source),
         ]
 
     def _local_symbols(self, expr):
@@ -414,14 +431,16 @@ class Plan:
                                  prefix=f"_{name}_")
             exprs.extend([self.nodes[name].expr] + [e for _, e in temps])
             body += [f"{t} = {pycode(e)}" for t, e in temps]
-            body += [f"{name} = {pycode(expr)}", f"{self.value(name)} = {name}"]
+            body += [f"{name} = {pycode(expr)}" + self.cite("fwd", name),
+                     f"{self.value(name)} = {name}"]
             local.add(name)
         block.forward = _loop(block.size, self._loads(exprs, local) + body)
 
         body, exprs = [], []
         for name in block.nodes:
             init = self.adjoint(name) if name in self.needs_array else "0.0"
-            body.append(f"{self.local_adjoint(name)} = {init}")
+            cite = self.cite("adj", name) if name in self.needs_array else ""
+            body.append(f"{self.local_adjoint(name)} = {init}{cite}")
         for name in reversed(block.nodes):
             terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
             if not terms:
@@ -435,15 +454,18 @@ class Plan:
                 own = self.local_adjoint(name)
                 contribution = own if e == 1 else f"{own}*{pycode_factor(e)}"
                 if t.target in block.nodes:
-                    body.append(f"{self.local_adjoint(t.target)} += {contribution}")
+                    body.append(f"{self.local_adjoint(t.target)} += {contribution}"
+                                + self.cite("adj", t.target))
                 elif t.target in self.vector_params:
                     if (name, t.target) not in self.bias_sums:
-                        body.append(f"{naming.code_gradient(t.target)}[_k] += {contribution}")
+                        body.append(f"{naming.code_gradient(t.target)}[_k] += {contribution}"
+                                    + self.cite("grad", t.target))
                 elif self.adjoint(t.target) not in written | {self.adjoint(name)}:
                     written.add(self.adjoint(t.target))  # a shared array: written once
                     op = "=" if self._assigns(name, t.target) else "+="
                     body.append(f"{self.adjoint(t.target)} {op} "
-                                f"{self._carried(t.target, contribution)}")
+                                f"{self._carried(t.target, contribution)}"
+                                + self.cite("adj", t.target))
         stores = [line for line in body if "[" in line.split("=")[0]]
         block.backward = _loop(block.size, self._loads(exprs, set()) + body) \
             if stores else []

@@ -151,7 +151,7 @@ class RtrlPlan:
             for t, e in zip(terms, reduced):
                 if t.rule == "direction":
                     immediate.append(f"{dot(name)}[_k, _c + {naming.code_direction(t.via)} + _k]"
-                                     f" += {pycode(e)}")
+                                     f" += {pycode(e)}" + plan.cite("dot", name))
                     continue
                 if not (e.is_Symbol or e.is_Number):
                     coef = naming.code_coefficient(name, t.via)
@@ -169,7 +169,8 @@ class RtrlPlan:
                     terms.append(f"{pycode_factor(e)}*" +
                                  (f"({total})" if len(summands) > 1 else total))
             body += ["for _p in range(NP):",
-                     f"    {dot(name)}[_k, _c + _p] = {' + '.join(terms) or '0.0'}"]
+                     f"    {dot(name)}[_k, _c + _p] = {' + '.join(terms) or '0.0'}"
+                     + plan.cite("dot", name)]
             body += immediate
         loads = plan._loads(exprs, set())
         lines = ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP",

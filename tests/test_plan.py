@@ -80,7 +80,7 @@ def test_readout_product_uses_the_outputs_adjoint_and_writes_delta_h():
     assert plan.node_alias == {"P_h": "z"} and plan.direct == {"P_h"}
     post = [line for b in plan.blocks["post"] for line in b.backward]
     assert post == ["np.dot(d_z_seq[_lo:_hi], W_P_h, delta_h_seq[_lo + B:_hi + B])"
-                    "  # the first write there"]
+                    "  # the first write there " + plan.equation("adj", "h")]
     names = {a.name for a in plan.arrays}
     assert "d_P_h_seq" not in names and "scratch_P_h" not in names
     # Two post products in a chain (seed 004's net): both write their target first.
@@ -133,3 +133,20 @@ def test_shared_adjoints_on_unusual_structures_match_the_reference(tmp_path):
     expected = tbptt_reference(D, params, x, targets, state0, 2, 3)
     for k in expected:
         assert max_relative_error(grads[k], expected[k]) < 1e-10, k
+
+
+def test_lines_cite_the_equations_they_implement():
+    # Each elementwise value and adjoint line ends with the number of its equation
+    # in the LaTeX derivation (render numbers them in the same order).
+    from bpttgen.derive.latex import render
+
+    plan = _plan("lstm")
+    text = render(plan.d, form="markdown")
+    lines = [line for blocks in plan.blocks.values() for b in blocks
+             for line in b.forward + b.backward]
+    h = next(line for line in lines if line.strip().startswith("h = "))
+    number = h.rsplit("# (", 1)[1].rstrip(")")
+    assert f"\\mathbf{{h}}_{{t}} = " in text.split(f"\\tag{{{number}}}")[0].rsplit("$$", 1)[1]
+    adjoint = next(line for line in lines if line.strip().startswith("delta_c += "))
+    number = adjoint.rsplit("# (", 1)[1].rstrip(")")
+    assert "delta}^{c}_{t}" in text.split(f"\\tag{{{number}}}")[0].rsplit("$$", 1)[1]
