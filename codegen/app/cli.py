@@ -17,6 +17,7 @@ import time
 import warnings
 
 from bpttgen.derive import DefinitionError
+from bpttgen.derive.latex import FORMS
 from bpttgen.derive.losses import LossError
 
 from bpttgen.codegen.generate import (BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused,
@@ -345,8 +346,10 @@ def parser():
                        description="Print the derivation of a model's BPTT: forward "
                                    "step, loss, accumulated recurrence, gradients.")
     _model_argument(s)
-    s.add_argument("--form", choices=("document", "fragment", "markdown"),
-                   default="document")
+    s.add_argument("--form", choices=FORMS, default="document",
+                   help="document: a LaTeX article; fragment: its numbered equations; "
+                        "markdown: $$ blocks (GitHub, Jupyter); text: plain Unicode for a "
+                        "terminal")
     s.add_argument("--index-form", action="store_true",
                    help="add the per-element index form (seed 004's style)")
     s.add_argument("-o", "--output", help="write to this file instead of stdout")

@@ -15,7 +15,6 @@ generated LSTM in float64 (about 10 s on a 2-core machine).
 
 import importlib
 import os
-import re
 import sys
 import tempfile
 import time
@@ -61,27 +60,18 @@ def _say(quiet, *lines):
 
 
 def derivation_excerpt(derivation, max_backward=3):
-    """A few lines of the derivation: the forward step and the accumulated
-    recurrence, as LaTeX from derive/latex.py."""
-    from bpttgen.derive.latex import render
+    """A few lines of the derivation as text: the forward step and the first
+    adjoints of the accumulated recurrence (derive/latex.py's text form)."""
+    from bpttgen.derive.latex import section_equations
 
-    sections = {}
-    title = None
-    for block in render(derivation, form="markdown").split("\n\n"):
-        if block.startswith("## "):
-            title = block[3:].strip()
-        elif block.startswith("$$") and title:
-            body = " ".join(block.strip("$\n").split())
-            tag = re.search(r"\\tag\{(\d+)\}", body)
-            body = re.sub(r"\s*\\tag\{\d+\}", "", body)
-            sections.setdefault(title, []).append(f"({tag.group(1) if tag else '?'}) {body}")
-    forward = next((eqs for t, eqs in sections.items() if t.split(" ", 1)[-1]
-                    .startswith("Forward")), [])
-    backward = next((eqs for t, eqs in sections.items() if "Backward" in t), [])
-    deltas = [e for e in backward if "\\delta" in e.split("=")[0]] or backward
-    lines = ["Forward step:"] + ["  " + e for e in forward]
+    sections = section_equations(derivation)
+    forward = next((eqs for title, eqs in sections.items() if title.startswith("Forward")),
+                   [])
+    backward = next((eqs for title, eqs in sections.items() if "Backward" in title), [])
+    deltas = [e for e in backward if "δ" in e.split("=")[0]] or backward
+    lines = ["Forward step:"] + ["  " + e.strip() for e in forward]
     lines += ["Backward step, the accumulated recurrence (O(T), one sweep):"]
-    lines += ["  " + e for e in deltas[:max_backward]]
+    lines += ["  " + e.strip() for e in deltas[:max_backward]]
     return lines
 
 
@@ -166,7 +156,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     model = build("lstm")
     derivation = derive(model)
     _say(quiet, *derivation_excerpt(derivation),
-         "  (the whole derivation: bpttgen latex lstm --form markdown)", "")
+         "  (the whole derivation: bpttgen latex lstm --form text)", "")
 
     with tempfile.TemporaryDirectory(prefix="bpttgen-demo-") as folder:
         _say(quiet, "[2/5] Generating its Numba kernels")
