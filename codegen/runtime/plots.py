@@ -34,6 +34,7 @@ def plot_curves(curves, path, *, baseline=None, baseline_label="no memory",
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's file is private; a plot is for anyone to open
     try:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)  # a reader never sees half a PNG
