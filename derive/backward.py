@@ -38,6 +38,11 @@ RULES = {
 }
 
 
+#: An element of a weight matrix and the L2 coefficient: the penalty lambda/2 w^2 and
+#: its gradient are SymPy expressions in these (Derivation.l2_penalty, l2_gradient).
+W_ELEM, LAM = sp.symbols("w lambda", real=True)
+
+
 @dataclass(frozen=True)
 class Term:
     """One summand into ``target`` (a vector's adjoint or tangent, a parameter's

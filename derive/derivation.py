@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from . import backward, losses
+from .backward import LAM, W_ELEM
 from .model import DefinitionError, Model
 from .simplify import DropZeroSteps, ThroughStoredValues, simplify
 
@@ -90,6 +91,22 @@ class Derivation:
     l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
     l2_gradient: sp.Expr
 
+    def __repr__(self):
+        states = ", ".join(s.name for s in self.states)
+        return (f"<Derivation of '{self.name}': states {states}; {len(self.nodes)} nodes, "
+                f"{len(self.params)} parameters, loss {self.loss.loss.name} on "
+                f"{self.loss.node}; print(d.render('text')) shows it all>")
+
+    def render(self, form="document", index_form=False):
+        """The derivation as LaTeX, Markdown or text (derive/latex.py's ``render``)."""
+        from .latex import render  # latex.py reads Derivations; it is loaded on use
+
+        return render(self, form, index_form)
+
+    def _repr_markdown_(self):
+        """Jupyter shows a Derivation as its derivation, in math (the Markdown form)."""
+        return self.render("markdown")
+
     def node(self, name):
         return self._by_name()[name]
 
@@ -116,7 +133,6 @@ class Derivation:
 
 
 
-W_ELEM, LAM = sp.symbols("w lambda", real=True)
 
 
 def derive(model: Model) -> Derivation:

@@ -21,6 +21,7 @@ equation is numbered; the three forms hold the same equations in the same order.
 """
 
 import re
+import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -28,11 +29,11 @@ import sympy as sp
 from sympy.core.sorting import default_sort_key
 from sympy.printing.latex import LatexPrinter
 
-from . import functions, naming
-from .derivation import W_ELEM
+from . import functions, naming, plaintext
+from .backward import W_ELEM
 from .losses import K as LOSS_K, m as LOSS_M
 
-FORMS = ("document", "fragment", "markdown")
+FORMS = ("document", "fragment", "markdown", "text")
 
 #: Width, in printed symbols, above which a sum is broken over lines in LaTeX.
 LINE_WIDTH = 40
@@ -1043,12 +1044,76 @@ class _MarkdownWriter(_Writer):
         return "\n\n".join(out) + "\n"
 
 
+class _TextWriter(_Writer):
+    """Plain Unicode text for a terminal (plaintext.py reads this module's LaTeX)."""
+
+    def text(self, markup):
+        return self.markup(markup, lambda e: f"({e.number})", lambda c: c, lambda t: t)
+
+    def markup(self, text, ref, code, escape):
+        out = []
+        for part in _MARKUP.split(text):
+            if part.startswith("$") and part.endswith("$") and len(part) > 1:
+                out.append(plaintext.to_text(part[1:-1]))
+            elif part.startswith("@eq{"):
+                out.append(ref(self.eqs[part[4:-1]]))
+            elif part.startswith("`") and part.endswith("`") and len(part) > 1:
+                out.append(code(part[1:-1]))
+            else:
+                out.append(escape(part))
+        return "".join(out)
+
+    def document(self):
+        out = [f"Backpropagation through time: {self.d.name}"]
+        section = 0
+        for block in self.blocks:
+            if block.kind == "section":
+                section += 1
+                title = f"{section} {block.text}"
+                out.append(f"{title}\n{'-' * len(title)}")
+            elif block.kind == "text":
+                out.append(textwrap.fill(self.text(block.text), 88))
+            elif block.kind == "table":
+                rows = [(plaintext.to_text(s), self.text(shape), c, self.text(m))
+                        for s, c, m, shape in block.rows]
+                widths = [max(plaintext.width(r[i]) for r in rows) for i in range(3)]
+                out.append("\n".join(
+                    "  ".join(cell + " " * (w - plaintext.width(cell))
+                              for cell, w in zip(r[:3], widths)) + "  " + r[3]
+                    for r in rows))
+            elif block.kind == "eqs":
+                out.append("\n".join(self.equation(e) for e in block.eqs))
+        return "\n\n".join(out) + "\n"
+
+    def equation(self, e):
+        tag = f"({e.number})"
+        rel = plaintext.to_text(e.rel)
+        body = f"{plaintext.to_text(e.lhs)} {rel} " + " ".join(
+            plaintext.to_text(p) for p in e.pieces)
+        return f"{tag:>6} {body}"
+
+
+def section_equations(derivation):
+    """{section title: [its equations as numbered lines of text]}: the derivation in
+    pieces, for a terminal (the demo prints the forward and backward steps)."""
+    blocks = _Builder(derivation, False).build()
+    writer = _TextWriter(derivation, blocks)
+    out, title = {}, None
+    for block in blocks:
+        if block.kind == "section":
+            title = block.text
+        elif block.kind == "eqs":
+            out.setdefault(title, []).extend(writer.equation(e) for e in block.eqs)
+    return out
+
+
 def render(derivation, form="document", index_form=False):
     """The derivation as LaTeX or Markdown.
 
     ``form``: "document" (a complete article, amsmath), "fragment" (the numbered and
-    labelled equations only, to paste into a paper), or "markdown" ($$ blocks with
-    \\tag numbers, as GitHub renders them). ``index_form`` adds every equation per
+    labelled equations only, to paste into a paper), "markdown" ($$ blocks with
+    \\tag numbers, as GitHub and Jupyter render them) or "text" (plain Unicode for a
+    terminal). ``index_form`` adds every equation per
     element, in the style of seed 004.
     """
     if form not in FORMS:
@@ -1056,5 +1121,7 @@ def render(derivation, form="document", index_form=False):
     blocks = _Builder(derivation, index_form).build()
     if form == "markdown":
         return _MarkdownWriter(derivation, blocks).document()
+    if form == "text":
+        return _TextWriter(derivation, blocks).document()
     writer = _LatexWriter(derivation, blocks)
     return writer.document() if form == "document" else writer.fragment()

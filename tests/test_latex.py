@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -229,10 +230,59 @@ def test_every_partial_is_printed():
 def test_unknown_form():
     with pytest.raises(ValueError, match="unknown form"):
         render(derivation("elman"), form="html")
-    assert FORMS == ("document", "fragment", "markdown")
+    assert FORMS == ("document", "fragment", "markdown", "text")
 
 
 @pytest.mark.parametrize("module", [bpttgen.derive.naming, bpttgen.derive.latex])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.failed == 0
+
+
+# -- the text form (derive/plaintext.py) ------------------------------------------------
+
+def _fuzz_derivations(seed=5, cells=30):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
+    import fuzz
+
+    folder = tempfile.mkdtemp(prefix="bpttgen-text-")
+    for i in range(cells):
+        path = os.path.join(folder, f"cell_{i}.py")
+        with open(path, "w") as f:
+            f.write(fuzz.cell_source(fuzz.generate_spec(seed, i)))
+        try:
+            yield derive_model(load_model(path))
+        except ValueError:  # a refused definition
+            continue
+
+
+def test_text_form_leaves_no_latex_for_any_cell():
+    """Every built-in and fuzz-drawn cells print as text with no control sequence left:
+    plaintext.py knows the whole vocabulary latex.py prints (it raises on a new one)."""
+    derivations = [derivation(name) for name in BUILTIN] + list(_fuzz_derivations())
+    assert len(derivations) > len(BUILTIN) + 5
+    for d in derivations:
+        text = render(d, form="text", index_form=True)
+        assert "\\" not in text and "$" not in text, d.name
+        numbers = bpttgen.derive.latex.equation_numbers(d)
+        for number in numbers.values():
+            assert f"({number}) " in text
+
+
+def test_text_form_reads_like_the_math():
+    from bpttgen.derive.plaintext import to_text
+
+    text = derivation("lstm").render("text")
+    assert "(6) h_t = o_t ⊙ tanh(c_t)\n" in text
+    assert "δ^c_t = δ^h_t ⊙ o_t ⊙ (1 - tanh²(c_t)) + c̄_t" in text
+    assert to_text(r"\frac{\partial L}{\partial \mathbf{W}_{hh}}") == "∂L/∂W_{hh}"
+    assert to_text(r"\sqrt{x^{2} + 1}") == "√(x² + 1)"
+    assert to_text(r"\overline{\mathbf{W}\mathbf{x}_{t}}") == "bar(W x_t)"
+    with pytest.raises(ValueError, match="no text form for \\\\unknowncommand"):
+        to_text(r"\unknowncommand{x}")
+
+
+def test_derivation_shows_itself_in_a_notebook():
+    d = derivation("gru")
+    assert d._repr_markdown_() == render(d, form="markdown")
+    assert repr(d).startswith("<Derivation of 'gru': states h;")

@@ -17,10 +17,12 @@ import time
 import warnings
 
 from bpttgen.derive import DefinitionError
+from bpttgen.derive.latex import FORMS
 from bpttgen.derive.losses import LossError
 
 from bpttgen.codegen.generate import (BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused,
                                       VerificationFailed)
+from bpttgen.codegen.runtime import plots
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -292,8 +294,14 @@ def _train(args, module):
     summary = f"final loss {final:.4f}"
     if index_loss:
         summary += f", perplexity {math.exp(min(final, 700)):.3f}"
-    print(f"{summary}; {trainer.steps} updates in {seconds:.1f} s; parameters saved to "
-          f"{output}")
+    summary += f"; {trainer.steps} updates in {seconds:.1f} s; parameters saved to {output}"
+    if not args.no_plot and trainer.history["loss"]:
+        png = args.plot or os.path.splitext(output)[0] + ".png"
+        plots.plot_curves({f"{module.NAME} {trainer.algorithm}": trainer.history["loss"]},
+                          png, baseline=task.baseline, title=task.name,
+                          ylabel="training loss")
+        summary += f", training curve to {png}"
+    print(summary)
     return 0
 
 
@@ -345,8 +353,10 @@ def parser():
                        description="Print the derivation of a model's BPTT: forward "
                                    "step, loss, accumulated recurrence, gradients.")
     _model_argument(s)
-    s.add_argument("--form", choices=("document", "fragment", "markdown"),
-                   default="document")
+    s.add_argument("--form", choices=FORMS, default="document",
+                   help="document: a LaTeX article; fragment: its numbered equations; "
+                        "markdown: $$ blocks (GitHub, Jupyter); text: plain Unicode for a "
+                        "terminal")
     s.add_argument("--index-form", action="store_true",
                    help="add the per-element index form (seed 004's style)")
     s.add_argument("-o", "--output", help="write to this file instead of stdout")
@@ -430,6 +440,9 @@ def parser():
                           "only on Ctrl-C). An interruption loses at most N steps")
     out.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint (same data options)")
+    out.add_argument("--plot", metavar="PNG",
+                     help="PNG of the training curve (default OUTPUT with .png)")
+    out.add_argument("--no-plot", action="store_true", help="write no PNG")
     out.add_argument("--generated-dir", metavar="DIR",
                      help="for a definition file: generate its module here (kept, so "
                           "Numba's compile cache works) instead of a temporary folder")
@@ -443,8 +456,7 @@ def parser():
                                    "compare them. About a minute on 2 cores.")
     s.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
     s.add_argument("--plot", default="bpttgen_demo.png",
-                   help="PNG of the training curves, if matplotlib is installed "
-                        "(default bpttgen_demo.png)")
+                   help="PNG of the training curves (default bpttgen_demo.png)")
     s.add_argument("--no-plot", action="store_true", help="write no PNG")
     _quiet(s)
     s.set_defaults(run=_cmd_demo)

@@ -5,8 +5,8 @@
 3. check their gradients against finite differences, for every algorithm;
 4. train an Elman net and an LSTM on the adding problem (a long dependency:
    the two numbers to add sit up to T steps before the answer);
-5. print a table (model, algorithm, final loss, time) and, where matplotlib is
-   installed, save a PNG of the training curves.
+5. print a table (model, algorithm, final loss, time) and save a PNG of the
+   training curves.
 
 Training uses the committed generated/elman.py and generated/lstm.py, whose
 compiled kernels Numba caches after the first run; step 3 compiles the freshly
@@ -15,7 +15,6 @@ generated LSTM in float64 (about 10 s on a 2-core machine).
 
 import importlib
 import os
-import re
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 from bpttgen.codegen.runtime import gradcheck
 from bpttgen.codegen.app import tasks
-from bpttgen.codegen.runtime import Progress
+from bpttgen.codegen.runtime import Progress, plots
 
 
 @dataclass
@@ -61,27 +60,18 @@ def _say(quiet, *lines):
 
 
 def derivation_excerpt(derivation, max_backward=3):
-    """A few lines of the derivation: the forward step and the accumulated
-    recurrence, as LaTeX from derive/latex.py."""
-    from bpttgen.derive.latex import render
+    """A few lines of the derivation as text: the forward step and the first
+    adjoints of the accumulated recurrence (derive/latex.py's text form)."""
+    from bpttgen.derive.latex import section_equations
 
-    sections = {}
-    title = None
-    for block in render(derivation, form="markdown").split("\n\n"):
-        if block.startswith("## "):
-            title = block[3:].strip()
-        elif block.startswith("$$") and title:
-            body = " ".join(block.strip("$\n").split())
-            tag = re.search(r"\\tag\{(\d+)\}", body)
-            body = re.sub(r"\s*\\tag\{\d+\}", "", body)
-            sections.setdefault(title, []).append(f"({tag.group(1) if tag else '?'}) {body}")
-    forward = next((eqs for t, eqs in sections.items() if t.split(" ", 1)[-1]
-                    .startswith("Forward")), [])
-    backward = next((eqs for t, eqs in sections.items() if "Backward" in t), [])
-    deltas = [e for e in backward if "\\delta" in e.split("=")[0]] or backward
-    lines = ["Forward step:"] + ["  " + e for e in forward]
+    sections = section_equations(derivation)
+    forward = next((eqs for title, eqs in sections.items() if title.startswith("Forward")),
+                   [])
+    backward = next((eqs for title, eqs in sections.items() if "Backward" in title), [])
+    deltas = [e for e in backward if "δ" in e.split("=")[0]] or backward
+    lines = ["Forward step:"] + ["  " + e.strip() for e in forward]
     lines += ["Backward step, the accumulated recurrence (O(T), one sweep):"]
-    lines += ["  " + e for e in deltas[:max_backward]]
+    lines += ["  " + e.strip() for e in deltas[:max_backward]]
     return lines
 
 
@@ -118,36 +108,11 @@ def results_table(results, baseline):
     return "\n".join(lines)
 
 
-def plot_curves(results, baseline, path):
-    """A PNG of the training curves; returns the path, or None without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        ax.plot(range(1, len(r.losses) + 1), r.losses, marker="o",
-                label=f"{r.model} {r.algorithm}")
-    ax.axhline(baseline, color="gray", linestyle="--", label="no memory")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title("adding problem")
-    ax.legend()
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+def plot_results(results, baseline, path):
+    """A PNG of the training curves of the demo's runs; returns its path."""
+    curves = {f"{r.model} {r.algorithm}": r.losses for r in results}
+    return plots.plot_curves(curves, path, baseline=baseline, title="adding problem",
+                             ylabel="training loss (cross-entropy)")
 
 
 def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
@@ -166,7 +131,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     model = build("lstm")
     derivation = derive(model)
     _say(quiet, *derivation_excerpt(derivation),
-         "  (the whole derivation: bpttgen latex lstm --form markdown)", "")
+         "  (the whole derivation: bpttgen latex lstm --form text)", "")
 
     with tempfile.TemporaryDirectory(prefix="bpttgen-demo-") as folder:
         _say(quiet, "[2/5] Generating its Numba kernels")
@@ -217,10 +182,8 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     for r in results:
         if r.diverged:
             _say(quiet, f"  {r.model}: {r.diverged}")
-    png = plot_curves(results, data.baseline, plot) if plot else None
-    if png:
-        _say(quiet, f"  training curves: {png}")
-    elif plot:
-        _say(quiet, "  (install matplotlib for a PNG of the training curves)")
+    if plot:
+        png = plot_results(results, data.baseline, plot)
+        _say(quiet, f"  training curves: {os.path.abspath(png)}")
     _say(quiet, f"demo finished in {time.perf_counter() - t0:.0f} s")
     return rows, results
