@@ -330,7 +330,7 @@ def profile_phases(np, module, params, x, targets, repeats=9):
         t = time.perf_counter()
         ws = module._workspace(sizes, T, B, dtype, params, x, None)
         note("workspace (allocate + zero)", time.perf_counter() - t)
-        args = [ws[a] for a in module._ARGS]
+        args = (tuple(ws[a] for a in module._ARGS),)  # the kernels take one tuple
         y = np.empty((T * B, sizes["O"]), dtype)
         for name, call in (
                 ("forward: input projection", lambda: module._forward_pre(*args)),

@@ -6,8 +6,12 @@ file opens with the command that regenerates it and a hash of its content, so an
 edited file can be told from a generated one.
 """
 
+import ast
 import hashlib
+import io
 import os
+import textwrap
+import tokenize
 
 import jinja2
 import sympy as sp
@@ -16,13 +20,15 @@ from bpttgen.derive import naming
 from bpttgen.derive.derivation import LAM, W_ELEM
 
 from bpttgen.codegen.runtime.kernel_functions import fingerprint
-from bpttgen.codegen.plan import Plan
+from bpttgen.codegen.plan import Plan, PlanError
 from bpttgen.codegen.printer import pycode
 from bpttgen.codegen.rtrl import RtrlPlan
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "templates")
 HASH_PREFIX = "# Content hash: sha256:"
+#: The longest line of a generated module (tests/test_regenerate.py holds them to it).
+WIDTH = 100
 
 
 def environment():
@@ -60,6 +66,101 @@ def is_unedited(text):
         hashlib.sha256(parts[2].encode()).hexdigest() == parts[1]
 
 
+def wrap_long_lines(source, width=WIDTH):
+    """Source text with every statement longer than ``width`` broken inside brackets
+    (a right-hand side gets a pair of its own), comments re-flowed; docstrings are
+    left as they are. Layout only: the tokens and their order do not change."""
+    in_strings, depth_at = set(), {}  # depth_at: line -> bracket depth where it starts
+    depth = 0
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        depth_at.setdefault(tok.start[0], depth)
+        if tok.type == tokenize.STRING and tok.start[0] != tok.end[0]:
+            in_strings.update(range(tok.start[0], tok.end[0] + 1))
+        elif tok.type == tokenize.OP:
+            depth += (tok.string in _OPEN) - (tok.string in _CLOSE)
+    out = []
+    for number, line in enumerate(source.split("\n"), 1):
+        if len(line) <= width or number in in_strings:
+            out.append(line)
+        else:
+            out += _wrap_statement(line, width, depth_at.get(number, 0))
+    wrapped = "\n".join(out)
+    if ast.dump(ast.parse(wrapped)) != ast.dump(ast.parse(source)):
+        raise AssertionError("wrapping long lines changed the code")  # a bug here
+    return wrapped
+
+
+_OPEN, _CLOSE = "([{", ")]}"
+_ASSIGN = {"=", "+=", "-=", "*=", "/="}
+
+
+def _wrap_statement(line, width, depth0):
+    """The lines of one long line that starts at bracket depth depth0 (0: a whole
+    statement, which may get brackets around its right-hand side)."""
+    indent = line[:len(line) - len(line.lstrip())]
+    text = line.strip()
+    if text.startswith("#"):
+        return textwrap.wrap(text[1:].strip(), width, initial_indent=indent + "# ",
+                             subsequent_indent=indent + "# ")
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text + "\n").readline)
+              if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+    above = []
+    if tokens[-1].type == tokenize.COMMENT:  # a trailing comment goes on a line above
+        above, tokens = [indent + tokens[-1].string], tokens[:-1]
+    # (text, space before) of each token, as written
+    pieces = [(t.string, i > 0 and t.start[1] > tokens[i - 1].end[1])
+              for i, t in enumerate(tokens)]
+    depth, split = 0, None
+    for i, (s, _) in enumerate(pieces):
+        if depth == 0 and s in _ASSIGN and split is None:
+            split = i
+        depth += (s in _OPEN) - (s in _CLOSE)
+    if depth0 == 0 and split is not None and len(pieces) > split + 2 and \
+            not _one_group(pieces[split + 1:]):
+        pieces = pieces[:split + 1] + [("(", True), (pieces[split + 1][0], False)] + \
+            pieces[split + 2:] + [(")", False)]
+    step = " " * (8 if text.startswith("def ") else 4)
+    return above + _fill(pieces, indent, indent + step, width, depth0)
+
+
+def _one_group(pieces):
+    """Whether pieces are one bracketed group, (...), [...] or {...}."""
+    depth = 0
+    for i, (s, _) in enumerate(pieces):
+        depth += (s in _OPEN) - (s in _CLOSE)
+        if depth == 0:
+            return i == len(pieces) - 1 and s in _CLOSE
+    return False
+
+
+def _fill(pieces, first, rest, width, depth0):
+    """Lines of the pieces: each break inside brackets, after a comma or before a
+    binary + or -, the outermost of those that fit in the line, the last of equals."""
+    lines, prefix = [], first
+    while True:
+        texts = [s if i == 0 or not space else " " + s for i, (s, space) in enumerate(pieces)]
+        if len(prefix) + sum(map(len, texts)) <= width:
+            return lines + [prefix + "".join(texts)]
+        best, depth, column = None, depth0, len(prefix)
+        for i in range(len(pieces) - 1):
+            s, nxt = pieces[i][0], pieces[i + 1]
+            depth += (s in _OPEN) - (s in _CLOSE)
+            column += len(texts[i])
+            if depth > 0 and (s == "," or (nxt[0] in "+-" and nxt[1])):
+                if column > width:
+                    best = best or (i + 1, depth)
+                    break
+                if best is None or depth <= best[1]:
+                    best = (i + 1, depth)
+        if best is None:  # nothing to break at: as it is
+            return lines + [prefix + "".join(texts)]
+        cut = best[0]
+        lines.append(prefix + "".join(texts[:cut]))
+        depth0 += sum((s in _OPEN) - (s in _CLOSE) for s, _ in pieces[:cut])
+        pieces = [(pieces[cut][0], False)] + pieces[cut + 1:]
+        prefix = rest
+
+
 def docstring_text(text):
     r"""A user's free text (a loss's name) as it may stand inside a triple-quoted
     docstring: backslashes, double quotes and unprintable characters escaped, so that
@@ -95,63 +196,20 @@ def _equations(derivation):
     name = docstring_text(derivation.loss.loss.name)
     lines.append(f"loss: {name} on {derivation.loss.node}, "
                  f"dl/d{derivation.loss.node} = {sp.sstr(derivation.loss.error)}")
-    return lines
+    # The docstring indents them by 4; a long one continues 4 deeper.
+    return [part for line in lines for part in
+            textwrap.wrap(line, WIDTH - 4, subsequent_indent=" " * 4, break_long_words=False)]
 
 
-def member_rows(groups):
-    """Per group, its members for the templates: the weight, its rows of the group's
-    stacked gradient, and ``first``: a weight used in several products (W h and
-    W x) has gradient rows in each group, which sum; its first assigns, the rest add."""
-    seen, out = set(), []
-    for g in groups:
-        members = []
-        for _, w, size, off in g.members:
-            rows = f"{off}:{off} + {size}" if off != "0" else f":{size}"
-            members.append(dict(weight=w, rows=rows, first=w not in seen))
-            seen.add(w)
-        out.append(members)
-    return out
-
-
-def cpu_context(derivation, online=False):
-    """The template context of a CPU module. ``online``: with the per-step carry
-    factor of ARTBP in the backward kernel, the RTRL kernel (codegen/rtrl.py) and
-    shared adjoints (plan.py); off for targets that reuse this context without them
-    (the CUDA module, which keeps one adjoint per group and per-row bias gradients)."""
-    plan = Plan(derivation, carry=online, share=online)
+def model_context(derivation, plan):
+    """What the CPU and the CUDA templates both lay out: the model's SPEC, its
+    equations, the blocks of a Plan with their comments, the loss kernel's lines."""
     d = derivation
     index = d.loss.loss.target == "index"
-    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
-            "T": "(T,)"}
-    # A loop product's scratch holds one step: B rows, not T*B.
-    step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase == "loop"}
-    arrays = [dict(name=a.name, role=a.role,
-                   shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
-              for a in plan.arrays]
-    args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
-            *[naming.code_group_weights(g.name) for g in plan.groups],
-            *[a.name for a in plan.arrays],
-            *[naming.code_group_gradient(g.name) for g in plan.groups]]
-    # Stacked weight gradients, (rows of the group, columns of its source).
-    arrays += [dict(name=naming.code_group_gradient(g.name), role="grad",
-                    shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
-    groups = []
-    for g, members in zip(plan.groups, member_rows(plan.groups)):
-        if len(g.members) == 1:
-            stack = f'np.ascontiguousarray(params["{g.members[0][1]}"])'
-        else:
-            stack = "np.concatenate((" + ", ".join(
-                f'params["{w}"]' for _, w, _, _ in g.members) + "))"
-        groups.append(dict(name=g.name, stack=stack, members=members,
-                           adjoint=plan.group_adjoint(g),
-                           source_rows=plan.rows(g.source, lo="0", hi="TB")))
     for blocks in plan.blocks.values():
         for b in blocks:
             b.comment = _block_comment(plan, b)
     l2 = {W_ELEM: sp.Symbol("w"), LAM: sp.Symbol("l2")}
-    group_adjoints = {plan.group_adjoint(g) for g in plan.groups}
-    window_local = tuple((a.name, a.rows == "TB1", a.name in group_adjoints)
-                         for a in plan.arrays if a.window)
     return dict(
         name=d.name,
         title=f"{d.name}",
@@ -171,29 +229,83 @@ def cpu_context(derivation, online=False):
         blocks=plan.blocks,
         loss=plan.loss,
         target_element="1.0 if _k == targets[_r] else 0.0" if index else "targets[_r, _k]",
-        dummy_targets="T * B" if index else f"(T * B, {d.loss.size})",
-        target_dtype="np.int64" if index else "dtype",
-        flat_targets="T * B" if index else f"T * B, {d.loss.size}",
         targets_doc="(T, B) integer classes" if index else f"(T, B, {d.loss.size}) floats",
-        args=args,
-        args_tuple=repr(tuple(args)),
-        window_local=repr(window_local),
-        arrays=arrays,
-        zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["role"] in ("adjoint", "grad"))),
-        ones_arrays=repr(tuple(a["name"] for a in arrays if a["role"] == "carry")),
-        groups=groups,
         vector_params=plan.vector_params,
         states=d.states,
         l2_penalty=pycode(d.l2_penalty.xreplace(l2)),
         l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
+    )
+
+
+def unpack(names, tuple_name, indent=4):
+    """The line binding names from a tuple, in brackets where wrap_long_lines must
+    break it."""
+    line = f"{', '.join(names)} = {tuple_name}"
+    return line if indent + len(line) <= WIDTH else f"({', '.join(names)}) = {tuple_name}"
+
+
+def window_local(plan):
+    """(adjoint, has (T+1)*B rows, summed over windows) of the adjoints private to one
+    truncated backward window; summed: a product's, read after the sweep."""
+    group_adjoints = {plan.group_adjoint(g) for g in plan.groups}
+    return tuple((a.name, a.rows == "TB1", a.name in group_adjoints)
+                 for a in plan.arrays if a.window)
+
+
+def cpu_context(derivation):
+    """The template context of a CPU module: its Plan with the per-step carry factor
+    of ARTBP in the backward kernel and shared adjoints (plan.py), the RTRL kernel
+    (codegen/rtrl.py), and the layout runtime.Model reads."""
+    plan = Plan(derivation, carry=True, share=True)
+    d = derivation
+    rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
+            "T": "(T,)"}
+    # A loop product's scratch holds one step: B rows, not T*B.
+    step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase == "loop"}
+    arrays = [dict(name=a.name, role=a.role,
+                   shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
+              for a in plan.arrays]
+    # Stacked weight gradients, (rows of the group, columns of its source).
+    arrays += [dict(name=naming.code_group_gradient(g.name), role="grad",
+                    shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
+    args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
+            *[naming.code_group_weights(g.name) for g in plan.groups],
+            *[a.name for a in plan.arrays],
+            *[naming.code_group_gradient(g.name) for g in plan.groups]]
+    gradients = [a.name for a in plan.arrays if a.role == "grad"]
+    if len(gradients) != len(plan.vector_params):
+        raise PlanError(f"vector parameters {plan.vector_params} have the gradient arrays "
+                        f"{gradients}")
+    groups = [dict(name=g.name, adjoint=plan.group_adjoint(g),
+                   source_rows=plan.rows(g.source, lo="0", hi="TB")) for g in plan.groups]
+    rtrl = RtrlPlan(plan).context()
+    return dict(
+        model_context(d, plan),
+        args_tuple=repr(tuple(args)),
+        args_unpack=unpack(args, "_args"),
+        tangent_unpack=rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
+                                                   "_tangents"),
+        arrays=arrays,
+        groups=groups,
+        group_tuple=repr(tuple((naming.code_group_weights(g.name),
+                                naming.code_group_gradient(g.name),
+                                tuple(w for _, w, _, _ in g.members)) for g in plan.groups)),
+        state_arrays=repr({s.name: plan.storage(s.name)[0] for s in d.states}),
+        vector_gradients=repr(dict(zip(plan.vector_params, gradients))),
+        output_arrays=(plan.storage(d.loss.node)[0],
+                       plan.storage(d.loss.node, adjoint=True)[0]),
+        carry_array=next(a.name for a in plan.arrays if a.role == "carry"),
+        window_local=repr(window_local(plan)),
+        zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["role"] in ("adjoint", "grad"))),
+        ones_arrays=repr(tuple(a["name"] for a in arrays if a["role"] == "carry")),
         kernel_functions=fingerprint(),
-        rtrl=RtrlPlan(plan).context() if online else None,
+        rtrl=rtrl,
         bias_lines=plan.bias_lines(),
     )
 
 
 def render_cpu(derivation, command):
     """Source text of the CPU module for a Derivation."""
-    body = environment().get_template("cpu_module.py.j2").render(
-        header="", **cpu_context(derivation, online=True)).lstrip("\n")
+    body = wrap_long_lines(environment().get_template("cpu_module.py.j2").render(
+        header="", **cpu_context(derivation)).lstrip("\n"))
     return header(command, body) + body

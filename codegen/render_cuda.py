@@ -21,15 +21,13 @@ codegen/runtime.py, which Numba compiles for the device too. What differs:
   on the device.
 """
 
-import re
 from dataclasses import dataclass
 
 from bpttgen.derive import naming
-from bpttgen.codegen.plan import Plan, PlanError
-from bpttgen.codegen.render import _block_comment, cpu_context, environment, header, member_rows
+from bpttgen.codegen.plan import Plan, PlanError, _loop
+from bpttgen.codegen.render import (_block_comment, environment, header, model_context,
+                                    window_local, wrap_long_lines)
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_INDENT = " " * 8
 
 
 @dataclass
@@ -46,7 +44,11 @@ class Kernel:
 
 
 class CudaPlan:
-    """The CUDA layout of a Plan: kernels, host launch lines per phase, arrays."""
+    """The CUDA layout of a Plan: kernels, host launch lines per phase, arrays.
+
+    Which arrays, sizes and parameters a kernel or a host function needs comes from
+    the structure the Plan printed its lines from (blocks, storage, the nodes and the
+    backward sums of the Derivation), never from the printed text."""
 
     def __init__(self, derivation):
         self.plan = plan = Plan(derivation)
@@ -57,11 +59,14 @@ class CudaPlan:
         # the name the printed lines use for it.
         self.candidates = {a: a for a in self.ints + [plan.input_array, *plan.vector_params]}
         self.candidates.update((self.array_name(a), a.name) for a in self.arrays)
+        self.gradient_of = dict(zip(plan.vector_params,
+                                    [a for a in plan.arrays if a.role == "grad"]))
         self.kernels = []
-        self.phases = {}
+        self.phases, self.uses = {}, {}
         for direction, order in (("forward", ("pre", "loop", "post")),
                                  ("backward", ("post", "loop", "pre"))):
             for phase in order:
+                self.uses[(direction, phase)] = set()
                 self.phases[(direction, phase)] = self._phase(direction, phase)
 
     @staticmethod
@@ -77,11 +82,13 @@ class CudaPlan:
         for i, block in enumerate(blocks):
             block_comment = _block_comment(self.plan, block)
             if block.kind == "linear":
-                line = self._product(block.group, direction)
+                step = self._product(block.group, direction)
             else:
-                line = self._elementwise(block, direction, phase, i, block_comment)
-            if line:
+                step = self._elementwise(block, direction, phase, i, block_comment)
+            if step:
+                line, names = step
                 steps.append((block_comment, line))
+                self.uses[(direction, phase)].update(names)
         return steps
 
     # -- products ---------------------------------------------------------------
@@ -93,35 +100,76 @@ class CudaPlan:
         return where
 
     def _product(self, group, direction):
+        """(launch line, workspace entries it reads) of a product group."""
         K = self.plan.size_of(group.source)
+        weights = naming.code_group_weights(group.name)
         if direction == "forward":
             array, shift, _ = self._source(group, adjoint=False)
-            return (f"crt.gemm_nt({array}, {_offset('_lo', shift)}, W_{group.name}, "
-                    f"{group.name}_seq, _lo, _hi - _lo, {group.width}, {K})")
+            out = self.plan.storage(group.members[0][0])[0]  # the group's value array
+            return (f"crt.gemm_nt({array}, {_offset('_lo', shift)}, {weights}, {out}, _lo, "
+                    f"_hi - _lo, {group.width}, {K})"), {array, weights, out}
         target = self._source(group, adjoint=True)
         if target is None:  # the input: no adjoint wanted
             return None
         array, shift, _ = target
-        return (f"crt.gemm_nn_add(d_{group.name}_seq, _lo, W_{group.name}, {array}, "
+        adjoint = self.plan.group_adjoint(group)
+        line = (f"crt.gemm_nn_add({adjoint}, _lo, {weights}, {array}, "
                 f"{_offset('_lo', shift)}, _hi - _lo, {K}, {group.width})")
-
-    def weight_gradient(self, group):
-        """Host code for the stacked weight gradient of a group over all T*B rows."""
-        array, shift, _ = self._source(group, adjoint=False)
-        K = self.plan.size_of(group.source)
-        return (f'crt.gemm_tn(ws["d_{group.name}_seq"], 0, ws["{array}"], {shift}, '
-                f"{group.width}, {K}, TB)")
+        return line, {adjoint, weights, array}
 
     # -- fused elementwise blocks --------------------------------------------------
+    def _uses(self, block, direction):
+        """The names a block's lines read and write: its size, the arrays of the values
+        and adjoints they load and store (with the sizes of their row shift and column
+        offset) and the vector parameters they read or whose gradient they add to."""
+        plan, d, inside = self.plan, self.d, set(block.nodes)
+        used = {block.size}
+
+        def stored(name, adjoint=False):
+            array, shift, _ = plan.storage(name, adjoint=adjoint)
+            used.add(array)
+            used.update([shift] if shift != "0" else [])
+            if name in plan.member_of:  # column offset: the sizes of the members before
+                group, _ = plan.member_of[name]
+                members = [m[0] for m in group.members]
+                used.update(m[2] for m in group.members[:members.index(name)])
+
+        def loads(symbols):
+            for s in symbols:
+                if s in plan.nodes or s in plan.prev_of or s == d.input:
+                    stored(s)
+                elif s in plan.vector_params:
+                    used.add(s)
+
+        for name in block.nodes:
+            node = plan.nodes[name]
+            if direction == "forward":
+                loads(a for a in node.args if a not in inside)
+                used.update(p for p in node.params if p in plan.vector_params)
+                stored(name)
+                continue
+            terms = [t for t in d.backward.leaving(name) if t.target != d.input]
+            loads({s.name for t in terms for s in t.expr.free_symbols})
+            if name in plan.needs_array:
+                stored(name, adjoint=True)
+            for t in terms:
+                if t.target in plan.vector_params:
+                    used.add(self.gradient_of[t.target].name)
+                elif t.target not in inside:
+                    stored(t.target, adjoint=True)
+        return used
+
     def _elementwise(self, block, direction, phase, index, comment):
+        """(launch line, workspace entries it reads) of a fused elementwise block."""
         lines = block.forward if direction == "forward" else block.backward
         if not lines:
             return None
-        head = ["for _r in range(_lo, _hi):", f"    for _k in range({block.size}):"]
-        if lines[:2] != head or not all(line.startswith(_INDENT) for line in lines[2:]):
-            raise PlanError(f"unexpected loop shape of block {block.nodes}: {lines[:2]}")
-        body = [line[len(_INDENT):] for line in lines[2:]]
-        used = set(_IDENT.findall("\n".join(body))) | {block.size}
+        # The Plan prints a block inside the CPU's row and unit loops (plan._loop); a
+        # thread runs the body.
+        loop = _loop(block.size, [""])
+        head, indent = loop[:-1], loop[-1]
+        body = [line[len(indent):] for line in lines[len(head):]]
+        used = self._uses(block, direction)
         args, prologue = ["_lo", "_hi"], []
         for arg, name in self.candidates.items():
             if name in used:
@@ -134,14 +182,13 @@ class CudaPlan:
         kernel = Kernel(f"_{short}_{phase}_{index}", f"{comment} ({direction})", block.size,
                         args, kinds, prologue, body)
         self.kernels.append(kernel)
-        return f"crt.launch({kernel.name}, (_hi - _lo) * {block.size})({', '.join(args)})"
+        return (f"crt.launch({kernel.name}, (_hi - _lo) * {block.size})({', '.join(args)})",
+                args)
 
     # -- host functions --------------------------------------------------------------
-    def unpack(self, direction, phase, extra=()):
+    def unpack(self, direction, phase):
         """Workspace entries a host function reads, in a stable order."""
-        used = set(extra)
-        for _, line in self.phases[(direction, phase)]:
-            used.update(_IDENT.findall(line))
+        used = self.uses[(direction, phase)]
         names = [self.plan.input_array, *self.plan.vector_params] + \
             [naming.code_group_weights(g.name) for g in self.plan.groups] + \
             [self.array_name(a) for a in self.arrays]
@@ -153,37 +200,44 @@ def _offset(base, shift):
 
 
 def cuda_context(derivation):
-    ctx = cpu_context(derivation)
+    """The template context of a CUDA module: the model's (render.model_context) and
+    the CUDA layout of its Plan (no shared adjoints, no carry: one adjoint array per
+    group, per-row bias gradients)."""
     cp = CudaPlan(derivation)
     plan = cp.plan
+    d = derivation
     rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "1": "(T * B, {})"}
-    arrays = [dict(name=cp.array_name(a), shape=rows[a.rows].format(a.cols),
-                   zero=a.role != "value") for a in cp.arrays]
     groups = []
-    for g, members in zip(plan.groups, member_rows(plan.groups)):
-        groups.append(dict(name=g.name, weights=[w for _, w, _, _ in g.members],
-                           gradient=cp.weight_gradient(g), members=members))
+    for g in plan.groups:
+        source, shift, _ = cp._source(g, adjoint=False)
+        groups.append((naming.code_group_weights(g.name), plan.group_adjoint(g), source,
+                       shift != "0", tuple(w for _, w, _, _ in g.members)))
     functions = []
     for direction, phase in cp.phases:
         functions.append(dict(
             name=f"_{direction}_{phase}", direction=direction, phase=phase,
             steps=cp.phases[(direction, phase)],
             unpack=cp.unpack(direction, phase)))
-    index = derivation.loss.loss.target == "index"
-    ctx.update(
+    index = d.loss.loss.target == "index"
+    return dict(
+        model_context(d, plan),
         kernels=cp.kernels,
         functions=functions,
-        cuda_arrays=arrays,
-        cuda_groups=groups,
+        cuda_arrays=[dict(name=cp.array_name(a), shape=rows[a.rows].format(a.cols))
+                     for a in cp.arrays],
+        cuda_zeros=repr(tuple(cp.array_name(a) for a in cp.arrays if a.role != "value")),
+        cuda_groups=repr(tuple(groups)),
+        output_arrays=(plan.storage(d.loss.node)[0], plan.storage(d.loss.node, adjoint=True)[0]),
+        state_arrays=repr({s.name: plan.storage(s.name)[0] for s in d.states}),
+        vector_gradients=repr({p: cp.array_name(g) for p, g in cp.gradient_of.items()}),
+        window_local=repr(window_local(plan)),
         ints=cp.ints,
         target_kind="t" if index else "m",
-        dummy_targets="(T * B,)" if index else f"(T * B, {derivation.loss.size})",
     )
-    return ctx
 
 
 def render_cuda(derivation, command):
     """Source text of the CUDA module for a Derivation."""
-    body = environment().get_template("cuda_module.py.j2").render(
-        header="", **cuda_context(derivation)).lstrip("\n")
+    body = wrap_long_lines(environment().get_template("cuda_module.py.j2").render(
+        header="", **cuda_context(derivation)).lstrip("\n"))
     return header(command, body) + body

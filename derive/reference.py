@@ -109,6 +109,23 @@ def forward(derivation, params, x, state0=None):
     return ys, final
 
 
+def _summand(term, bar, env, P, seed, carried):
+    """One Term of backward.py at one step: ``bar`` the adjoints computed so far,
+    ``env`` the step's values, ``seed`` the weighted output error, ``carried`` the
+    previous states' adjoints from step t+1."""
+    if term.rule == "error":
+        return seed
+    if term.rule == "local":
+        return bar[term.via] * evaluate(term.expr, env)
+    if term.rule == "transpose":
+        return bar[term.via] @ P[term.weight]
+    if term.rule == "carry":
+        return carried[term.via]
+    if term.rule == "outer":
+        return bar[term.via].T @ env[term.source]
+    raise ValueError(f"no backward rule {term.rule!r}")
+
+
 def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2=0.0,
                    carry=None):
     """Loss and gradients (dict keyed like params) by the accumulated recurrence.
@@ -131,21 +148,15 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
         env = trajectory[t]
         value, _, error = _loss_terms(derivation, env[derivation.loss.node], targets[t], sizes)
         loss += float(np.sum(w[t] * value)) / total
-        summand = {  # the rules of backward.py, evaluated at this step
-            "error": lambda term: error * (w[t] / total)[:, None],
-            "local": lambda term: bar[term.via] * evaluate(term.expr, env),
-            "transpose": lambda term: bar[term.via] @ P[term.weight],
-            "carry": lambda term: carried[term.via],
-            "outer": lambda term: bar[term.via].T @ env[term.source],
-        }
+        seed = error * (w[t] / total)[:, None]
         bar = {}
         for name in bw.sweep:
             bar[name] = np.zeros((B, sizes[derivation.size_of(name)]))
             for term in bw.adjoint(name):
-                bar[name] = bar[name] + summand[term.rule](term)
+                bar[name] = bar[name] + _summand(term, bar, env, P, seed, carried)
         for p in derivation.params:
             for term in bw.gradient(p.name):
-                g = summand[term.rule](term)
+                g = _summand(term, bar, env, P, seed, carried)
                 grads[p.name] += g if term.rule == "outer" else g.sum(axis=0)
         factor = 1.0 if carry is None else carry[t]
         carried = {s.prev: factor * bar.get(s.prev, 0.0) for s in derivation.states}

@@ -6,6 +6,8 @@ or jinja2. One job per module:
 
     calls.py             checks of a call's arguments, backward windows, reused work
                          arrays, parameter initialisation
+    driver.py            Model: the model-independent half of a CPU module (workspace,
+                         algorithms, gradients, L2, the RTRL driver)
     trainer.py           the Trainer every generated module subclasses, progress bar
     online.py            RTRL and ARTBP: options, memory estimate, online loops
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
@@ -18,4 +20,5 @@ Generated modules read ``runtime.<name>`` for the names below.
 from .calls import (  # noqa: F401 (the surface generated modules use)
     ALGORITHMS, JIT_OPTIONS, ArrayCache, backward_windows, check_call, check_fingerprint,
     init_params, loss_weights, windows)
+from .driver import Model  # noqa: F401
 from .trainer import Progress, Trainer  # noqa: F401

@@ -97,26 +97,43 @@ def windows(algorithm, T, k1=None, k2=None):
 def backward_windows(kernel, args, ws, T, B, plan, local):
     """Run the time-loop backward kernel over each window of ``plan``.
 
-    ``local`` lists (array name, rows are (T+1)*B, accumulate over windows) for the
-    adjoints private to a window. With ``plan`` None (full BPTT) the kernel runs
-    once on the workspace itself: no copies.
+    ``kernel(t_hi, t_lo, arrays)`` takes the workspace's entries named in ``args``, as
+    one tuple. ``local`` lists (array name, rows are (T+1)*B, accumulate over windows)
+    for the adjoints private to a window. With ``plan`` None (full BPTT) the kernel
+    runs once on the workspace itself: no copies.
     """
     if plan is None:
-        kernel(T - 1, 0, *[ws[a] for a in args])
+        kernel(T - 1, 0, tuple([ws[a] for a in args]))
         return
     win = {name: np.zeros_like(ws[name]) for name, _, _ in local}
     total = {name: np.zeros_like(ws[name]) for name, _, acc in local if acc}
-    call = [win.get(a, ws.get(a)) for a in args]
+    call = tuple([win.get(a, ws.get(a)) for a in args])
     for end, start, first in plan:
         for name, shifted, _ in local:
             a, s = win[name], B if shifted else 0
             a[start * B:(end + 1) * B + s] = 0
             a[first * B + s:(end + 1) * B + s] = ws[name][first * B + s:(end + 1) * B + s]
-        kernel(end, start, *call)
+        kernel(end, start, call)
         for name, arr in total.items():
             arr[start * B:(end + 1) * B] += win[name][start * B:(end + 1) * B]
     for name, arr in total.items():
         ws[name][...] = arr
+
+
+def stacked_rows(groups, params):
+    """(group, weight, first row, end, first of its sums) of each weight stacked in a
+    product group, from ((group, member weights), ...): a weight's rows of the group's
+    stacked gradient are its own rows, in stacking order; a weight used in several
+    products (W h and W x) has rows in each, which sum: its first assigns, the rest add."""
+    out, seen = [], set()
+    for group, weights in groups:
+        row = 0
+        for w in weights:
+            n = params[w].shape[0]
+            out.append((group, w, row, row + n, w not in seen))
+            row += n
+            seen.add(w)
+    return tuple(out)
 
 
 # -- checks -------------------------------------------------------------------

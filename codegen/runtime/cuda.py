@@ -433,6 +433,131 @@ def backward_windows(loop, ws, T, B, plan, local):
         ws[name] = a
 
 
+# -- the driver ------------------------------------------------------------------
+class Model:
+    """The driver of one generated CUDA module, the twin of runtime.Model: what a call
+    does the same way for every model (arguments to the device, workspace, backward
+    windows, gradients, L2). The module's loss_and_grads, forward and init_params are
+    its methods; its arguments are the module's layout:
+
+    name, spec    the module's NAME and SPEC
+    shapes        shapes(T, B, *sizes in SPEC order) -> {device work array: shape}
+    zeros         the work arrays that start zeroed (the rest are written first)
+    phases        {"forward" | "backward": (pre, loop, post) host functions}: each
+                  launches its phase's kernels on a workspace; a backward loop
+                  takes (ws, t_hi, t_lo)
+    loss_rows     the loss kernel: one thread per row; l2_kernel: the L2 kernel
+    input, output, states, vectors, window_local: as runtime.Model's (vectors: each
+                  vector parameter's per-row gradient, summed after the sweep)
+    groups        ((stacked weights, the product's adjoint, its source, the source is
+                  a state read at t (rows shifted by B), member weights), ...)
+    """
+
+    def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, input,
+                 output, states, vectors, groups, window_local):
+        self.name, self.spec, self.shapes, self.zeros = name, spec, shapes, zeros
+        self.phases, self.loss_rows, self.l2_kernel = phases, loss_rows, l2_kernel
+        self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.groups, self.window_local = groups, window_local
+
+    def init_params(self, sizes, *, seed=0, dtype=np.float32):
+        """Parameters for sizes {name: int} (or a tuple in SIZES order): weights uniform
+        in +-1/sqrt(fan_in), biases zero. NumPy arrays (to_device moves them)."""
+        return calls.init_params(self.spec, sizes, seed=seed, dtype=dtype)
+
+    def workspace(self, call):
+        """Device arrays of one call: trajectory, adjoints, per-row bias gradients."""
+        T, B = call.T, call.B
+        dims = [call.sizes[s] for s in self.spec["sizes"]]
+        TB = T * B
+        ws = dict(T=T, B=B, TB=TB, **dict(zip(self.spec["sizes"], dims)))
+        ws[self.input] = call.x.reshape(TB, call.x.shape[2])
+        for stacked, _, _, _, weights in self.groups:
+            ws[stacked] = stack_rows([call.params[w] for w in weights])
+        for p in self.vectors:
+            ws[p] = call.params[p]
+        for name, shape in self.shapes(T, B, *dims).items():
+            ws[name] = (zeros if name in self.zeros else empty)(shape, call.dtype)
+        for s, array in self.states.items():
+            if call.state0 is not None:
+                copy_rows(ws[array], 0, call.state0[s], 0, B)
+            else:
+                zero(ws[array], 0, B)
+        return ws
+
+    def _run(self, direction, ws):
+        for phase in self.phases[direction]:
+            phase(ws)
+
+    def _loss(self, ws, targets, weights, scale):
+        """Predictions y (T*B, O) and the per-row weighted losses, on the device."""
+        TB, O = ws["TB"], ws[self.spec["output"][1]]
+        y = empty((TB, O), ws[self.input].dtype)
+        loss_rows = empty((TB, 1), ws[self.input].dtype)
+        launch(self.loss_rows, TB)(TB, O, ws[self.output[0]], targets, weights, scale, y,
+                                   ws[self.output[1]], loss_rows)
+        return y, loss_rows
+
+    def forward(self, params, x, state0=None):
+        """Predictions y (T, B, output size) and the final states {name: (B, size)}."""
+        call = Call(self.spec, params, x, state0=state0)
+        T, B, O = call.T, call.B, call.sizes[self.spec["output"][1]]
+        ws = self.workspace(call)
+        self._run("forward", ws)
+        index = self.spec["target"] == "index"
+        targets = cuda.to_device(np.zeros((T * B,) if index else (T * B, O),
+                                          np.int64 if index else call.dtype))
+        y, _ = self._loss(ws, targets, zeros((T * B, 1), call.dtype).reshape(T * B), 0.0)
+        final = {s: call.output(take_rows(ws[array], T * B, B))
+                 for s, array in self.states.items()}
+        return call.output(y.reshape(T, B, y.shape[1])), final
+
+    def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
+                       k2=None, mask=None, l2=0.0):
+        """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
+        params.
+
+        x: (T, B, input size); targets: (T, B) integer classes or (T, B, output size)
+        floats, as SPEC["target"] says; state0: {state: (B, size)}; algorithm: "bptt"
+        (accumulated, O(T)), "naive" (O(T^2)), "tbptt" (k1, k2: every k1 steps
+        backpropagate over the last k2; returns the sum of the truncated gradients),
+        "epochwise" (full BPTT over the sequence, seed 001). Gradients are device arrays
+        if the parameters are, NumPy arrays otherwise.
+        """
+        call = Call(self.spec, params, x, targets, state0, mask)
+        T, B = call.T, call.B
+        plan = calls.windows(algorithm, T, k1, k2)
+        weights, total_weight = call.weights(self.spec)
+        ws = self.workspace(call)
+        self._run("forward", ws)
+        _, loss_rows = self._loss(ws, call.targets, weights, 1.0 / total_weight)
+        loss = total(loss_rows) / total_weight
+        post, loop, pre = self.phases["backward"]
+        post(ws)
+        backward_windows(loop, ws, T, B, plan, self.window_local)
+        pre(ws)
+        d_W = {}  # each group's stacked weight gradient: one product over all T*B rows
+        for stacked, adjoint, source, shifted, _ in self.groups:
+            rows, K = ws[stacked].shape
+            d_W[stacked] = gemm_tn(ws[adjoint], 0, ws[source], B if shifted else 0, rows, K,
+                                   T * B)
+        grads = {}
+        for stacked, w, lo, hi, first in calls.stacked_rows(
+                [(g[0], g[-1]) for g in self.groups], call.params):
+            grads[w] = d_W[stacked][lo:hi] if first else grads[w] + d_W[stacked][lo:hi]
+        for p, rows in self.vectors.items():
+            grads[p] = column_sums(ws[rows])
+        if l2:
+            for name, role in self.spec["roles"].items():
+                if role == "weight":
+                    w, g = call.params[name], grads[name]
+                    penalty_rows = empty((w.shape[0] * w.shape[1], 1), call.dtype)
+                    launch(self.l2_kernel, w.shape[0] * w.shape[1])(w, g, penalty_rows,
+                                                                    w.shape[1], float(l2))
+                    loss += total(penalty_rows)
+        return float(loss), {name: call.output(grads[name]) for name in self.spec["params"]}
+
+
 # -- training ----------------------------------------------------------------------
 class Trainer(trainer.Trainer):
     """runtime.trainer.Trainer around a CUDA module.

@@ -1,0 +1,245 @@
+"""The half of a generated CPU module that is the same for every model, written once.
+
+A generated module (generated/<model>.py) holds what its derivation decides: the
+@njit kernels, its SPEC, its work arrays' names and shapes, its product groups. A
+call does the rest the same way for every model, here: check the arguments, fill
+the workspace, choose the algorithm (one fused BPTT call, backward windows, ARTBP's
+carry factors, RTRL's sensitivities), take each weight's rows of its group's stacked
+gradient, add L2. The module's public functions are the methods of its ``Model``.
+
+Every kernel takes one tuple of arrays and sizes (``args``, names in kernel order)
+instead of dozens of arguments: Numba unpacks it at no cost, and its dispatcher types
+a tuple about as fast as separate arguments.
+"""
+
+import operator
+
+import numpy as np
+
+from . import calls, online
+
+
+class Model:
+    """The driver of one generated CPU module; its arguments are the module's layout.
+
+    name, spec    the module's NAME and SPEC
+    args          the names of the tuple every kernel takes, in its order
+    shapes        shapes(T, B, *sizes in SPEC order) -> {work array: shape}
+    kernels       {role: @njit function}: forward, loss, loss_and_adjoints, bptt,
+                  backward_loop, backward_pre, weight_gradients, rtrl
+    input         the kernels' name of the input x, (T*B, size)
+    output        (the output z's array, its adjoint's): the loss kernel's
+    states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b
+    vectors       {vector parameter: its gradient's array}
+    groups        ((stacked weights, their gradient, member weights), ...) per product
+    zeros, ones   work arrays a call starts with zeroed, filled with ones
+    carry         the array of ARTBP's per-step factors (ones: plain BPTT)
+    window_local  (adjoint, (T+1)*B rows, summed over windows): private to a window
+    l2            l2(w, l2) -> (penalty of w summed, its gradient), as derived
+    rtrl          (rtrl_directions, tangents): tangents(*sizes) gives (state or None,
+                  rows) of each tangent of the RTRL kernel, in its order
+    """
+
+    def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, vectors,
+                 groups, zeros, ones, carry, window_local, l2, rtrl):
+        self.name, self.spec, self.args, self.shapes = name, spec, args, shapes
+        self.kernel = kernels
+        self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.groups, self.window_local, self.l2 = groups, window_local, l2
+        self.carry = carry
+        self.directions, self.tangents = rtrl
+        self.cache = calls.ArrayCache(zeros=zeros, ones=ones)
+        # Each call runs these in Python before its one kernel call: kept lean.
+        self._sizes = spec["sizes"]
+        self._tuple = operator.itemgetter(*args)
+        self._rows = {}  # sizes -> calls.stacked_rows of the groups
+        # (stacked weights, the one weight of a product or the tuple of its several)
+        self._stacks = tuple((stacked, weights[0] if len(weights) == 1 else weights)
+                             for stacked, _, weights in groups)
+        self._vectors = tuple(vectors)
+        self._states = tuple(states.items())
+
+    # -- the workspace --------------------------------------------------------------
+    def _allocate(self, T, B, dtype, *dims):
+        """The work arrays of one call of these sizes, and the sizes themselves."""
+        arrays = {name: (np.ones if name in self.cache.ones else
+                         np.zeros if name in self.cache.zeros else np.empty)(shape, dtype)
+                  for name, shape in self.shapes(T, B, *dims).items()}
+        return dict(T=T, B=B, TB=T * B, **dict(zip(self._sizes, dims)), **arrays)
+
+    def workspace(self, sizes, T, B, dtype, params, x, state0):
+        """{name: array or size} of one call: the sizes, the input, the weights of each
+        product stacked row-wise (one GEMM per group), the vector parameters and the
+        work arrays (reused from this thread's last call of the same sizes)."""
+        dims = tuple(map(sizes.__getitem__, self._sizes))
+        # A copy: the cache keeps no reference to this call's arguments.
+        ws = dict(self.cache.get((T, B, np.dtype(dtype), *dims), self._allocate))
+        ws[self.input] = x.reshape(T * B, x.shape[2])
+        for stacked, weights in self._stacks:
+            ws[stacked] = np.ascontiguousarray(params[weights]) if type(weights) is str \
+                else np.concatenate([params[w] for w in weights])
+        for p in self._vectors:
+            ws[p] = np.ascontiguousarray(params[p])
+        for s, array in self._states:
+            ws[array][:B] = 0 if state0 is None else state0[s]
+        return ws
+
+    def free_workspace(self):
+        """Free the work arrays this thread keeps from its last call."""
+        self.cache.clear()
+
+    def _final_states(self, ws, T, B):
+        return {s: ws[array][T * B:].copy() for s, array in self.states.items()}
+
+    def _targets(self, sizes, T, B, targets=None, dtype=None):
+        """Targets as the loss kernel reads them, (T*B,) or (T*B, O); None: zeros (a
+        forward call computes predictions only)."""
+        O = sizes[self.spec["output"][1]]
+        shape = (T * B,) if self.spec["target"] == "index" else (T * B, O)
+        if targets is None:
+            return np.zeros(shape, np.int64 if self.spec["target"] == "index" else dtype)
+        return np.ascontiguousarray(targets.reshape(shape))
+
+    # -- results ----------------------------------------------------------------------
+    def _gradients(self, ws, params):
+        """The gradients in the workspace, keyed like params: each weight's rows of its
+        group's stacked gradient (stacked in member order; a weight in several products
+        sums its rows of each), the vector parameters' sums."""
+        key = tuple(map(ws.__getitem__, self._sizes))
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = calls.stacked_rows(
+                [(gradient, weights) for _, gradient, weights in self.groups], params)
+        grads = {}
+        for gradient, w, lo, hi, first in rows:
+            part = ws[gradient][lo:hi]
+            grads[w] = part if first else grads[w] + part
+        for p, gradient in self.vectors.items():
+            grads[p] = ws[gradient]
+        return grads
+
+    def _with_l2(self, params, loss, grads, l2):
+        """(loss, grads) with the penalty l2/2 sum ||W||^2 of the weight matrices added."""
+        if l2:
+            for name, role in self.spec["roles"].items():
+                if role == "weight":
+                    penalty, gradient = self.l2(params[name], l2)
+                    loss += penalty
+                    grads[name] = grads[name] + gradient
+        # Copies: the workspace the gradients live in is reused by the next call.
+        return float(loss), {name: np.array(grads[name]) for name in self.spec["params"]}
+
+    # -- the public functions of the module -------------------------------------------
+    def init_params(self, sizes, *, seed=0, dtype=np.float32):
+        """Parameters for sizes {name: int} (or a tuple in SIZES order): weights uniform
+        in +-1/sqrt(fan_in), biases zero."""
+        return calls.init_params(self.spec, sizes, seed=seed, dtype=dtype)
+
+    def forward(self, params, x, state0=None):
+        """Predictions y (T, B, output size) and the final states {name: (B, size)}."""
+        sizes, T, B, dtype = calls.check_call(self.spec, params, x, state0=state0)
+        ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
+        self.kernel["forward"](self._tuple(ws))
+        O = sizes[self.spec["output"][1]]
+        y = np.empty((T * B, O), dtype)
+        self.kernel["loss"](T * B, O, ws[self.output[0]], self._targets(sizes, T, B, dtype=dtype),
+                            np.zeros(T * B, dtype), 0.0, y, np.empty_like(y))
+        return y.reshape(T, B, O), self._final_states(ws, T, B)
+
+    def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
+                       k2=None, mask=None, l2=0.0, c=None, seed=None, truncate=None,
+                       memory_limit=None):
+        """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
+        params.
+
+        x: (T, B, input size); targets: (T, B) integer classes or (T, B, output size)
+        floats, as SPEC["target"] says; state0: {state: (B, size)}; algorithm: "bptt"
+        (accumulated, O(T)), "naive" (O(T^2)), "tbptt" (k1, k2: every k1 steps
+        backpropagate over the last k2; returns the sum of the truncated gradients),
+        "epochwise" (full BPTT over the sequence, seed 001), "rtrl" (forward-mode
+        sensitivities, seed 001, see rtrl(); refused when they would need more than
+        memory_limit bytes), "artbp" (seed 003: the recurrence cut at each step with
+        probability c, a number or a schedule of length T, and the adjoint reweighted by
+        1/(1 - c_t) where it is not, an unbiased estimate of the bptt gradient; the cuts
+        drawn from seed, an int or a numpy Generator, or given as truncate, bool (T,)).
+        """
+        if targets is None:
+            raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
+                            "predictions")
+        online.check_options(algorithm, k1=k1, k2=k2, c=c, seed=seed, truncate=truncate,
+                             memory_limit=memory_limit)
+        sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
+                                              l2=l2)
+        if algorithm == "rtrl":
+            calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
+            return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
+                             memory_limit=memory_limit)[:2]
+        plan = None if algorithm == "artbp" else calls.windows(algorithm, T, k1, k2)
+        weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
+        ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
+        if algorithm == "artbp":
+            ws[self.carry][:] = online.artbp_carry(T, c, seed, truncate, dtype)
+        args = self._tuple(ws)
+        y = np.empty((T * B, sizes[self.spec["output"][1]]), dtype)
+        flat_targets = self._targets(sizes, T, B, targets)
+        k = self.kernel
+        if plan is None:
+            loss = k["bptt"](flat_targets, weights, 1.0 / total, y, args) / total
+        else:
+            k["forward"](args)
+            loss = k["loss_and_adjoints"](flat_targets, weights, 1.0 / total, y, args) / total
+            calls.backward_windows(k["backward_loop"], self.args, ws, T, B, plan,
+                                   self.window_local)
+            k["backward_pre"](args)
+            k["weight_gradients"](args)
+        return self._with_l2(params, loss, self._gradients(ws, params), l2)
+
+    def rtrl(self, params, x, targets, *, state0=None, sensitivities=None, mask=None, l2=0.0,
+             memory_limit=None):
+        """Real-time recurrent learning (seed 001): the loss and its gradients by
+        forward-mode sensitivities S_t = J_t S_(t-1) + ds_t/dtheta, and what an online
+        learner carries to its next call. Returns (loss, grads, final states, final
+        sensitivities).
+
+        sensitivities: {state: (size, B, NP)} dS/dtheta entering x along
+        rtrl_directions (None: zeros, as for a given state0); the same form is returned.
+        A mask that selects no loss term is allowed here (loss and gradients 0, but for
+        l2): the states and sensitivities still advance. Memory O(B H NP), refused above
+        memory_limit bytes (default bpttgen.codegen.runtime.online.RTRL_MEMORY_LIMIT);
+        cost O(B H^2 NP) per step.
+        """
+        if targets is None:
+            raise TypeError("rtrl needs targets; use forward(params, x) for predictions")
+        sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
+                                              l2=l2)
+        NP, directions = self.directions(sizes)
+        tangents = self.tangents(*[sizes[s] for s in self.spec["sizes"]])
+        online.check_rtrl_memory(self.name, B, NP, sum(rows for _, rows in tangents), dtype,
+                                 memory_limit)
+        weights, total = online.loss_weights(self.spec, T, B, mask, dtype)
+        sens = online.sensitivity_arrays(self.spec["states"], sizes, B, NP, dtype,
+                                         sensitivities)
+        ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
+        args = self._tuple(ws)
+        y = np.empty((T * B, sizes[self.spec["output"][1]]), dtype)
+        scale = 1.0 / total if total > 0 else 0.0
+        k = self.kernel
+        k["forward"](args)
+        loss = k["loss_and_adjoints"](self._targets(sizes, T, B, targets), weights, scale, y,
+                                      args) * scale
+        grad = np.zeros(NP, dtype)
+        k["rtrl"](grad, tuple([sens[s] if s is not None else np.empty((rows, B * NP), dtype)
+                               for s, rows in tangents]), args)
+        # What the post phase wrote into the loop's adjoints (a state's, or a loop node's
+        # that the readout reads) flowed into grad through the tangents above; zeroed, so
+        # that a product sharing such an array adds nothing twice below.
+        for name, _, _ in self.window_local:
+            ws[name][:] = 0
+        k["backward_pre"](args)  # paths from a pre node straight to the readout
+        k["weight_gradients"](args)  # the readout's (the loop's adjoints are zero)
+        grads = self._gradients(ws, params)
+        for name, first, count, shape in directions:
+            grads[name] = grads[name] + grad[first:first + count].reshape(shape)
+        loss, grads = self._with_l2(params, loss, grads, l2)
+        out = {s: a.reshape(a.shape[0], B, NP) for s, a in sens.items()}
+        return loss, grads, self._final_states(ws, T, B), out
