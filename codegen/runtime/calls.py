@@ -120,18 +120,18 @@ def backward_windows(kernel, args, ws, T, B, plan, local):
         ws[name][...] = arr
 
 
-def stacked_rows(groups, params):
+def stacked_rows(groups, rows):
     """(group, weight, first row, end, first of its sums) of each weight stacked in a
-    product group, from ((group, member weights), ...): a weight's rows of the group's
-    stacked gradient are its own rows, in stacking order; a weight used in several
-    products (W h and W x) has rows in each, which sum: its first assigns, the rest add."""
+    product group, from ((group, member weights), ...) and rows(weight), its row count:
+    a weight's rows of the group's stacked gradient are its own, in stacking order; a
+    weight used in several products (W h and W x) has rows in each, which sum: its
+    first assigns, the rest add."""
     out, seen = [], set()
     for group, weights in groups:
         row = 0
         for w in weights:
-            n = params[w].shape[0]
-            out.append((group, w, row, row + n, w not in seen))
-            row += n
+            out.append((group, w, row, row + rows(w), w not in seen))
+            row += rows(w)
             seen.add(w)
     return tuple(out)
 

@@ -543,7 +543,7 @@ class Model:
                                    T * B)
         grads = {}
         for stacked, w, lo, hi, first in calls.stacked_rows(
-                [(g[0], g[-1]) for g in self.groups], call.params):
+                [(g[0], g[-1]) for g in self.groups], lambda w: call.params[w].shape[0]):
             grads[w] = d_W[stacked][lo:hi] if first else grads[w] + d_W[stacked][lo:hi]
         for p, rows in self.vectors.items():
             grads[p] = column_sums(ws[rows])

@@ -19,6 +19,10 @@ import numpy as np
 from . import calls, online
 
 
+#: The workspace's entry of the gradients' places: (first views, views that add).
+_GRADIENTS = "(gradients)"
+
+
 class Model:
     """The driver of one generated CPU module; its arguments are the module's layout.
 
@@ -52,7 +56,6 @@ class Model:
         # Each call runs these in Python before its one kernel call: kept lean.
         self._sizes = spec["sizes"]
         self._tuple = operator.itemgetter(*args)
-        self._rows = {}  # sizes -> calls.stacked_rows of the groups
         # (stacked weights, the one weight of a product or the tuple of its several)
         self._stacks = tuple((stacked, weights[0] if len(weights) == 1 else weights)
                              for stacked, _, weights in groups)
@@ -61,11 +64,20 @@ class Model:
 
     # -- the workspace --------------------------------------------------------------
     def _allocate(self, T, B, dtype, *dims):
-        """The work arrays of one call of these sizes, and the sizes themselves."""
-        arrays = {name: (np.ones if name in self.cache.ones else
-                         np.zeros if name in self.cache.zeros else np.empty)(shape, dtype)
-                  for name, shape in self.shapes(T, B, *dims).items()}
-        return dict(T=T, B=B, TB=T * B, **dict(zip(self._sizes, dims)), **arrays)
+        """The work arrays of one call of these sizes, the sizes themselves and, under
+        _GRADIENTS, where the gradients are (see _gradients)."""
+        size = dict(zip(self._sizes, dims))
+        ws = dict(T=T, B=B, TB=T * B, **size)
+        ws.update((name, (np.ones if name in self.cache.ones else
+                          np.zeros if name in self.cache.zeros else np.empty)(shape, dtype))
+                  for name, shape in self.shapes(T, B, *dims).items())
+        rows = calls.stacked_rows([(gradient, weights) for _, gradient, weights in self.groups],
+                                  lambda w: size[self.spec["params"][w][0]])
+        first = [(w, ws[g][lo:hi]) for g, w, lo, hi, one in rows if one]
+        first += [(p, ws[gradient]) for p, gradient in self.vectors.items()]
+        ws[_GRADIENTS] = (tuple(first), tuple((w, ws[g][lo:hi])
+                                              for g, w, lo, hi, one in rows if not one))
+        return ws
 
     def workspace(self, sizes, T, B, dtype, params, x, state0):
         """{name: array or size} of one call: the sizes, the input, the weights of each
@@ -101,21 +113,14 @@ class Model:
         return np.ascontiguousarray(targets.reshape(shape))
 
     # -- results ----------------------------------------------------------------------
-    def _gradients(self, ws, params):
-        """The gradients in the workspace, keyed like params: each weight's rows of its
-        group's stacked gradient (stacked in member order; a weight in several products
-        sums its rows of each), the vector parameters' sums."""
-        key = tuple(map(ws.__getitem__, self._sizes))
-        rows = self._rows.get(key)
-        if rows is None:
-            rows = self._rows[key] = calls.stacked_rows(
-                [(gradient, weights) for _, gradient, weights in self.groups], params)
-        grads = {}
-        for gradient, w, lo, hi, first in rows:
-            part = ws[gradient][lo:hi]
-            grads[w] = part if first else grads[w] + part
-        for p, gradient in self.vectors.items():
-            grads[p] = ws[gradient]
+    def _gradients(self, ws):
+        """The gradients in the workspace, keyed like params: views of each weight's rows
+        of its group's stacked gradient (a weight in several products sums its rows of
+        each), the vector parameters' sums; the views are made once per workspace."""
+        first, more = ws[_GRADIENTS]
+        grads = dict(first)
+        for w, part in more:
+            grads[w] = grads[w] + part
         return grads
 
     def _with_l2(self, params, loss, grads, l2):
@@ -192,7 +197,7 @@ class Model:
                                    self.window_local)
             k["backward_pre"](args)
             k["weight_gradients"](args)
-        return self._with_l2(params, loss, self._gradients(ws, params), l2)
+        return self._with_l2(params, loss, self._gradients(ws), l2)
 
     def rtrl(self, params, x, targets, *, state0=None, sensitivities=None, mask=None, l2=0.0,
              memory_limit=None):
@@ -237,7 +242,7 @@ class Model:
             ws[name][:] = 0
         k["backward_pre"](args)  # paths from a pre node straight to the readout
         k["weight_gradients"](args)  # the readout's (the loop's adjoints are zero)
-        grads = self._gradients(ws, params)
+        grads = self._gradients(ws)
         for name, first, count, shape in directions:
             grads[name] = grads[name] + grad[first:first + count].reshape(shape)
         loss, grads = self._with_l2(params, loss, grads, l2)
