@@ -313,12 +313,23 @@ def test_progress_is_silent_off_a_terminal(capsys):
     for loss in (0.9, 0.5, 0.25):
         bar.update(loss)
     bar.close()
-    assert "work [########################] 3/3 loss 0.2500" in term.text
+    assert re.search(r"work: 100%\|#+\| 3/3 \[.*, loss 0\.2500\]\n$", term.text), term.text
     quiet = Terminal()
     bar = Progress(3, False, "work", stream=quiet)
     bar.update(0.1)
     bar.close()
     assert quiet.text == ""
+
+
+def test_trainer_plots_its_curve(tmp_path):
+    data = tasks.parity(seq_len=6, n=64, seed=0)
+    trainer = importlib.import_module("bpttgen.generated.elman").Trainer({"I": 1, "H": 4, "O": 2})
+    with pytest.raises(ValueError, match="call fit"):
+        trainer.plot(tmp_path / "none.png")
+    trainer.fit(data.x, data.targets, epochs=3, batch_size=16, progress=False)
+    path = trainer.plot(str(tmp_path / "curve.png"), baseline=data.baseline)
+    assert path == str(tmp_path / "curve.png")
+    assert_curves_drawn(path, lines=1)
 
 
 def assert_curves_drawn(path, lines):

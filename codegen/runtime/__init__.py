@@ -1,6 +1,6 @@
 """The run-time package: everything a generated module imports, and nothing else.
 
-NumPy and Numba only (numba-cuda for cuda.py); it imports nothing from derive/ or
+NumPy, Numba and tqdm (numba-cuda for cuda.py, matplotlib for plots.py); it imports nothing from derive/ or
 from the build-time modules of codegen/, so a generated trainer runs without SymPy
 or jinja2. One job per module:
 
@@ -8,7 +8,9 @@ or jinja2. One job per module:
                          arrays, parameter initialisation
     driver.py            Model: the model-independent half of a CPU module (workspace,
                          algorithms, gradients, L2, the RTRL driver)
-    trainer.py           the Trainer every generated module subclasses, progress bar
+    trainer.py           the Trainer every generated module subclasses
+    progress.py          the progress bar (tqdm's) of fit, generate and check
+    plots.py             training curves as a PNG (matplotlib, headless)
     online.py            RTRL and ARTBP: options, memory estimate, online loops
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer
@@ -21,4 +23,5 @@ from .calls import (  # noqa: F401 (the surface generated modules use)
     ALGORITHMS, JIT_OPTIONS, ArrayCache, backward_windows, check_call, check_fingerprint,
     init_params, loss_weights, windows)
 from .driver import Model  # noqa: F401
-from .trainer import Progress, Trainer  # noqa: F401
+from .progress import Progress  # noqa: F401
+from .trainer import Trainer  # noqa: F401

@@ -1,8 +1,9 @@
-"""The Trainer every generated module subclasses, and the progress bar of fit().
+"""The Trainer every generated module subclasses.
 
 Parameters, optimizers (SGD, momentum, Adam), clipping, the training loop with its
 online variants (tbptt here, rtrl and artbp in online.py), divergence guards and
-atomic save/load. NumPy only.
+atomic save/load, a plot of the training curve. NumPy only (tqdm for the progress
+bar, matplotlib when plotting).
 """
 
 import math
@@ -10,6 +11,7 @@ import math
 import numpy as np
 
 from .calls import windows
+from .progress import Progress
 
 _NUMBER = (int, float, np.integer, np.floating)
 
@@ -402,52 +404,14 @@ class Trainer:
         self.diverged = None
         return self
 
+    def plot(self, path=None, *, baseline=None, title=None):
+        """The training curve (mean loss of each epoch) as a PNG at ``path`` (default
+        <model>_training.png); returns the path. ``baseline``: a dashed reference
+        line, e.g. the loss of a model without memory."""
+        from .plots import plot_curves
 
-class Progress:
-    """A progress line on stderr: bar, count, last loss, rate and time left.
-
-    Silent when stderr is not a terminal or when disabled (``--quiet``), so logs,
-    pipes and CI output stay clean. Redraws at most ten times a second.
-    """
-
-    def __init__(self, total, enabled=True, label="", stream=None):
-        import sys
-        import time
-
-        self.stream = stream or sys.stderr
-        self.total, self.label, self.n = total, label, 0
-        self.enabled = bool(enabled) and hasattr(self.stream, "isatty") and \
-            self.stream.isatty()
-        self.start = self._last = time.monotonic()
-        self.loss = None
-
-    def update(self, loss=None, n=1):
-        import time
-
-        self.n += n
-        if loss is not None:
-            self.loss = loss
-        now = time.monotonic()
-        if self.enabled and (now - self._last >= 0.1 or self.n >= self.total):
-            self._last = now
-            self.stream.write("\r" + self._line(now - self.start))
-            self.stream.flush()
-
-    def _line(self, elapsed):
-        width = 24
-        done = min(1.0, self.n / self.total) if self.total else 1.0
-        bar = "#" * int(done * width) + "-" * (width - int(done * width))
-        rate = self.n / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.n) / rate if rate > 0 else 0.0
-        loss = "" if self.loss is None else f" loss {self.loss:.4f}"
-        return (f"{self.label} [{bar}] {self.n}/{self.total}{loss} "
-                f"{rate:.1f}/s {left:.0f}s left ")
-
-    def close(self):
-        import time
-
-        if self.enabled:
-            self.stream.write("\r" + self._line(time.monotonic() - self.start) + "\n")
-            self.stream.flush()
-            self.enabled = False
-
+        if not self.history["loss"]:
+            raise ValueError("no finished epoch to plot yet: call fit() first")
+        path = path or f"{self.module.NAME}_training.png"
+        return plot_curves({f"{self.module.NAME} {self.algorithm}": self.history["loss"]},
+                           path, baseline=baseline, title=title)
