@@ -42,12 +42,14 @@ def _client(workers, scheduler, timeout):
         if workers is not None:
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=None))
+                dashboard_address=":0"))
             c = stack.enter_context(Client(cluster, timeout=timeout))
             c.wait_for_workers(workers, timeout=timeout)
         else:
             try:
-                c = stack.enter_context(Client(scheduler, timeout=timeout))
+                # dask's connect timeout (distributed.comm.timeouts.connect, 30 s)
+                # is also how long a lost scheduler is waited for before the run stops.
+                c = stack.enter_context(Client(scheduler))
             except OSError as err:
                 raise ValueError(f"cannot reach a Dask scheduler at {scheduler}: {err}") \
                     from err
