@@ -89,6 +89,11 @@ def main(argv=None):
     import numpy as np
     from distributed import Client, LocalCluster
 
+    # This process's BLAS has its two threads now; the workers it spawns inherit the
+    # environment, and must get one each.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS"):
+        os.environ[var] = "1"
     sizes = SIZES if not args.sizes else [tuple(int(v) for v in s.split(",")) for s in args.sizes]
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=":0")

@@ -26,9 +26,9 @@ next; shipping them each update costs B H times the gradient exchange, and keepi
 them on the workers would make a killed worker's shard unrecoverable short of
 replaying its sequences from the start. ``fit`` refuses it and says so.
 
-Faults. Shard data travel inside their tasks and the parameters are scattered to
-every worker (``broadcast=True``), so when a worker dies (kill -9) the scheduler
-reruns its tasks on the others, with the same inputs: the shard's result is the
+Faults. Shard data travel inside their tasks, and the module and parameters are the
+results of tasks that return them (not scattered data, which a dead worker takes
+with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the others, with the same inputs: the shard's result is the
 same numbers, and the driver takes each shard's result exactly once, in shard
 order, so nothing is lost or counted twice and the run equals an uninterrupted
 one bit for bit. When the scheduler dies, ``fit`` puts the trainer back to the
@@ -37,12 +37,12 @@ raises ``SchedulerLost``: ``save`` then writes a checkpoint that ``fit(resume=Tr
 continues from.
 
 The generated module reaches each worker once: its source goes out as one
-scattered object with a digest; a worker imports the module by name when its own
+object on the cluster, with a digest; a worker imports the module by name when its own
 copy has the same digest (an installed built-in: Numba's cache is warm), or else
 writes the source under the temporary folder, keyed by the digest, and imports it
 from there (Numba caches beside that file, so a restarted worker loads rather than
 compiles). Each worker process keeps the imported module: nothing is re-pickled
-or recompiled per step. The parameters are scattered once per update (a version
+or recompiled per step. The parameters go out once per update (a version
 key: the trainer's update count and the arrays' identities) and reused by every
 call until the next update.
 
@@ -141,6 +141,10 @@ def _import_source(name, digest, source):
     return module
 
 
+def _value(value):
+    return value
+
+
 def _shard_loss_and_grads(ref, params, x, targets, kw):
     """One shard's (loss, grads) without L2, and the seconds the kernels took."""
     module = _worker_module(ref)
@@ -191,7 +195,7 @@ class DataParallel:
     ``shards``: how many pieces each batch is cut into (default: the workers when
     it is made). The result does not depend on which worker computes which shard,
     only on the shard count. ``trainer``: when given, its update count versions the
-    parameters (scattered once per update); without it each call hashes them.
+    parameters (sent once per update); without it each call hashes them.
     ``stats`` counts calls, bytes each way and seconds: wall time per call against
     the slowest shard's kernel time (the overhead is the difference).
     """
@@ -213,9 +217,8 @@ class DataParallel:
         with open(path) as f:
             source = f.read()
         ref = (module.__name__, hashlib.sha256(source.encode()).hexdigest(), source)
-        # One scattered copy per worker: tasks name it, so it is not sent again; a
-        # restarted worker fetches it from a peer.
-        self._ref = client.scatter([ref], broadcast=True, hash=False)[0]
+        # One object on the cluster: tasks name it, so it is not sent again.
+        self._ref = self._put(ref)
         self._params_key, self._params_future = None, None
         self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0,
                           bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0)
@@ -228,7 +231,7 @@ class DataParallel:
         return getattr(self.module, name)
 
     def close(self):
-        """Release the scattered module and parameters."""
+        """Release the module and parameters held on the cluster."""
         self._ref = self._params_future = self._params_key = None
 
     # parameters, once per update
@@ -244,22 +247,18 @@ class DataParallel:
             key = ("hash", h.hexdigest())
         if key != self._params_key:
             snapshot = {k: np.array(v) for k, v in params.items()}  # later edits stay here
-            self._params_future = self._scatter(snapshot)
+            self._params_future = self._put(snapshot)
             self._params_key = key
             workers = len(self.client.scheduler_info().get("workers", {}))
             self.stats["scatters"] += 1
             self.stats["bytes_params"] += _nbytes(snapshot) * max(1, workers)
         return self._params_future
 
-    def _scatter(self, value):
-        # A worker that just died may still be on the scheduler's list: try again.
-        for attempt in range(5):
-            try:
-                return self.client.scatter([value], broadcast=True, hash=False)[0]
-            except (OSError, ValueError, TimeoutError):
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+    def _put(self, value):
+        """``value`` on the cluster as the result of a task that returns it, not as
+        scattered data: if every worker holding it dies, the scheduler recomputes it
+        from the task (scattered data would be lost, and the tasks needing it fail)."""
+        return self.client.submit(_value, value, pure=False)
 
     def _pieces(self, B):
         edges = np.linspace(0, B, min(self.shards, B) + 1).round().astype(int)
@@ -320,7 +319,7 @@ class DataParallel:
                     p = params[name]
                     loss += float(np.sum((1.0 / 2.0) * l2 * p * p))
                     grads[name] = grads[name] + l2 * p
-        # The whole call, scatter, slicing and sums included, is the wall time.
+        # The whole call, parameters out, slicing and sums included, is the wall time.
         self.stats["wall"] += time.perf_counter() - start
         return float(loss), grads
 
