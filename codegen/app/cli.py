@@ -22,7 +22,9 @@ from bpttgen.derive.losses import LossError
 
 from bpttgen.codegen.generate import (BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused,
                                       VerificationFailed)
+from bpttgen.codegen.app import cluster
 from bpttgen.codegen.runtime import plots
+from bpttgen.codegen.runtime.distributed import SchedulerLost
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -208,10 +210,12 @@ def _cmd_train(args):
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     with contextlib.ExitStack() as stack:
-        return _train(args, _trainer_module(args.model, args.generated_dir, stack))
+        module = _trainer_module(args.model, args.generated_dir, stack)
+        client = stack.enter_context(cluster.client(args.workers, args.scheduler))
+        return _train(args, module, client)
 
 
-def _train(args, module):
+def _train(args, module, client=None):
     import math
 
     import numpy as np
@@ -273,9 +277,15 @@ def _train(args, module):
     start = time.perf_counter()
     with _Interrupt() as interrupt, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a divergence is reported below
-        trainer.fit(task.x, task.targets, epochs=args.epochs, batch_size=args.batch_size,
-                    mask=task.mask, progress=not args.quiet, callback=callback,
-                    resume=args.resume)
+        try:
+            trainer.fit(task.x, task.targets, epochs=args.epochs, batch_size=args.batch_size,
+                        mask=task.mask, progress=not args.quiet, callback=callback,
+                        resume=args.resume, client=client)
+        except SchedulerLost as err:  # the trainer is at its last finished minibatch
+            save_checkpoint()
+            print(f"bpttgen train: {err}; checkpoint saved to {checkpoint}. Continue with "
+                  "the same command and --resume", file=sys.stderr)
+            return EXIT_FAILED
     seconds = time.perf_counter() - start
     if trainer.diverged:
         trainer.save(output, meta=meta)
@@ -431,6 +441,14 @@ def parser():
                      "output (default 32)")
     opt.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     opt.add_argument("--seed", type=int, default=0)
+    par = s.add_argument_group('data parallel (pip install "bpttgen[distributed]")')
+    par.add_argument("--workers", type=int, metavar="N",
+                     help="split each minibatch over N worker processes on this machine "
+                          "(a Dask LocalCluster, one thread each)")
+    par.add_argument("--scheduler", metavar="ADDRESS",
+                     help="split each minibatch over the workers of a running Dask "
+                          "scheduler (tcp://host:8786); if it dies the run saves its "
+                          "checkpoint and stops: --resume continues")
     out = s.add_argument_group("output")
     out.add_argument("-o", "--output", help="parameter file (default MODEL-TASK.npz)")
     out.add_argument("--checkpoint", help="checkpoint file (default OUTPUT with "

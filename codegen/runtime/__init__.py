@@ -12,6 +12,7 @@ or jinja2. One job per module:
     progress.py          the progress bar (tqdm's) of fit, generate and check
     plots.py             training curves as a PNG (matplotlib, headless)
     online.py            RTRL and ARTBP: options, memory estimate, online loops
+    distributed.py       data parallel on Dask: Trainer.fit(client=...) (dask lazily)
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer
     gradcheck.py         a generated module's gradients against finite differences

@@ -236,7 +236,7 @@ class Trainer:
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
 
     def fit(self, x, targets, epochs=1, batch_size=None, progress=True, mask=None,
-            callback=None, resume=False):
+            callback=None, resume=False, client=None):
         """Train on x (T, N, I) and targets (T, N[, O]) in minibatches of sequences.
 
         Returns ``self.history``, {"loss": [mean loss of each epoch]}. If the loss
@@ -247,8 +247,16 @@ class Trainer:
         minibatch's or the epoch's mean); returning True stops training, and
         ``self.position`` is where ``fit(..., resume=True)`` goes on (after ``load``
         of a checkpoint: the same data and batch size give the uninterrupted run).
+        ``client``, a ``dask.distributed.Client``: each minibatch is split over its
+        workers, with the same result (codegen/runtime/distributed.py).
         """
         import warnings
+
+        if client is not None:
+            from .distributed import fit
+
+            return fit(self, client, x, targets, epochs=epochs, batch_size=batch_size,
+                       progress=progress, mask=mask, callback=callback, resume=resume)
 
         self._check_data(x, targets, mask)
         N = x.shape[1]

@@ -1,0 +1,400 @@
+"""Data-parallel training on Dask distributed: each minibatch split over workers.
+
+``Trainer.fit(..., client=client)`` (a ``dask.distributed.Client``) lends the
+trainer a ``DataParallel`` in place of its generated module for the length of the
+fit. Its ``loss_and_grads`` and ``forward`` split the batch into a fixed number of
+shards (the workers' count when the fit starts, so a worker that dies and comes
+back changes nothing), run the generated module's own functions on each shard on
+the workers, and combine the results in shard order on the driver.
+
+Why the combination is exact. A generated module's loss is
+``L = sum_tb w_tb l_tb / W + l2/2 sum ||W_k||^2`` with ``W = sum_tb w_tb``
+(derive/reference.py). The loss terms of different sequences do not interact, so
+with shard s holding the weight ``W_s`` and returning ``L_s``, ``g_s`` (computed
+with l2 = 0):
+
+    L = sum_s (W_s / W) L_s + l2 term,    g = sum_s (W_s / W) g_s + l2 W_k
+
+The L2 term is added once, on the driver; a shard without loss weight (a masked
+stretch) is not sent at all. The same holds for every algorithm whose gradient is
+a sum over sequences at fixed weights: bptt, naive, epochwise, tbptt (the windows
+are the same for every sequence; the Trainer's online tbptt carries each shard's
+state with ``forward``) and artbp (its cuts are per step, shared by the batch:
+drawn once on the driver and sent to every shard). Not rtrl: its sensitivities
+(O(B H P) numbers per sequence) are state carried from one online update to the
+next; shipping them each update costs B H times the gradient exchange, and keeping
+them on the workers would make a killed worker's shard unrecoverable short of
+replaying its sequences from the start. ``fit`` refuses it and says so.
+
+Faults. Shard data travel inside their tasks, and the module and parameters are the
+results of tasks that return them (not scattered data, which a dead worker takes
+with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the others, with the same inputs: the shard's result is the
+same numbers, and the driver takes each shard's result exactly once, in shard
+order, so nothing is lost or counted twice and the run equals an uninterrupted
+one bit for bit. When the scheduler dies, ``fit`` puts the trainer back to the
+end of its last finished minibatch (the online algorithms update within one) and
+raises ``SchedulerLost``: ``save`` then writes a checkpoint that ``fit(resume=True)``
+continues from.
+
+The generated module reaches each worker once: its source goes out as one
+object on the cluster, with a digest; a worker imports the module by name when its own
+copy has the same digest (an installed built-in: Numba's cache is warm), or else
+writes the source under the temporary folder, keyed by the digest, and imports it
+from there (Numba caches beside that file, so a restarted worker loads rather than
+compiles). Each worker process keeps the imported module: nothing is re-pickled
+or recompiled per step. The parameters go out once per update (a version
+key: the trainer's update count and the arrays' identities) and reused by every
+call until the next update.
+
+dask is imported lazily: the runtime needs only NumPy and Numba.
+"""
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+from .calls import loss_weights
+from .online import loss_weights as shard_weights
+
+INSTALL = ('data-parallel training needs dask.distributed: pip install '
+           '"bpttgen[distributed]" (or pip install "dask[distributed]")')
+
+#: Algorithms whose gradient splits over the batch, and why the others do not.
+SPLITS = ("bptt", "naive", "tbptt", "epochwise", "artbp")
+REFUSED = {
+    "rtrl": "rtrl does not split over workers: its sensitivities dS/dtheta (O(B H P) "
+            "numbers) are state carried from one online update to the next, so each "
+            "update would ship B*H times the gradient, and a killed worker's sequences "
+            "could only be recovered by replaying them from the start; use bptt, tbptt "
+            "or artbp with a client, or rtrl without one",
+}
+
+
+class SchedulerLost(RuntimeError):
+    """The Dask scheduler went away during ``fit``; the trainer holds the state at
+    the end of its last finished minibatch (``position``), ready to ``save``."""
+
+
+def require_dask():
+    """The ``distributed`` package, or ImportError saying what to install."""
+    try:
+        import distributed
+    except ImportError as err:
+        raise ImportError(INSTALL) from err
+    return distributed
+
+
+# -- on the workers -------------------------------------------------------------------
+#: digest -> imported module, in each worker process: imported (and compiled) once.
+_MODULES = {}
+
+
+def _digest_of_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _worker_module(ref):
+    """The generated module ``ref`` = (name, digest, source) names, in this process."""
+    name, digest, source = ref
+    module = _MODULES.get(digest)
+    if module is not None:
+        return module
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            module = None
+    if module is None or _digest_of_file(getattr(module, "__file__", "") or os.devnull) \
+            != digest:
+        module = _import_source(name, digest, source)
+    _MODULES[digest] = module
+    return module
+
+
+def _import_source(name, digest, source):
+    """Import ``source`` from a file (Numba caches need one) under the temporary
+    folder, keyed by its digest: the same path for a restarted worker, whose Numba
+    cache is then warm."""
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), "bpttgen-distributed", digest[:16])
+    os.makedirs(folder, exist_ok=True)
+    base = name.rpartition(".")[2]
+    path = os.path.join(folder, base + ".py")
+    if not os.path.isfile(path) or _digest_of_file(path) != digest:
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py.tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: two workers on one machine may both write it
+    unique = f"bpttgen_distributed_{base}_{digest[:12]}"
+    spec = importlib.util.spec_from_file_location(unique, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[unique] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _value(value):
+    return value
+
+
+def _shard_loss_and_grads(ref, params, x, targets, kw):
+    """One shard's (loss, grads) without L2, and the seconds the kernels took."""
+    module = _worker_module(ref)
+    start = time.perf_counter()
+    loss, grads = module.loss_and_grads(params, x, targets, l2=0.0, **kw)
+    return loss, grads, time.perf_counter() - start
+
+
+def _shard_forward(ref, params, x, state0):
+    module = _worker_module(ref)
+    start = time.perf_counter()
+    y, final = module.forward(params, x, state0=state0)
+    return y, final, time.perf_counter() - start
+
+
+def _ping(ref):
+    """Import (and so load) the module on a worker ahead of the first step."""
+    _worker_module(ref)
+    return os.getpid()
+
+
+# -- on the driver --------------------------------------------------------------------
+def _nbytes(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _rows(tree, lo, hi, axis):
+    """Each array of a dict (or an array) cut to rows lo:hi along ``axis``, contiguous."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: _rows(v, lo, hi, axis) for k, v in tree.items()}
+    index = [slice(None)] * tree.ndim
+    index[axis] = slice(lo, hi)
+    return np.ascontiguousarray(tree[tuple(index)])
+
+
+class DataParallel:
+    """A generated module whose ``loss_and_grads`` and ``forward`` run split over the
+    batch on a Dask cluster; every other attribute is the module's own.
+
+    ``shards``: how many pieces each batch is cut into (default: the workers when
+    it is made). The result does not depend on which worker computes which shard,
+    only on the shard count. ``trainer``: when given, its update count versions the
+    parameters (sent once per update); without it each call hashes them.
+    ``stats`` counts calls, bytes each way and seconds: wall time per call against
+    the slowest shard's kernel time (the overhead is the difference).
+    """
+
+    def __init__(self, client, module, *, shards=None, trainer=None):
+        require_dask()
+        self.client, self.module, self.trainer = client, module, trainer
+        workers = client.scheduler_info().get("workers", {})
+        if shards is None:
+            shards = len(workers)
+        if not (isinstance(shards, (int, np.integer)) and shards >= 1):
+            raise ValueError(f"the cluster has no workers (shards = {shards!r}); start "
+                             "some or wait for them (client.wait_for_workers)")
+        self.shards = int(shards)
+        path = getattr(module, "__file__", None)
+        if not path or not os.path.isfile(path):
+            raise ValueError(f"module {module.__name__} has no source file to send to the "
+                             "workers; import it from a file")
+        with open(path) as f:
+            source = f.read()
+        ref = (module.__name__, hashlib.sha256(source.encode()).hexdigest(), source)
+        # One object on the cluster: tasks name it, so it is not sent again.
+        self._ref = self._put(ref)
+        self._params_key, self._params_future = None, None
+        self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0,
+                          bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0)
+        # Import on every worker now, so the first step's time is the kernels'
+        # (a lazy Numba compile on first call still lands in the first step).
+        client.gather([client.submit(_ping, self._ref, pure=False, workers=[w],
+                                     allow_other_workers=True) for w in workers])
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def close(self):
+        """Release the module and parameters held on the cluster."""
+        self._ref = self._params_future = self._params_key = None
+
+    # parameters, once per update
+    def _params(self, params):
+        if self.trainer is not None and params is self.trainer.params:
+            key = ("update", self.trainer.steps, id(params),
+                   tuple(id(a) for a in params.values()))
+        else:
+            h = hashlib.sha256()
+            for name, a in params.items():
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+            key = ("hash", h.hexdigest())
+        if key != self._params_key:
+            snapshot = {k: np.array(v) for k, v in params.items()}  # later edits stay here
+            self._params_future = self._put(snapshot)
+            self._params_key = key
+            workers = len(self.client.scheduler_info().get("workers", {}))
+            self.stats["scatters"] += 1
+            self.stats["bytes_params"] += _nbytes(snapshot) * max(1, workers)
+        return self._params_future
+
+    def _put(self, value):
+        """``value`` on the cluster as the result of a task that returns it, not as
+        scattered data: if every worker holding it dies, the scheduler recomputes it
+        from the task (scattered data would be lost, and the tasks needing it fail)."""
+        return self.client.submit(_value, value, pure=False)
+
+    def _pieces(self, B):
+        edges = np.linspace(0, B, min(self.shards, B) + 1).round().astype(int)
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+    def _run(self, function, calls):
+        """Submit one task per shard; their results in shard order."""
+        futures = [self.client.submit(function, self._ref, *args, pure=False)
+                   for args in calls]
+        self.stats["bytes_data"] += _nbytes(calls)
+        results = self.client.gather(futures)
+        self.stats["calls"] += 1
+        self.stats["bytes_results"] += _nbytes([r[:-1] for r in results])
+        self.stats["compute"] += max(r[-1] for r in results)
+        self.stats["shard_seconds"] += sum(r[-1] for r in results)
+        return results
+
+    def loss_and_grads(self, params, x, targets, *, state0=None, mask=None, l2=0.0,
+                       algorithm="bptt", **kw):
+        """As the module's ``loss_and_grads``, the batch split over the workers."""
+        if algorithm in REFUSED:
+            raise ValueError(REFUSED[algorithm])
+        start = time.perf_counter()
+        T, B = x.shape[:2]
+        dtype = params[next(iter(params))].dtype
+        loss_weights(self.module.SPEC, T, B, mask, dtype)  # refuses a batch without loss
+        if algorithm == "artbp" and kw.get("truncate") is None and kw.get("c") is not None:
+            # One draw of the cuts for the whole batch, as one process makes it.
+            from .online import _generator, truncation_schedule
+
+            kw["truncate"] = _generator(kw.pop("seed", None)).random(T) < \
+                truncation_schedule(kw["c"], T)
+        pieces, weights = [], []
+        for lo, hi in self._pieces(B):
+            m = None if mask is None else _rows(mask, lo, hi, 1)
+            _, w = shard_weights(self.module.SPEC, T, hi - lo, m, dtype)
+            if w > 0:  # a shard without loss terms adds nothing
+                pieces.append((lo, hi, m))
+                weights.append(w)
+        future = self._params(params)
+        results = self._run(_shard_loss_and_grads, [
+            (future, _rows(x, lo, hi, 1), _rows(targets, lo, hi, 1),
+             dict(kw, algorithm=algorithm, mask=m, state0=_rows(state0, lo, hi, 0)))
+            for lo, hi, m in pieces])
+        total = sum(weights)
+        loss, grads = 0.0, None
+        for w, (loss_s, grads_s, _) in zip(weights, results):  # shard order: deterministic
+            share = w / total
+            loss += share * loss_s
+            if grads is None:
+                grads = {k: g * share for k, g in grads_s.items()}
+            else:
+                for k, g in grads_s.items():
+                    grads[k] += g * share
+        if l2:  # once, not once per shard: the module's penalty on its weight matrices
+            for name, role in self.module.SPEC["roles"].items():
+                if role == "weight":
+                    p = params[name]
+                    loss += float(np.sum((1.0 / 2.0) * l2 * p * p))
+                    grads[name] = grads[name] + l2 * p
+        # The whole call, parameters out, slicing and sums included, is the wall time.
+        self.stats["wall"] += time.perf_counter() - start
+        return float(loss), grads
+
+    def forward(self, params, x, state0=None):
+        """As the module's ``forward``, the batch split over the workers."""
+        start = time.perf_counter()
+        pieces = self._pieces(x.shape[1])
+        future = self._params(params)
+        results = self._run(_shard_forward, [
+            (future, _rows(x, lo, hi, 1), _rows(state0, lo, hi, 0)) for lo, hi in pieces])
+        y = np.concatenate([r[0] for r in results], axis=1)
+        final = {s: np.concatenate([r[1][s] for r in results], axis=0)
+                 for s in results[0][1]}
+        self.stats["wall"] += time.perf_counter() - start
+        return y, final
+
+    def rtrl(self, *args, **kw):
+        raise ValueError(REFUSED["rtrl"])
+
+
+# -- the Trainer's hook ---------------------------------------------------------------
+def _snapshot(trainer):
+    """What an update within a minibatch changes (online tbptt and artbp)."""
+    import copy
+
+    return dict(params={k: v.copy() for k, v in trainer.params.items()},
+                slots=copy.deepcopy(trainer._slots), steps=trainer.steps,
+                history=copy.deepcopy(trainer.history), position=trainer.position,
+                partial=copy.deepcopy(trainer._partial))
+
+
+def _restore(trainer, snap):
+    trainer.params, trainer._slots, trainer.steps = snap["params"], snap["slots"], snap["steps"]
+    trainer.history, trainer.position = snap["history"], snap["position"]
+    trainer._partial, trainer._good = snap["partial"], None
+
+
+def _scheduler_gone(client):
+    """True when the client has lost its scheduler (not a worker, not a bug)."""
+    if client.status in ("closing", "closed", "connecting", "failed"):
+        return True
+    try:
+        client.run_on_scheduler(os.getpid)
+    except Exception:  # noqa: BLE001 - any failure to reach it means it is gone
+        return True
+    return False
+
+
+def fit(trainer, client, x, targets, *, callback=None, **kw):
+    """``trainer.fit`` with each minibatch split over ``client``'s workers."""
+    if trainer.algorithm in REFUSED:
+        raise ValueError(REFUSED[trainer.algorithm])
+    dp = DataParallel(client, trainer.module, trainer=trainer)
+    address = getattr(client.scheduler, "address", None) or "its address"
+    online = trainer.algorithm in ("tbptt", "artbp")  # they update within a minibatch
+    state = {"snap": _snapshot(trainer) if online else None}
+
+    def hook(tr, info):
+        if online:
+            state["snap"] = _snapshot(tr)
+        return callback(tr, info) if callback is not None else None
+
+    module, trainer.module = trainer.module, dp
+    try:
+        return trainer.fit(x, targets, callback=hook, **kw)
+    except Exception as err:
+        if not _scheduler_gone(client):
+            raise
+        if online:
+            _restore(trainer, state["snap"])
+        epoch, batch = trainer.position
+        raise SchedulerLost(
+            f"lost the Dask scheduler at {address}; the trainer is back at the end of its "
+            f"last finished minibatch ({batch} of epoch {epoch + 1}, {trainer.steps} "
+            "updates): save it, and fit(..., resume=True) goes on from there") from err
+    finally:
+        trainer.module = module
+        dp.close()

@@ -1,0 +1,293 @@
+"""Data-parallel training on Dask (codegen/runtime/distributed.py): the split gradient
+equals one process's, the module and the parameters reach the workers once, a worker
+killed with kill -9 changes nothing, a dead scheduler leaves a checkpoint that
+``--resume`` continues from.
+
+One 2-worker LocalCluster (processes, one thread each) serves the whole file. Float64
+and tiny sizes; no timing is asserted.
+"""
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from bpttgen.codegen.app import cli, tasks  # noqa: E402
+from bpttgen.codegen.runtime import distributed as dist  # noqa: E402
+from bpttgen.derive.models import BUILTIN  # noqa: E402
+
+SPLIT = [("bptt", {}), ("naive", {}), ("tbptt", dict(k1=2, k2=3)), ("epochwise", {}),
+         ("artbp", dict(c=0.3, seed=4))]
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=":0")
+    c = distributed.Client(cluster)
+    c.wait_for_workers(2)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _module(name):
+    return importlib.import_module(f"bpttgen.generated.{name}")
+
+
+def _problem(m, T=5, B=5, seed=0):
+    """float64 params, x, targets, state0 and a mask with zero weights, sizes 3, 4, ..."""
+    sizes = {s: 3 + i for i, s in enumerate(m.SIZES)}
+    params = m.init_params(sizes, seed=seed, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, B, sizes[m.SPEC["input"][1]]))
+    O = sizes[m.SPEC["output"][1]]
+    targets = (rng.integers(0, O, (T, B)) if m.SPEC["target"] == "index"
+               else rng.standard_normal((T, B, O)))
+    state0 = {s: 0.5 * rng.standard_normal((B, sizes[size])) for s, size in m.STATES.items()}
+    mask = rng.random((T, B))
+    mask[:, 1] = 0  # a sequence without loss
+    mask[2] = 0  # a step without loss
+    return params, x, targets, state0, mask
+
+
+def _relative(a, b):
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300))
+               for k in b)
+
+
+# -- the split gradient is one process's --------------------------------------------------
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_split_gradients_equal_one_process(client, name):
+    """Every built-in, every algorithm that splits: loss and gradients to 1e-12, with
+    a mask, initial states and L2; the batch of 5 is cut 2 + 3 (unequal weights)."""
+    m = _module(name)
+    params, x, targets, state0, mask = _problem(m)
+    dp = dist.DataParallel(client, m)
+    assert dp.shards == 2
+    for algorithm, kw in SPLIT:
+        want = m.loss_and_grads(params, x, targets, state0=state0, mask=mask, l2=0.1,
+                                algorithm=algorithm, **kw)
+        got = dp.loss_and_grads(params, x, targets, state0=state0, mask=mask, l2=0.1,
+                                algorithm=algorithm, **kw)
+        assert abs(got[0] - want[0]) <= 1e-12 * abs(want[0]), (algorithm, got[0], want[0])
+        assert _relative(got[1], want[1]) <= 1e-12, algorithm
+    y, final = dp.forward(params, x, state0=state0)
+    y1, final1 = m.forward(params, x, state0=state0)
+    assert np.allclose(y, y1, rtol=1e-12, atol=0)
+    assert all(np.allclose(final[s], final1[s], rtol=1e-12, atol=1e-15) for s in final1)
+
+
+def test_a_shard_without_loss_weight_is_skipped(client):
+    m = _module("elman")
+    params, x, targets, state0, mask = _problem(m)
+    mask[:, :2] = 0  # the whole first shard
+    dp = dist.DataParallel(client, m)
+    want = m.loss_and_grads(params, x, targets, mask=mask)
+    got = dp.loss_and_grads(params, x, targets, mask=mask)
+    assert _relative(got[1], want[1]) <= 1e-12
+    # only the second shard went out: 3 of 5 sequences' x, targets and mask
+    assert dp.stats["bytes_data"] == (x.nbytes + targets.nbytes + mask.nbytes) * 3 // 5
+    mask[:] = 0
+    with pytest.raises(ValueError, match="selects no loss term"):
+        dp.loss_and_grads(params, x, targets, mask=mask)
+
+
+def test_rtrl_does_not_split_and_says_why(client):
+    m = _module("elman")
+    params, x, targets, _, _ = _problem(m)
+    with pytest.raises(ValueError, match="sensitivities"):
+        dist.DataParallel(client, m).loss_and_grads(params, x, targets, algorithm="rtrl")
+    tr = m.Trainer({"I": 3, "H": 4, "O": 5}, algorithm="rtrl", dtype=np.float64)
+    with pytest.raises(ValueError, match="rtrl does not split"):
+        tr.fit(x, targets, progress=False, client=client)
+
+
+# -- the module and the parameters go out once --------------------------------------------
+def _loaded(client):
+    """{worker: [(digest, file)]} of the modules each worker process imported."""
+    def probe():
+        return [(d, m.__file__) for d, m in dist._MODULES.items()]
+    return client.run(probe)
+
+
+def test_module_once_parameters_once_per_update(client):
+    m = _module("lstm")
+    params, x, targets, _, _ = _problem(m)
+    dp = dist.DataParallel(client, m)
+    for _ in range(3):
+        dp.loss_and_grads(params, x, targets)
+    dp.forward(params, x)
+    assert dp.stats["scatters"] == 1 and dp.stats["calls"] == 4
+    params = {k: v * 0.5 for k, v in params.items()}
+    dp.loss_and_grads(params, x, targets)
+    assert dp.stats["scatters"] == 2
+    for worker, modules in _loaded(client).items():
+        files = [f for _, f in modules if f == m.__file__]
+        assert files == [m.__file__], (worker, modules)  # the installed file, by name, once
+
+
+def test_a_module_the_workers_cannot_import_goes_as_source(client, tmp_path):
+    """A module imported from a file the workers cannot import by name (a user's cell
+    generated into a folder) is sent as source and imported from a file there, once.
+    (This one borrows elman's kernels, so no test compiles them afresh.)"""
+    from bpttgen.codegen.generate import import_path
+
+    path = tmp_path / "users_cell.py"
+    path.write_text('"""A module only this folder holds."""\n'
+                    "from bpttgen.generated.elman import *  # noqa: F401,F403\n")
+    m = import_path(str(path), "bpttgen_test_users_cell")
+    try:
+        params, x, targets, state0, mask = _problem(m)
+        want = _module("elman").loss_and_grads(params, x, targets, mask=mask)
+        dp = dist.DataParallel(client, m)
+        for _ in range(2):
+            got = dp.loss_and_grads(params, x, targets, mask=mask)
+            assert _relative(got[1], want[1]) <= 1e-12
+        for modules in _loaded(client).values():
+            ours = [f for _, f in modules if f.endswith("bpttgen_test_users_cell.py")]
+            assert len(ours) == 1 and "bpttgen-distributed" in ours[0], modules
+    finally:
+        sys.modules.pop("bpttgen_test_users_cell", None)
+
+
+# -- Trainer.fit(client=) ---------------------------------------------------------------
+def _trainer(m, algorithm="bptt", optimizer="sgd", **kw):
+    return m.Trainer({"I": 1, "H": 6, "O": 2}, optimizer=optimizer, lr=0.1, l2=0.01,
+                     algorithm=algorithm, seed=0, dtype=np.float64, **kw)
+
+
+@pytest.mark.parametrize("algorithm, kw", [("bptt", {}), ("epochwise", {}),
+                                           ("tbptt", dict(k1=3, k2=4)), ("artbp", dict(c=0.3))])
+def test_fit_equals_one_process(client, algorithm, kw):
+    m = _module("elman")
+    data = tasks.parity(8, 40, seed=1)
+    mask = np.random.default_rng(0).random(data.x.shape[:2])
+    one, split = _trainer(m, algorithm, **kw), _trainer(m, algorithm, **kw)
+    one.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False)
+    split.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False,
+              client=client)
+    assert split.steps == one.steps
+    assert split.module is m  # handed back after the fit
+    assert _relative(split.params, one.params) <= 1e-12
+    assert np.allclose(split.history["loss"], one.history["loss"], rtol=1e-12, atol=0)
+
+
+# -- faults --------------------------------------------------------------------------------
+def test_a_worker_killed_mid_epoch_changes_nothing(client):
+    """kill -9 of a worker process, once between steps and once during one: its shards
+    are recomputed elsewhere, each taken once in shard order, and the final parameters
+    are those of the uninterrupted run, bit for bit."""
+    m = _module("elman")
+    data = tasks.parity(12, 64, seed=2)
+
+    def run(kills):
+        client.wait_for_workers(2)  # two shards in every run
+        tr = _trainer(m, "tbptt", optimizer="adam", k1=4, k2=6)
+
+        def callback(tr, info):
+            when = kills.get((info["event"], info["epoch"], info["batch"]))
+            if when is not None:
+                pid = next(iter(client.run(os.getpid).values()))
+                if when == 0:
+                    os.kill(pid, signal.SIGKILL)
+                else:  # during the next step
+                    threading.Timer(when, os.kill, (pid, signal.SIGKILL)).start()
+
+        tr.fit(data.x, data.targets, epochs=3, batch_size=16, progress=False,
+               callback=callback, client=client)
+        return tr
+
+    clean = run({})
+    killed = run({("batch", 0, 1): 0, ("batch", 1, 2): 0.005})
+    assert killed.steps == clean.steps
+    for k in clean.params:
+        assert np.array_equal(killed.params[k], clean.params[k]), k
+    assert killed.history == clean.history
+    client.wait_for_workers(2)
+
+
+def _start_scheduler(folder):
+    """A scheduler and two workers in their own processes, as on a real cluster."""
+    file = os.path.join(folder, "scheduler.json")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                                  "--scheduler-file", file, "--port", "0", "--no-dashboard"],
+                                 **quiet)
+    while not os.path.exists(file):
+        assert scheduler.poll() is None, "the scheduler did not start"
+        time.sleep(0.05)
+    time.sleep(0.1)  # the file is written whole, but give it a moment
+    with open(file) as f:
+        address = json.load(f)["address"]
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                 "--nthreads", "1", "--no-dashboard"], **quiet)
+               for _ in range(2)]
+    with distributed.Client(address) as c:  # both there: two shards from the first step
+        c.wait_for_workers(2)
+    return address, scheduler, workers
+
+
+def test_a_dead_scheduler_leaves_a_checkpoint_that_resume_continues(client, tmp_path,
+                                                                    monkeypatch, capsys):
+    import dask
+
+    monkeypatch.chdir(tmp_path)
+    address, scheduler, workers = _start_scheduler(str(tmp_path))
+    common = ["train", "elman", "--task", "parity", "--seq-len", "8", "--samples", "48",
+              "--batch-size", "16", "--hidden", "6", "--dtype", "float64", "--algorithm",
+              "tbptt", "--k1", "3", "--k2", "4", "--no-plot", "-q"]
+    try:
+        ckpt = tmp_path / "run.ckpt.npz"
+
+        def kill_when_checkpointed():
+            while not ckpt.exists():
+                time.sleep(0.01)
+            scheduler.send_signal(signal.SIGKILL)
+
+        threading.Thread(target=kill_when_checkpointed, daemon=True).start()
+        # How long the client waits for the scheduler to come back before giving up.
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            code = cli.main(common + ["--epochs", "1000", "--checkpoint-every", "1",
+                                      "--scheduler", address, "-o", "run.npz"])
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_FAILED, err
+        assert "lost the Dask scheduler" in err and "--resume" in err, err
+        assert not (tmp_path / "run.npz").exists()
+    finally:
+        for p in [scheduler] + workers:
+            p.kill()
+            p.wait()
+    with np.load(ckpt) as f:
+        state = json.loads(str(f["__state__"]))
+    epoch, batch = state["position"]
+    assert epoch < 1000
+    # --resume on another cluster (the module's, two workers: the same two shards), to
+    # two epochs past the checkpoint; then the same run without the interruption.
+    ours = client.scheduler.address
+    epochs = str(epoch + 2)
+    assert cli.main(common + ["--epochs", epochs, "--scheduler", ours, "-o", "run.npz",
+                              "--resume"]) == 0
+    assert cli.main(common + ["--epochs", epochs, "--scheduler", ours, "-o", "clean.npz"]) == 0
+    with np.load("run.npz") as a, np.load("clean.npz") as b:
+        for k in ("W_xh", "W_hh", "b_h", "W_hy", "b_y"):
+            assert np.array_equal(a[k], b[k]), k
+
+
+def test_workers_without_dask_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
+    code = cli.main(["train", "elman", "--task", "parity", "--samples", "8", "--epochs", "1",
+                     "--workers", "2", "--no-plot", "-q", "-o", str(tmp_path / "x.npz")])
+    assert code == cli.EXIT_USAGE
+    assert 'pip install "bpttgen[distributed]"' in capsys.readouterr().err
