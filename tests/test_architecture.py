@@ -109,3 +109,28 @@ def test_the_runtime_needs_no_sympy_or_jinja2():
                     mods = [a.name for a in node.names] if isinstance(node, ast.Import) \
                         else [node.module or ""]
                     assert not any(m.split(".")[0] in ("sympy", "jinja2") for m in mods), name
+
+
+def test_no_script_folder_shadows_an_installed_package():
+    """Tests put bench/ and experiments/ on sys.path to import their scripts; a script
+    named like an installed package (bench/cuda.py and NVIDIA's ``cuda``, then
+    bench/distributed.py and dask's ``distributed``) then hides that package from
+    every later test in the same worker: a failure that depends on scheduling."""
+    import importlib.util
+    import sys
+
+    folders = [os.path.join(ROOT, f) for f in ("bench", "experiments", "tests")]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path
+                   if os.path.abspath(p or os.curdir) not in folders + [ROOT]]
+    try:
+        clashes = []
+        for folder in folders:
+            for f in os.listdir(folder):
+                stem = f[:-3]
+                if f.endswith(".py") and stem not in sys.modules and \
+                        importlib.util.find_spec(stem) is not None:
+                    clashes.append(os.path.join(os.path.basename(folder), f))
+    finally:
+        sys.path[:] = saved
+    assert not clashes, f"these scripts shadow installed modules: {clashes}"

@@ -16,7 +16,7 @@ slower shard) and the overhead (wall time of the split call less that). Then the
 paper model of BENCHMARKS.md: step time on N machines = compute / N + 2 * 4P bytes
 at 10 Gb/s, with the compute measured here on one process.
 
-    python bench/distributed.py [--models elman,lstm,gru] [--sizes 8,256,32,32,32 ...]
+    python bench/distributed_bench.py [--models elman,lstm,gru] [--sizes 8,256,32,32,32 ...]
                                 [--steps 8] [--out bench/results]
 """
 
@@ -27,9 +27,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Run as a script, this file's folder comes first on sys.path, and this file's name
-# would then hide the dask package ``distributed``.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
          (64, 128, 256, 512, 256))
 LINK = 10e9 / 8  # bytes per second of a 10 Gb/s network
