@@ -76,6 +76,10 @@ class Block:
     nodes: list = field(default_factory=list)
     forward: list = field(default_factory=list)  # code lines, relative indent
     backward: list = field(default_factory=list)
+    # An elementwise block's per-element lines, for element (_r, _k): what ``forward``
+    # and ``backward`` run inside the CPU's row and unit loops, and a CUDA thread alone.
+    forward_body: list = field(default_factory=list)
+    backward_body: list = field(default_factory=list)
 
 
 @dataclass
@@ -434,7 +438,8 @@ class Plan:
             body += [f"{name} = {pycode(expr)}" + self.cite("fwd", name),
                      f"{self.value(name)} = {name}"]
             local.add(name)
-        block.forward = _loop(block.size, self._loads(exprs, local) + body)
+        block.forward_body = self._loads(exprs, local) + body
+        block.forward = _loop(block.size, block.forward_body)
 
         body, exprs = [], []
         for name in block.nodes:
@@ -467,8 +472,8 @@ class Plan:
                                 f"{self._carried(t.target, contribution)}"
                                 + self.cite("adj", t.target))
         stores = [line for line in body if "[" in line.split("=")[0]]
-        block.backward = _loop(block.size, self._loads(exprs, set()) + body) \
-            if stores else []
+        block.backward_body = self._loads(exprs, set()) + body if stores else []
+        block.backward = _loop(block.size, block.backward_body) if stores else []
 
     def _carried(self, wrt, contribution):
         """A contribution to the adjoint of ``wrt``, times the step's carry factor

@@ -24,7 +24,7 @@ codegen/runtime.py, which Numba compiles for the device too. What differs:
 from dataclasses import dataclass
 
 from bpttgen.derive import naming
-from bpttgen.codegen.plan import Plan, PlanError, _loop
+from bpttgen.codegen.plan import Plan, PlanError
 from bpttgen.codegen.render import (_block_comment, environment, header, model_context,
                                     window_local, wrap_long_lines)
 
@@ -161,14 +161,9 @@ class CudaPlan:
 
     def _elementwise(self, block, direction, phase, index, comment):
         """(launch line, workspace entries it reads) of a fused elementwise block."""
-        lines = block.forward if direction == "forward" else block.backward
-        if not lines:
+        body = block.forward_body if direction == "forward" else block.backward_body
+        if not body:
             return None
-        # The Plan prints a block inside the CPU's row and unit loops (plan._loop); a
-        # thread runs the body.
-        loop = _loop(block.size, [""])
-        head, indent = loop[:-1], loop[-1]
-        body = [line[len(indent):] for line in lines[len(head):]]
         used = self._uses(block, direction)
         args, prologue = ["_lo", "_hi"], []
         for arg, name in self.candidates.items():
