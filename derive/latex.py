@@ -926,11 +926,13 @@ class _Writer:
             e.label = label
             self.eqs[e.key] = e
 
-    def markup(self, text, ref, code, escape):
+    def markup(self, text, ref, code, escape, math=lambda tex: tex):
+        """The text's markup in this writer's form: $math$ (by ``math``, given the
+        $-delimited piece), @eq{key} references, `code` and plain text."""
         out = []
         for part in _MARKUP.split(text):
             if part.startswith("$") and part.endswith("$") and len(part) > 1:
-                out.append(part)
+                out.append(math(part))
             elif part.startswith("@eq{"):
                 out.append(ref(self.eqs[part[4:-1]]))
             elif part.startswith("`") and part.endswith("`") and len(part) > 1:
@@ -1048,20 +1050,8 @@ class _TextWriter(_Writer):
     """Plain Unicode text for a terminal (plaintext.py reads this module's LaTeX)."""
 
     def text(self, markup):
-        return self.markup(markup, lambda e: f"({e.number})", lambda c: c, lambda t: t)
-
-    def markup(self, text, ref, code, escape):
-        out = []
-        for part in _MARKUP.split(text):
-            if part.startswith("$") and part.endswith("$") and len(part) > 1:
-                out.append(plaintext.to_text(part[1:-1]))
-            elif part.startswith("@eq{"):
-                out.append(ref(self.eqs[part[4:-1]]))
-            elif part.startswith("`") and part.endswith("`") and len(part) > 1:
-                out.append(code(part[1:-1]))
-            else:
-                out.append(escape(part))
-        return "".join(out)
+        return self.markup(markup, lambda e: f"({e.number})", lambda c: c, lambda t: t,
+                           math=lambda tex: plaintext.to_text(tex[1:-1]))
 
     def document(self):
         out = [f"Backpropagation through time: {self.d.name}"]
