@@ -83,7 +83,6 @@ def main(argv=None):
     pin_threads(2)
     import importlib
 
-    import numpy as np
     from distributed import Client, LocalCluster
 
     # This process's BLAS has its two threads now; the workers it spawns inherit the

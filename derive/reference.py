@@ -15,9 +15,6 @@ import numpy as np
 import sympy as sp
 
 from .functions import numpy_implementations
-from .losses import K, d, m, z
-
-Y = sp.Symbol("y", real=True)
 
 
 @lru_cache(maxsize=None)
