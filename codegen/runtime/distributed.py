@@ -316,9 +316,9 @@ class DataParallel:
         if l2:  # once, not once per shard: the module's penalty on its weight matrices
             for name, role in self.module.SPEC["roles"].items():
                 if role == "weight":
-                    p = params[name]
-                    loss += float(np.sum((1.0 / 2.0) * l2 * p * p))
-                    grads[name] = grads[name] + l2 * p
+                    penalty, gradient = self.module._l2(params[name], l2)  # as derived
+                    loss += penalty
+                    grads[name] = grads[name] + gradient
         # The whole call, parameters out, slicing and sums included, is the wall time.
         self.stats["wall"] += time.perf_counter() - start
         return float(loss), grads
