@@ -1,8 +1,8 @@
 """The run-time package: everything a generated module imports, and nothing else.
 
-NumPy, Numba and tqdm (numba-cuda for cuda.py, matplotlib for plots.py); it imports nothing from derive/ or
-from the build-time modules of codegen/, so a generated trainer runs without SymPy
-or jinja2. One job per module:
+NumPy, Numba and tqdm (numba-cuda for cuda.py, matplotlib for plots.py, dask for
+distributed.py); it imports nothing from derive/ or from the build-time modules of
+codegen/, so a generated trainer runs without SymPy or jinja2. One job per module:
 
     calls.py             checks of a call's arguments, backward windows, reused work
                          arrays, parameter initialisation

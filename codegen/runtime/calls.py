@@ -282,14 +282,17 @@ def _check_targets(spec, targets, T, B, O, dtype):
         _require_finite("targets", targets)
 
 
-def loss_weights(spec, T, B, mask, dtype):
-    """w_tb: the mask (ones by default), only the last step for a last-step loss."""
-    w = np.ones((T, B), dtype) if mask is None else mask.astype(dtype)
+def loss_weights(spec, T, B, mask, dtype, *, allow_empty=False):
+    """(w_tb flat, total): the mask (ones by default), only the last step for a
+    last-step loss. A total of 0 is refused unless ``allow_empty``: online RTRL carries
+    the states over a stretch without loss terms, and a data-parallel shard may hold
+    none."""
+    w = np.ones((T, B), dtype) if mask is None else np.asarray(mask).astype(dtype)
     if spec["loss_at"] == "last":
         w = w.copy()
         w[:-1] = 0
     total = float(w.sum())
-    if total <= 0:
+    if total <= 0 and not allow_empty:
         raise ValueError("mask selects no loss term (its sum is 0)")
     return np.ascontiguousarray(w.reshape(T * B)), total
 

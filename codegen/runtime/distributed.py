@@ -28,9 +28,9 @@ replaying its sequences from the start. ``fit`` refuses it and says so.
 
 Faults. Shard data travel inside their tasks, and the module and parameters are the
 results of tasks that return them (not scattered data, which a dead worker takes
-with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the others, with the same inputs: the shard's result is the
-same numbers, and the driver takes each shard's result exactly once, in shard
-order, so nothing is lost or counted twice and the run equals an uninterrupted
+with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the
+others, with the same inputs: the shard's result is the same numbers, and the driver
+takes each shard's result exactly once, in shard order, so nothing is lost or counted twice and the run equals an uninterrupted
 one bit for bit. When the scheduler dies, ``fit`` puts the trainer back to the
 end of its last finished minibatch (the online algorithms update within one) and
 raises ``SchedulerLost``: ``save`` then writes a checkpoint that ``fit(resume=True)``
@@ -59,7 +59,6 @@ import time
 import numpy as np
 
 from .calls import loss_weights
-from .online import loss_weights as shard_weights
 
 INSTALL = ('data-parallel training needs dask.distributed: pip install '
            '"bpttgen[distributed]" (or pip install "dask[distributed]")')
@@ -294,7 +293,7 @@ class DataParallel:
         pieces, weights = [], []
         for lo, hi in self._pieces(B):
             m = None if mask is None else _rows(mask, lo, hi, 1)
-            _, w = shard_weights(self.module.SPEC, T, hi - lo, m, dtype)
+            _, w = loss_weights(self.module.SPEC, T, hi - lo, m, dtype, allow_empty=True)
             if w > 0:  # a shard without loss terms adds nothing
                 pieces.append((lo, hi, m))
                 weights.append(w)

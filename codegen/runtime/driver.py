@@ -221,7 +221,7 @@ class Model:
         tangents = self.tangents(*[sizes[s] for s in self.spec["sizes"]])
         online.check_rtrl_memory(self.name, B, NP, sum(rows for _, rows in tangents), dtype,
                                  memory_limit)
-        weights, total = online.loss_weights(self.spec, T, B, mask, dtype)
+        weights, total = calls.loss_weights(self.spec, T, B, mask, dtype, allow_empty=True)
         sens = online.sensitivity_arrays(self.spec["states"], sizes, B, NP, dtype,
                                          sensitivities)
         ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)

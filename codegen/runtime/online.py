@@ -20,6 +20,7 @@ Trainer's online loops for both.
 import numpy as np
 
 from .calls import ALGORITHMS as REVERSE
+from .calls import loss_weights
 
 ALGORITHMS = ("rtrl", "artbp")
 
@@ -145,16 +146,6 @@ def check_rtrl_memory(name, B, NP, rows, dtype, limit=None):
     return need
 
 
-def loss_weights(spec, T, B, mask, dtype):
-    """(w_tb flat, total) as runtime.loss_weights, but a stretch without loss terms
-    is allowed (total 0): online RTRL still carries the states over it."""
-    w = np.ones((T, B), dtype) if mask is None else np.asarray(mask).astype(dtype)
-    if spec["loss_at"] == "last":
-        w = w.copy()
-        w[:-1] = 0
-    return np.ascontiguousarray(w.reshape(T * B)), float(w.sum())
-
-
 def sensitivity_arrays(states, sizes, B, NP, dtype, sensitivities):
     """{state: (size, B*NP) array} of dS/dtheta entering a call: copies of the given
     {state: (size, B, NP)} arrays (the kernel overwrites them), or zeros."""
@@ -218,7 +209,7 @@ def _online_rtrl(trainer, x, targets, mask):
     hold derivatives taken under earlier weights, RTRL's usual approximation."""
     module = trainer.module
     T, B = x.shape[:2]
-    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype)
+    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
     w_all = w_all.reshape(T, B)
     state = sens = None
     losses, weights = [], []
@@ -248,7 +239,7 @@ def _online_artbp(trainer, x, targets, mask):
     cut[0] = True
     starts = np.flatnonzero(cut).tolist()
     ends = [s - 1 for s in starts[1:]] + [T - 1]
-    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype)
+    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
     w_all = w_all.reshape(T, B)
     state = None
     losses, weights = [], []
