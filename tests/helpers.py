@@ -64,3 +64,31 @@ def tbptt_reference(D, params, x, targets, state0, k1, k2):
         for k in expected:
             expected[k] += g[k] * w.sum() / (T * B)
     return expected
+
+
+def fuzz_derivations(seed, cells):
+    """[(label, Derivation)] of the fuzzer's cells seed/0..cells-1 that derive (a
+    refused definition is skipped): cells no built-in resembles, for checks that any
+    cell must pass."""
+    import os
+    import sys
+    import tempfile
+
+    from bpttgen.derive.derivation import derive
+    from bpttgen.derive.loader import load_model
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import fuzz
+
+    out, folder = [], tempfile.mkdtemp(prefix="bpttgen-fuzz-cells-")
+    for i in range(cells):
+        path = os.path.join(folder, f"cell_{i}.py")
+        with open(path, "w") as f:
+            f.write(fuzz.cell_source(fuzz.generate_spec(seed, i)))
+        try:
+            out.append((f"fuzz-{seed}-{i}", derive(load_model(path))))
+        except ValueError:  # a refused definition (DefinitionError, LossError)
+            continue
+    return out

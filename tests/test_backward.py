@@ -9,37 +9,16 @@ Their values are checked elsewhere: the reference built from them against finite
 differences (tests/test_reference.py), every generated module by the fuzzer.
 """
 
-import os
-import sys
-import tempfile
-
 import pytest
 
 from bpttgen.derive.derivation import derive
-from bpttgen.derive.loader import load_model
 from bpttgen.derive.models import BUILTIN, build
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import fuzz  # noqa: E402
+from helpers import fuzz_derivations
 
 FUZZ_SEED, FUZZ_CELLS = 7, 40
-
-
-def _fuzz_derivations():
-    out, folder = [], tempfile.mkdtemp(prefix="bpttgen-backward-")
-    for i in range(FUZZ_CELLS):
-        path = os.path.join(folder, f"cell_{i}.py")
-        with open(path, "w") as f:
-            f.write(fuzz.cell_source(fuzz.generate_spec(FUZZ_SEED, i)))
-        try:
-            out.append((f"fuzz-{FUZZ_SEED}-{i}", derive(load_model(path))))
-        except ValueError:  # a refused definition (DefinitionError, LossError)
-            continue
-    return out
-
-
-DERIVATIONS = [(name, derive(build(name))) for name in BUILTIN] + _fuzz_derivations()
+DERIVATIONS = [(name, derive(build(name))) for name in BUILTIN] + \
+    fuzz_derivations(FUZZ_SEED, FUZZ_CELLS)
 
 
 def test_enough_fuzz_cells_derive():

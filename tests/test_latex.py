@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +23,8 @@ from bpttgen.derive import derive as derive_model
 from bpttgen.derive.latex import FORMS, render
 from bpttgen.derive.loader import load_model
 from bpttgen.derive.models import BUILTIN, build
+
+from helpers import fuzz_derivations
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "golden")
@@ -241,25 +242,11 @@ def test_doctests(module):
 
 # -- the text form (derive/plaintext.py) ------------------------------------------------
 
-def _fuzz_derivations(seed=5, cells=30):
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
-    import fuzz
-
-    folder = tempfile.mkdtemp(prefix="bpttgen-text-")
-    for i in range(cells):
-        path = os.path.join(folder, f"cell_{i}.py")
-        with open(path, "w") as f:
-            f.write(fuzz.cell_source(fuzz.generate_spec(seed, i)))
-        try:
-            yield derive_model(load_model(path))
-        except ValueError:  # a refused definition
-            continue
-
-
 def test_text_form_leaves_no_latex_for_any_cell():
     """Every built-in and fuzz-drawn cells print as text with no control sequence left:
     plaintext.py knows the whole vocabulary latex.py prints (it raises on a new one)."""
-    derivations = [derivation(name) for name in BUILTIN] + list(_fuzz_derivations())
+    derivations = [derivation(name) for name in BUILTIN] + \
+        [d for _, d in fuzz_derivations(seed=5, cells=30)]
     assert len(derivations) > len(BUILTIN) + 5
     for d in derivations:
         text = render(d, form="text", index_form=True)
