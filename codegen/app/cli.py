@@ -471,7 +471,7 @@ def parser():
                        description="Derive an LSTM, print an excerpt of its derivation, "
                                    "generate and gradient-check its kernels, train an "
                                    "Elman net and an LSTM on the adding problem and "
-                                   "compare them. About a minute on 2 cores.")
+                                   "compare them. One to two minutes on 2 cores.")
     s.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
     s.add_argument("--plot", default="bpttgen_demo.png",
                    help="PNG of the training curves (default bpttgen_demo.png)")
