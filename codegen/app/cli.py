@@ -23,7 +23,6 @@ from bpttgen.derive.losses import LossError
 from bpttgen.codegen.generate import (BUILTINS_COMMAND, GENERATED_DIR, OverwriteRefused,
                                       VerificationFailed)
 from bpttgen.codegen.app import cluster
-from bpttgen.codegen.runtime import plots
 from bpttgen.codegen.runtime.distributed import SchedulerLost
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -307,9 +306,7 @@ def _train(args, module, client=None):
     summary += f"; {trainer.steps} updates in {seconds:.1f} s; parameters saved to {output}"
     if not args.no_plot and trainer.history["loss"]:
         png = args.plot or os.path.splitext(output)[0] + ".png"
-        plots.plot_curves({f"{module.NAME} {trainer.algorithm}": trainer.history["loss"]},
-                          png, baseline=task.baseline, title=task.name,
-                          ylabel="training loss")
+        trainer.plot(png, baseline=task.baseline, title=task.name)
         summary += f", training curve to {png}"
     print(summary)
     return 0
