@@ -252,6 +252,20 @@ def window_local(plan):
                  for a in plan.arrays if a.window)
 
 
+def state_adjoints(plan, derivation):
+    """{state: the array of its adjoint, or None where the plan keeps none}: where a
+    backward sweep over a stretch takes the adjoint entering from later steps."""
+    names = {a.name for a in plan.arrays}
+    out = {}
+    for s in derivation.states:
+        array, shift, offset = plan.storage(s.name, adjoint=True)
+        if array in names and (shift, offset) != ("B", "0"):
+            raise PlanError(f"state {s.name}'s adjoint lives at {array}[r + {shift}, "
+                            f"{offset} + k], not in an array of its own")
+        out[s.name] = array if array in names else None
+    return out
+
+
 def cpu_context(derivation):
     """The template context of a CPU module: its Plan with the per-step carry factor
     of ARTBP in the backward kernel and shared adjoints (plan.py), the RTRL kernel
@@ -291,6 +305,7 @@ def cpu_context(derivation):
                                 naming.code_group_gradient(g.name),
                                 tuple(w for _, w, _, _ in g.members)) for g in plan.groups)),
         state_arrays=repr({s.name: plan.storage(s.name)[0] for s in d.states}),
+        state_adjoints=repr(state_adjoints(plan, d)),
         vector_gradients=repr(dict(zip(plan.vector_params, gradients))),
         output_arrays=(plan.storage(d.loss.node)[0],
                        plan.storage(d.loss.node, adjoint=True)[0]),

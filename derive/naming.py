@@ -87,7 +87,7 @@ DRIVER_NAMES = frozenset({
     "SIZES", "SPEC", "STATES", "T", "TB", "Trainer", "TypeError", "ValueError", "a", "algorithm",
     "args", "c", "call", "count", "dict", "directions", "dtype", "final", "first",
     "flat_targets", "forward", "free_workspace", "grad", "grads", "init_params", "k1",
-    "k2", "l2", "loss", "loss_and_grads", "loss_rows", "mask", "memory_limit",
+    "k2", "l2", "loss", "loss_and_grads", "loss_rows", "mask", "memory", "memory_limit",
     "module_name", "name", "out", "params", "plan", "role", "rtrl", "rtrl_directions",
     "g", "s", "scale", "seed", "sens", "sensitivities", "shape", "sizes", "state0",
     "t_hi", "t_lo", "targets", "total", "truncate", "w", "weights", "ws", "x", "y",

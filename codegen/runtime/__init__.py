@@ -12,6 +12,7 @@ codegen/, so a generated trainer runs without SymPy or jinja2. One job per modul
     progress.py          the progress bar (tqdm's) of fit, generate and check
     plots.py             training curves as a PNG (matplotlib, headless)
     online.py            RTRL and ARTBP: options, memory estimate, online loops
+    checkpoint.py        checkpointed BPTT: binomial schedules, memory plans, the run
     distributed.py       data parallel on Dask: Trainer.fit(client=...) (dask lazily)
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer
@@ -24,5 +25,9 @@ from .calls import (  # noqa: F401 (the surface generated modules use)
     ALGORITHMS, JIT_OPTIONS, ArrayCache, backward_windows, check_call, check_fingerprint,
     init_params, loss_weights, windows)
 from .driver import Model  # noqa: F401
+from .online import ALGORITHMS as _ONLINE
+
+#: What a CPU module computes: the reverse algorithms, checkpointed BPTT, the online ones.
+CPU_ALGORITHMS = ALGORITHMS + ("checkpoint",) + _ONLINE
 from .progress import Progress  # noqa: F401
 from .trainer import Trainer  # noqa: F401

@@ -12,11 +12,12 @@ instead of dozens of arguments: Numba unpacks it at no cost, and its dispatcher 
 a tuple about as fast as separate arguments.
 """
 
+import math
 import operator
 
 import numpy as np
 
-from . import calls, online
+from . import calls, checkpoint, online
 
 
 #: The workspace's entry of the gradients' places: (first views, views that add).
@@ -34,6 +35,7 @@ class Model:
     input         the kernels' name of the input x, (T*B, size)
     output        (the output z's array, its adjoint's): the loss kernel's
     states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b
+    adjoints      {state: its adjoint's array (like the state's), or None}
     vectors       {vector parameter: its gradient's array}
     groups        ((stacked weights, their gradient, member weights), ...) per product
     zeros, ones   work arrays a call starts with zeroed, filled with ones
@@ -44,11 +46,12 @@ class Model:
                   rows) of each tangent of the RTRL kernel, in its order
     """
 
-    def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, vectors,
-                 groups, zeros, ones, carry, window_local, l2, rtrl):
+    def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, adjoints,
+                 vectors, groups, zeros, ones, carry, window_local, l2, rtrl):
         self.name, self.spec, self.args, self.shapes = name, spec, args, shapes
         self.kernel = kernels
         self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.adjoints = adjoints
         self.groups, self.window_local, self.l2 = groups, window_local, l2
         self.carry = carry
         self.directions, self.tangents = rtrl
@@ -112,6 +115,57 @@ class Model:
             return np.zeros(shape, np.int64 if self.spec["target"] == "index" else dtype)
         return np.ascontiguousarray(targets.reshape(shape))
 
+    # -- memory ---------------------------------------------------------------------
+    def _call_bytes(self, sizes, T, B, itemsize):
+        """Bytes one call of T steps allocates: its work arrays, the stacked weights,
+        predictions, loss weights, and the gradients handed back (twice: summed, copied)."""
+        dims = tuple(sizes[s] for s in self._sizes)
+        arrays = sum(math.prod(shape) for shape in self.shapes(T, B, *dims).values())
+        params = sum(math.prod(sizes[d] for d in shape)
+                     for shape in self.spec["params"].values())
+        per_row = sizes[self.spec["output"][1]] + 1
+        return itemsize * (arrays + 3 * params + T * B * per_row)
+
+    def _checkpoint_plan(self, sizes, T, B, itemsize, memory_limit=None, snapshots=None,
+                         segment=None):
+        one, two = (self._call_bytes(sizes, t, B, itemsize) for t in (1, 2))
+        step = two - one + itemsize * B * sizes[self.spec["input"][1]]  # + x's buffer
+        state = itemsize * B * sum(sizes[size] for size in self.spec["states"].values())
+        return checkpoint.plan(T, step, state, one - (two - one), memory_limit=memory_limit,
+                               snapshots=snapshots, segment=segment)
+
+    def memory(self, sizes, T, B, dtype=np.float32, algorithm="bptt", *, snapshots=None,
+               segment=None, memory_limit=None):
+        """Bytes a loss_and_grads call of T steps and B sequences will allocate, before it
+        runs (the arguments' own arrays not counted). sizes: {name: int}. For
+        "checkpoint", the plan it would choose (see checkpoint.plan)."""
+        itemsize = np.dtype(dtype).itemsize
+        if algorithm == "checkpoint":
+            return self._checkpoint_plan(sizes, T, B, itemsize, memory_limit, snapshots,
+                                         segment).bytes
+        need = self._call_bytes(sizes, T, B, itemsize)
+        if algorithm == "rtrl":
+            NP, _ = self.directions(sizes)
+            rows = sum(r for _, r in self.tangents(*[sizes[s] for s in self._sizes]))
+            need += online.rtrl_memory(B, NP, rows, itemsize)
+        return need
+
+    def _check_memory(self, algorithm, sizes, T, B, dtype, memory_limit):
+        """Refuse, before anything is allocated, a call over memory_limit bytes, with
+        the figure and the checkpointed plan that fits."""
+        need = self.memory(sizes, T, B, dtype, algorithm)
+        if need <= memory_limit:
+            return
+        itemsize = np.dtype(dtype).itemsize
+        try:
+            fits = (f"algorithm='checkpoint' computes the same gradient within it: "
+                    f"{self._checkpoint_plan(sizes, T, B, itemsize, memory_limit)!r}")
+        except ValueError as e:
+            fits = f"no checkpointed schedule fits either ({e})"
+        raise ValueError(f"algorithm={algorithm!r} on {self.name} with T={T}, B={B} needs "
+                         f"about {checkpoint.bytes_text(need)}, more than memory_limit="
+                         f"{checkpoint.bytes_text(int(memory_limit))}; {fits}")
+
     # -- results ----------------------------------------------------------------------
     def _gradients(self, ws):
         """The gradients in the workspace, keyed like params: views of each weight's rows
@@ -153,7 +207,7 @@ class Model:
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
                        k2=None, mask=None, l2=0.0, c=None, seed=None, truncate=None,
-                       memory_limit=None):
+                       memory_limit=None, snapshots=None, segment=None):
         """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
         params.
 
@@ -166,15 +220,26 @@ class Model:
         memory_limit bytes), "artbp" (seed 003: the recurrence cut at each step with
         probability c, a number or a schedule of length T, and the adjoint reweighted by
         1/(1 - c_t) where it is not, an unbiased estimate of the bptt gradient; the cuts
-        drawn from seed, an int or a numpy Generator, or given as truncate, bool (T,)).
+        drawn from seed, an int or a numpy Generator, or given as truncate, bool (T,)),
+        "checkpoint" (bptt's gradient in bounded memory: only some states kept, the
+        trajectory recomputed segment by segment; segment steps each, snapshots kept,
+        or the fastest plan within memory_limit; x, targets, mask may then be any
+        arrays read by slices x[a:b], such as np.memmap; see checkpoint.py).
+        memory_limit (bytes): every algorithm refuses a call that would allocate more
+        (memory() says how much, before it runs), naming the checkpointed plan that fits.
         """
         if targets is None:
             raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
                             "predictions")
         online.check_options(algorithm, k1=k1, k2=k2, c=c, seed=seed, truncate=truncate,
-                             memory_limit=memory_limit)
+                             memory_limit=memory_limit, snapshots=snapshots, segment=segment)
+        if algorithm == "checkpoint":
+            return self._checkpointed(params, x, targets, state0, mask, l2, memory_limit,
+                                      snapshots, segment)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)
+        if memory_limit is not None and algorithm != "rtrl":
+            self._check_memory(algorithm, sizes, T, B, dtype, memory_limit)
         if algorithm == "rtrl":
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
             return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
@@ -198,6 +263,37 @@ class Model:
             k["backward_pre"](args)
             k["weight_gradients"](args)
         return self._with_l2(params, loss, self._gradients(ws), l2)
+
+    def _checkpointed(self, params, x, targets, state0, mask, l2, memory_limit, snapshots,
+                      segment):
+        """Checkpointed BPTT (checkpoint.py). The arguments are checked one segment at a
+        time as they are read, the whole of them never being in memory at once."""
+        for name, a in (("x", x), ("targets", targets), ("mask", mask)):
+            if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
+                raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
+                                f"got {type(a).__name__}")
+        if len(x.shape) != 3:
+            raise ValueError(f"x must have shape (T, B, {self.spec['input'][1]}) "
+                             f"(time-major), got {x.shape}")
+        T = x.shape[0]
+        for name, a in (("targets", targets), ("mask", mask)):
+            if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
+                raise ValueError(f"{name} must start with x's (T, B) = {tuple(x.shape[:2])}, "
+                                 f"got shape {tuple(a.shape)}")
+        first = slice(0, min(T, 1))
+        sizes, _, B, dtype = calls.check_call(
+            self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
+            None if mask is None else np.asarray(mask[first]), l2=l2)
+        checkpoint.check_options(memory_limit, snapshots, segment)
+        chosen = self._checkpoint_plan(sizes, T, B, np.dtype(dtype).itemsize, memory_limit,
+                                       snapshots, segment)
+
+        def check(xs, ts, ms):
+            calls.check_call(self.spec, params, xs, ts, None, ms)
+
+        loss, grads = checkpoint.run(self, params, x, targets, mask, state0, sizes, T, B,
+                                     dtype, chosen, check)
+        return self._with_l2(params, loss, grads, l2)
 
     def rtrl(self, params, x, targets, *, state0=None, sensitivities=None, mask=None, l2=0.0,
              memory_limit=None):

@@ -35,17 +35,19 @@ _ARTBP_STREAM = 0xA27B
 # -- options --------------------------------------------------------------------
 
 def check_options(algorithm, *, k1=None, k2=None, c=None, seed=None, truncate=None,
-                  memory_limit=None):
+                  memory_limit=None, snapshots=None, segment=None):
     """Refuse an unknown algorithm and keyword arguments that do not apply to it."""
-    if algorithm not in REVERSE + ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of "
-                         f"{REVERSE + ALGORITHMS}")
+    known = REVERSE + ("checkpoint",) + ALGORITHMS
+    if algorithm not in known:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {known}")
     artbp = {"c": c, "seed": seed, "truncate": truncate}
     given = [k for k, v in artbp.items() if v is not None]
     if given and algorithm != "artbp":
         raise ValueError(f"{'/'.join(given)} apply to algorithm='artbp', not {algorithm!r}")
-    if memory_limit is not None and algorithm != "rtrl":
-        raise ValueError(f"memory_limit applies to algorithm='rtrl', not {algorithm!r}")
+    given = [k for k, v in (("snapshots", snapshots), ("segment", segment)) if v is not None]
+    if given and algorithm != "checkpoint":
+        raise ValueError(f"{'/'.join(given)} apply to algorithm='checkpoint', not "
+                         f"{algorithm!r}")
     if algorithm in ALGORITHMS and (k1 is not None or k2 is not None):
         raise ValueError(f"k1/k2 apply to algorithm='tbptt', not {algorithm!r}")
     if algorithm == "artbp" and c is None:
