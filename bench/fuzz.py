@@ -1027,7 +1027,8 @@ def check_module(module, model, seed):
     algorithms = list(module.ALGORITHMS)
     results = {}
     for alg in algorithms:
-        extra = {"tbptt": dict(k1=T, k2=T), "artbp": dict(c=0.0, seed=0)}.get(alg, {})
+        extra = {"tbptt": dict(k1=T, k2=T), "artbp": dict(c=0.0, seed=0),
+                 "checkpoint": dict(segment=2, snapshots=1)}.get(alg, {})
         results[alg] = _call(f"loss_and_grads(algorithm={alg!r})", module.loss_and_grads,
                              params, x, targets, algorithm=alg, **kw, **extra)
     base_loss, base = results.get("bptt") or next(iter(results.values()))

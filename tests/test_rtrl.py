@@ -133,7 +133,8 @@ def test_memory_refused_before_anything_runs(generated_module, monkeypatch):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(algorithm="bptt", memory_limit=10), "memory_limit applies to algorithm='rtrl'"),
+    (dict(algorithm="bptt", memory_limit=10), "more than memory_limit=10 bytes"),
+    (dict(algorithm="bptt", segment=2), "segment apply to algorithm='checkpoint'"),
     (dict(algorithm="rtrl", k1=2, k2=2), "k1/k2 apply to algorithm='tbptt', not 'rtrl'"),
     (dict(algorithm="rtrl", c=0.1), "apply to algorithm='artbp', not 'rtrl'"),
     (dict(algorithm="rtrl", memory_limit=-1), "memory_limit must be a positive number"),

@@ -277,8 +277,10 @@ def _weights(spec, T, B, mask, dtype):
     last = spec["loss_at"] == "last"
     if mask is None:
         total = float(B if last else T * B)
-    else:
-        total = float(np.sum(mask[-1] if last else mask, dtype=np.float64))
+    else:  # read by slices, as the sweep reads it
+        block = 1 << 16
+        total = sum(float(np.sum(np.asarray(mask[lo:min(T, lo + block)]), dtype=np.float64))
+                    for lo in range(T - 1 if last else 0, T, block))
     if total <= 0:
         raise ValueError("mask selects no loss term (its sum is 0)")
 

@@ -4,7 +4,7 @@ The check ``bpttgen check`` and the demo run (tier 2 of DESIGN.md, on a user's
 model): float64, tiny sizes, random parameters, initial states, a mask and L2, so
 every term of the loss is exercised. Every algorithm that theory says computes
 the full gradient is compared with the same finite differences: bptt, naive,
-tbptt with k1 = k2 = T, epochwise (and rtrl where the module has it).
+tbptt with k1 = k2 = T, epochwise, checkpoint (and rtrl where the module has them).
 """
 
 from dataclasses import dataclass
@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 TOLERANCE = 1e-6  # max relative error in float64 (central differences, eps 1e-6)
-EXACT_ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise", "rtrl")
+EXACT_ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise", "checkpoint", "rtrl")
+#: Options making each algorithm compute the full gradient (checkpoint: segments of 2
+#: steps and 1 snapshot, so the binomial schedule recomputes and a segment is short).
+EXACT_OPTIONS = {"tbptt": lambda T: dict(k1=T, k2=T),
+                 "checkpoint": lambda T: dict(segment=2, snapshots=1)}
 
 
 @dataclass
@@ -88,7 +92,7 @@ def check(module, *, size=3, T=5, B=2, seed=0, l2=0.05, progress=None):
     fd = finite_difference(lambda p: module.loss_and_grads(p, x, targets, **kw)[0], params)
     rows = {name: Row(name, {}) for name in params}
     for algorithm in algorithms(module):
-        extra = dict(k1=T, k2=T) if algorithm == "tbptt" else {}
+        extra = EXACT_OPTIONS[algorithm](T) if algorithm in EXACT_OPTIONS else {}
         _, grads = module.loss_and_grads(params, x, targets, algorithm=algorithm, **kw,
                                          **extra)
         for name in params:

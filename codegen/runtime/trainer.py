@@ -29,7 +29,8 @@ class Trainer:
     sums the gradients of an epoch and updates once at its end (seed 001); with
     "rtrl" it updates every ``every`` steps (default 1) from the sensitivities
     carried forward, and with "artbp" at each random cut, drawn with probability
-    ``c`` (codegen/online.py).
+    ``c`` (codegen/online.py); "checkpoint" computes bptt's gradient in bounded memory
+    (memory_limit, snapshots, segment: codegen/runtime/checkpoint.py).
 
     Nothing is lost silently: an update whose loss, gradients or new parameters
     are not finite stops training, restores the last parameters that gave a finite
@@ -42,7 +43,8 @@ class Trainer:
 
     def __init__(self, sizes, *, optimizer="sgd", lr=0.1, l2=0.0, clip=None,
                  algorithm="bptt", k1=None, k2=None, c=None, every=None, seed=0,
-                 dtype=np.float32, momentum=0.9, betas=(0.9, 0.999), eps=1e-8):
+                 dtype=np.float32, momentum=0.9, betas=(0.9, 0.999), eps=1e-8,
+                 memory_limit=None, snapshots=None, segment=None):
         import sys
 
         self.module = sys.modules[self.module_name]
@@ -69,6 +71,14 @@ class Trainer:
         from .online import trainer_options  # rtrl: update every k steps; artbp: c
 
         self.c, self.every = trainer_options(algorithm, c, every)
+        from .online import check_options
+
+        check_options(algorithm, snapshots=snapshots, segment=segment)
+        # what every loss_and_grads call of this trainer adds (memory_limit: refuse a
+        # call over it; snapshots, segment: the checkpointed schedule)
+        self.call_options = {k: v for k, v in (("memory_limit", memory_limit),
+                                               ("snapshots", snapshots),
+                                               ("segment", segment)) if v is not None}
         self.sizes = self._check_sizes(sizes)
         self.params = self.module.init_params(self.sizes, seed=seed, dtype=dtype)
         self.optimizer, self.lr, self.l2, self.clip = optimizer, lr, l2, clip
@@ -108,6 +118,8 @@ class Trainer:
     # one optimizer step ----------------------------------------------------------
     def loss_and_grads(self, x, targets, **kw):
         kw.setdefault("l2", self.l2)
+        for k, v in self.call_options.items():
+            kw.setdefault(k, v)
         return self.module.loss_and_grads(self.params, x, targets, **kw)
 
     def _clip(self, grads):
