@@ -102,8 +102,8 @@ def check_table(out):
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("parameter"))
     assert lines[start].split() == ["parameter", "bptt", "rel.err", "naive", "rel.err",
-                                    "tbptt", "rel.err", "epochwise", "rel.err", "rtrl",
-                                    "rel.err", "result"]
+                                    "tbptt", "rel.err", "epochwise", "rel.err",
+                                    "checkpoint", "rel.err", "rtrl", "rel.err", "result"]
     rows = {}
     for line in lines[start + 2:]:
         if line.startswith("all gradients agree"):

@@ -221,7 +221,9 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     def advance(a, m, state):
         for i in range(a, m):
             seg, lo, hi = load(i, state)
-            k["forward"](model._tuple(seg))
+            args = model._tuple(seg)
+            for kernel in k["forward_states"]:
+                kernel(args)
             state = {s: seg[array][(hi - lo) * B:].copy() for s, array in model.states.items()}
         return state
 

@@ -31,7 +31,8 @@ class Model:
     args          the names of the tuple every kernel takes, in its order
     shapes        shapes(T, B, *sizes in SPEC order) -> {work array: shape}
     kernels       {role: @njit function}: forward, loss, loss_and_adjoints, bptt,
-                  backward_loop, backward_pre, weight_gradients, rtrl
+                  backward_loop, backward_pre, weight_gradients, rtrl; forward_states:
+                  the kernels that compute the states (forward without the readout)
     input         the kernels' name of the input x, (T*B, size)
     output        (the output z's array, its adjoint's): the loss kernel's
     states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b
