@@ -206,27 +206,16 @@ def _mean(losses, weights):
 
 def _online_rtrl(trainer, x, targets, mask):
     """Every ``every`` steps, the gradient of those steps' losses through the
-    sensitivities carried from the start of the sequences, and an update at once.
-    Later steps run with the new weights while the sensitivities carry on: they
-    hold derivatives taken under earlier weights, RTRL's usual approximation."""
-    module = trainer.module
+    sensitivities carried from the start of the sequences, and an update at once (the
+    stream engine, fed the minibatch as one chunk)."""
+    from .stream import Rtrl
+
     T, B = x.shape[:2]
-    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
-    w_all = w_all.reshape(T, B)
-    state = sens = None
-    losses, weights = [], []
-    for a in range(0, T, trainer.every):
-        b = min(T, a + trainer.every)
-        w = w_all[a:b]
-        loss, grads, state, sens = module.rtrl(trainer.params, x[a:b], targets[a:b],
-                                               state0=state, sensitivities=sens, mask=w,
-                                               l2=trainer.l2)
-        if w.sum() > 0:
-            if not trainer._guarded_apply(loss, grads):
-                return loss
-            losses.append(loss)
-            weights.append(float(w.sum()))
-    return _mean(losses, weights)
+    w, _ = loss_weights(trainer.module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
+    stream = Rtrl(trainer)
+    if stream.feed(x, targets, w.reshape(T, B)):
+        stream.close()
+    return stream.mean_loss()
 
 
 def _online_artbp(trainer, x, targets, mask):

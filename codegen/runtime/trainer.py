@@ -71,9 +71,9 @@ class Trainer:
         from .online import trainer_options  # rtrl: update every k steps; artbp: c
 
         self.c, self.every = trainer_options(algorithm, c, every)
-        from .online import check_options
-
-        check_options(algorithm, snapshots=snapshots, segment=segment)
+        if (snapshots is not None or segment is not None) and algorithm != "checkpoint":
+            raise ValueError(f"snapshots/segment apply to algorithm='checkpoint', not "
+                             f"{algorithm!r}")
         # what every loss_and_grads call of this trainer adds (memory_limit: refuse a
         # call over it; snapshots, segment: the checkpointed schedule)
         self.call_options = {k: v for k, v in (("memory_limit", memory_limit),
@@ -94,6 +94,7 @@ class Trainer:
         self._good = None  # (steps, params) that last gave a finite loss
         self.diverged = None  # None, or the message saying where training stopped
         self.meta = {}  # what the caller stored with save(meta=...)
+        self.stream = None  # the engine of an unfinished fit_stream (stream.py)
 
     def _check_sizes(self, sizes):
         names = self.module.SIZES
@@ -196,35 +197,61 @@ class Trainer:
 
     def _online_tbptt(self, x, targets, mask):
         """Every k1 steps, backpropagate the last k1 losses over the last k2 steps and
-        update at once: later steps run with the updated weights."""
-        T, B = x.shape[:2]
-        plan = windows("tbptt", T, self.k1, self.k2)
-        needed = {int(start) for _, start, _ in plan}
-        states = {0: None}  # step -> the state entering it (None: zeros)
-        losses, weights = [], []
-        for i, (end, start, first) in enumerate(plan):
-            w = np.zeros((end - start + 1, B), self.dtype)
-            w[first - start:] = 1 if mask is None else mask[first:end + 1]
-            if w.sum() > 0:  # a window without loss terms (a masked stretch): no update
-                loss, grads = self.loss_and_grads(
-                    x[start:end + 1], targets[start:end + 1], state0=states[start], mask=w)
-                if not self._guarded_apply(loss, grads):
-                    return loss
-                losses.append(loss)
-                weights.append(float(w.sum()))
-            if i == len(plan) - 1:
-                break
-            # Carry the state over the window under the weights now in force, keeping
-            # it where a later window starts: one forward call per stretch.
-            stops = sorted({int(end) + 1} | {s for s in needed if first < s <= end})
-            at = int(first)
-            for stop in stops:
-                _, states[stop] = self.module.forward(self.params, x[at:stop],
-                                                      state0=states[at])
-                at = stop
-        if not weights:
-            return 0.0
-        return float(np.dot(losses, weights) / sum(weights))
+        update at once: later steps run with the updated weights (the stream engine,
+        fed the minibatch as one chunk)."""
+        from .stream import Tbptt
+
+        stream = Tbptt(self)
+        if stream.feed(x, targets, mask):
+            stream.close()
+        return stream.mean_loss()
+
+    def fit_stream(self, chunks, *, progress=True, callback=None, resume=False,
+                   state0=None):
+        """Train with algorithm "tbptt" or "rtrl" on one long sequence (B streams side
+        by side) given as an iterable of chunks (x (t, B, I), targets[, mask]) of any
+        lengths t: a generator, slices of a memory-mapped array. Memory is bounded
+        whatever the length: TBPTT holds its last k1 + k2 steps, RTRL fewer than
+        ``every``. The updates are those of ``step`` on the whole sequence.
+
+        Returns the mean loss of the updates, also appended to ``history["loss"]``.
+        ``callback(trainer, info)`` runs after each chunk (info: event "chunk", steps:
+        steps received, loss: the mean so far); returning True stops, and
+        ``self.stream`` is where ``save`` records it: after ``load``,
+        ``fit_stream(the chunks from self.stream.pos on, resume=True)`` goes on
+        exactly as the uninterrupted run."""
+        import warnings
+
+        from .stream import engine
+
+        stream = self.stream if resume and getattr(self, "stream", None) is not None \
+            else engine(self, state0)
+        self.stream = stream
+        self.diverged = None
+        bar = Progress(None, progress, f"streaming {self.module.NAME}")
+        try:
+            for chunk in chunks:
+                if not isinstance(chunk, tuple) or len(chunk) not in (2, 3):
+                    raise TypeError("each chunk must be a tuple (x, targets) or (x, "
+                                    f"targets, mask), got {type(chunk).__name__}")
+                x, targets = self._cast(*chunk[:2])
+                mask = chunk[2] if len(chunk) == 3 else None
+                self._check_data(x, targets, mask)
+                if not stream.feed(x, targets, mask):
+                    warnings.warn(self.diverged, RuntimeWarning, stacklevel=2)
+                    return stream.mean_loss()
+                bar.update(stream.mean_loss(), n=len(x))
+                if callback is not None and callback(self, dict(
+                        event="chunk", steps=stream.pos, loss=stream.mean_loss())):
+                    return stream.mean_loss()
+            if not stream.close():
+                warnings.warn(self.diverged, RuntimeWarning, stacklevel=2)
+            loss = stream.mean_loss()
+            self.history["loss"].append(loss)
+            self.stream = None
+            return loss
+        finally:
+            bar.close()
 
     # loops ---------------------------------------------------------------------
     def _cast(self, x, targets):
@@ -362,10 +389,16 @@ class Trainer:
             partial = {"total": self._partial["total"], "count": self._partial["count"]}
             for name, g in (self._partial["grads"] or {}).items():
                 arrays[f"__partial__{name}"] = g
+        stream = None
+        if self.stream is not None:
+            from .stream import save_state
+
+            stream, stream_arrays = save_state(self.stream)
+            arrays.update(stream_arrays)
         state = dict(model=self.module.NAME, sizes=self.sizes, steps=self.steps,
                      optimizer=self.optimizer, algorithm=self.algorithm,
                      position=list(self.position), history=self.history, partial=partial,
-                     meta=self.meta)
+                     meta=self.meta, stream=stream)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".npz.tmp")
         try:
@@ -409,6 +442,8 @@ class Trainer:
                         slots.setdefault(pname, {})[int(i)] = data[key].astype(self.dtype)
             partial_grads = {key[len("__partial__"):]: data[key] for key in data.files
                              if key.startswith("__partial__")}
+            stream_arrays = {key: data[key] for key in data.files
+                             if key.startswith("__stream__")}
             self.params = params
             self.steps = int(data["__steps__"])
         self._slots = {k: (v[0] if len(v) == 1 else tuple(v[i] for i in sorted(v)))
@@ -420,6 +455,11 @@ class Trainer:
             partial["grads"] = partial_grads or None
         self._partial = partial
         self.meta = state.get("meta", {})
+        self.stream = None
+        if state.get("stream") is not None:
+            from .stream import load_state
+
+            self.stream = load_state(self, state["stream"], stream_arrays)
         self._good = None
         self.diverged = None
         return self

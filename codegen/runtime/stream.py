@@ -1,0 +1,214 @@
+"""Training on a stream: the online algorithms fed a sequence chunk by chunk.
+
+A Trainer's truncated BPTT and RTRL never need the whole sequence: TBPTT(k1, k2)
+looks back k2 steps (seed 003), RTRL carries the states and their sensitivities
+(seed 001). Each algorithm is an engine fed chunks of any lengths, holding what it
+must between them: TBPTT the last k1 + k2 steps of input and the states where a
+window may start, RTRL fewer than ``every`` steps; never O(T). ``Trainer.step`` feeds
+one whole minibatch to the same engines, so a stream and a sequence in memory take
+the same updates, and an engine's state is saved with the Trainer: a stream resumes
+where it stopped.
+"""
+
+import numpy as np
+
+
+def _cat(a, b):
+    return b if a is None else np.concatenate([a, b])
+
+
+class Tbptt:
+    """TBPTT(k1, k2) over a stream: each time k1 more steps have arrived, the losses of
+    those k1 steps backpropagated over the last k2 steps, and an update. The state
+    crosses to the next window as the forward pass computes it under the weights then
+    in force. The last window, at the end of the stream, takes the steps left."""
+
+    def __init__(self, trainer, state0=None):
+        self.trainer, self.k1, self.k2 = trainer, trainer.k1, trainer.k2
+        self.lo = self.pos = self.first = 0  # buffer start, steps received, next loss step
+        self.x = self.targets = self.mask = None  # steps lo .. pos-1
+        self.states = {0: state0}  # position -> the state entering it (None: zeros)
+        self.losses, self.weights = [], []
+
+    @property
+    def held_steps(self):
+        return self.pos - self.lo
+
+    def feed(self, x, targets, mask):
+        """Take a chunk; run the windows it completes. False when training diverged."""
+        T, B = x.shape[:2]
+        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
+        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self.pos += T
+        while self.first + self.k1 <= self.pos:
+            if not self._window(self.first + self.k1 - 1, last=False):
+                return False
+        return True
+
+    def close(self):
+        """The end of the stream: the window of the steps left, if any."""
+        if self.first < self.pos:
+            return self._window(self.pos - 1, last=True)
+        return True
+
+    def _rows(self, a, b):
+        return slice(a - self.lo, b - self.lo)
+
+    def _state_at(self, p):
+        """The state entering step p: kept, or run forward from the last kept before it
+        (only a last window's start, under the weights now in force)."""
+        if p in self.states:
+            return self.states[p]
+        q = max(s for s in self.states if s < p)
+        _, state = self.trainer.module.forward(self.trainer.params, self.x[self._rows(q, p)],
+                                               state0=self.states[q])
+        return state
+
+    def _window(self, end, last):
+        t, k1, k2, first = self.trainer, self.k1, self.k2, self.first
+        start = max(0, end - k2 + 1)
+        rows = self._rows(start, end + 1)
+        w = np.zeros((end - start + 1, self.x.shape[1]), self.x.dtype)
+        w[first - start:] = self.mask[self._rows(first, end + 1)]
+        if w.sum() > 0:  # a window without loss terms (a masked stretch): no update
+            loss, grads = t.loss_and_grads(self.x[rows], self.targets[rows],
+                                           state0=self._state_at(start), mask=w)
+            if not t._guarded_apply(loss, grads):
+                return False
+            self.losses.append(loss)
+            self.weights.append(float(w.sum()))
+        self.first = end + 1
+        if last:
+            return True
+        # Carry the state over the window's loss steps under the weights now in force,
+        # keeping it where a later full window starts: one forward call per stretch.
+        starts = {max(0, e - k2 + 1) for e in range(end + k1, end + k1 + k2 + 1, k1)}
+        stops = sorted({end + 1} | {s for s in starts if first < s <= end})
+        at = first
+        for stop in stops:
+            _, self.states[stop] = t.module.forward(t.params, self.x[self._rows(at, stop)],
+                                                    state0=self.states[at])
+            at = stop
+        # Keep what a later window can read: from the last kept state at or before the
+        # earliest step a window can still start at (a last one, ending at end + 1).
+        keep = max(s for s in self.states if s <= max(0, end + 2 - k2))
+        self.states = {s: v for s, v in self.states.items() if s >= keep}
+        drop = keep - self.lo
+        if drop > 0:
+            self.x, self.targets, self.mask = (a[drop:] for a in
+                                               (self.x, self.targets, self.mask))
+            self.lo = keep
+        return True
+
+    def mean_loss(self):
+        return _mean(self.losses, self.weights)
+
+
+class Rtrl:
+    """RTRL over a stream: every ``every`` steps, the gradient of those steps' losses
+    through the sensitivities carried from the stream's start, and an update. Later
+    steps run with the new weights while the sensitivities carry on (they hold
+    derivatives taken under earlier weights, RTRL's usual approximation)."""
+
+    def __init__(self, trainer, state0=None):
+        self.trainer, self.every = trainer, trainer.every
+        self.state, self.sens = state0, None
+        self.x = self.targets = self.mask = None  # fewer than every steps, not yet run
+        self.pos = 0
+        self.losses, self.weights = [], []
+
+    @property
+    def held_steps(self):
+        return 0 if self.x is None else len(self.x)
+
+    def feed(self, x, targets, mask):
+        T, B = x.shape[:2]
+        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
+        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self.pos += T
+        while len(self.x) >= self.every:
+            if not self._run(self.every):
+                return False
+        return True
+
+    def close(self):
+        return self._run(len(self.x)) if self.held_steps else True
+
+    def _run(self, n):
+        t = self.trainer
+        x, targets, w = self.x[:n], self.targets[:n], self.mask[:n]
+        self.x, self.targets, self.mask = self.x[n:], self.targets[n:], self.mask[n:]
+        loss, grads, self.state, self.sens = t.module.rtrl(
+            t.params, x, targets, state0=self.state, sensitivities=self.sens, mask=w,
+            l2=t.l2)
+        if w.sum() > 0:
+            if not t._guarded_apply(loss, grads):
+                return False
+            self.losses.append(loss)
+            self.weights.append(float(w.sum()))
+        return True
+
+    def mean_loss(self):
+        return _mean(self.losses, self.weights)
+
+
+ENGINES = {"tbptt": Tbptt, "rtrl": Rtrl}
+
+
+def _mean(losses, weights):
+    return float(np.dot(losses, weights) / sum(weights)) if weights else 0.0
+
+
+def engine(trainer, state0=None):
+    """The stream engine of the trainer's algorithm; a clear refusal for the others."""
+    if trainer.algorithm not in ENGINES:
+        raise ValueError(f"a stream trains with algorithm 'tbptt' or 'rtrl' (they look "
+                         f"back a bounded number of steps), not {trainer.algorithm!r}: "
+                         "the others need the whole sequence at once (use fit)")
+    if trainer.module.SPEC["loss_at"] == "last":
+        raise ValueError(f"{trainer.module.NAME} has its loss at the last step only; a "
+                         "stream has no last step until it ends: use fit")
+    return ENGINES[trainer.algorithm](trainer, state0)
+
+
+# -- saving an engine with its Trainer -------------------------------------------------
+
+def _flatten(value, key, arrays):
+    """A JSON-able description of value, its arrays moved to arrays[key...]."""
+    if isinstance(value, np.ndarray):
+        arrays[key] = value
+        return {"array": key}
+    if isinstance(value, dict):
+        return {"dict": [[k, _flatten(v, f"{key}/{k}", arrays)] for k, v in value.items()]}
+    return {"value": value}
+
+
+def _unflatten(desc, arrays):
+    if "array" in desc:
+        return arrays[desc["array"]]
+    if "dict" in desc:
+        return {k: _unflatten(v, arrays) for k, v in desc["dict"]}
+    return desc["value"]
+
+
+def save_state(stream):
+    """(JSON description, {key: array}) of an engine, without its trainer."""
+    arrays = {}
+    desc = {name: _flatten(value, f"__stream__{name}", arrays)
+            for name, value in vars(stream).items() if name != "trainer"}
+    return dict(algorithm=stream.trainer.algorithm, fields=desc), arrays
+
+
+def load_state(trainer, desc, arrays):
+    """The engine saved by save_state, attached to trainer."""
+    if desc["algorithm"] != trainer.algorithm:
+        raise ValueError(f"the saved stream was trained with {desc['algorithm']!r}, not "
+                         f"{trainer.algorithm!r}")
+    stream = ENGINES[trainer.algorithm].__new__(ENGINES[trainer.algorithm])
+    stream.trainer = trainer
+    for name, d in desc["fields"].items():
+        value = _unflatten(d, arrays)
+        if name == "states":  # positions were JSON keys
+            value = {int(k): v for k, v in value.items()}
+        setattr(stream, name, value)
+    return stream
