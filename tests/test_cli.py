@@ -46,7 +46,8 @@ def test_help_lists_every_subcommand(capsys):
     ("check", ["--size", "--steps"]),
     ("train", ["--task", "--text", "--algorithm", "--k1", "--k2", "--optimizer", "--lr",
                "--clip", "--epochs", "--batch-size", "--hidden", "--seq-len",
-               "--checkpoint-every", "--resume", "--quiet"]),
+               "--checkpoint-every", "--resume", "--quiet", "--stream", "--chunk",
+               "--memory-limit"]),
     ("demo", ["--quiet", "--plot"]),
 ])
 def test_subcommand_help(capsys, command, options):
@@ -161,6 +162,45 @@ def test_train_a_character_language_model(capsys, tmp_path):
     assert ppl[-1] < ppl[1]  # it learns (1: the first epoch's)
     trainer = importlib.import_module("bpttgen.generated.lstm").Trainer({"I": 11, "H": 16, "O": 11})
     assert trainer.load(out_file).meta["vocabulary"] == " .acehmnost"
+
+
+def test_a_text_stream_is_the_text_in_streams(tmp_path):
+    """TextStream's chunks hold, at step t of stream b, character b * steps + t of the
+    text (its target the next), whatever the chunk size."""
+    text = tmp_path / "text.txt"
+    text.write_text("naïve café, " * 30 + "the end")  # multi-byte UTF-8
+    stream = tasks.TextStream(str(text), 3, chunk=7)
+    try:
+        chars = text.read_text()
+        codes = np.array([stream.vocabulary.index(c) for c in chars])
+        xs, ts = zip(*stream.chunks())
+        x, t = np.concatenate(xs), np.concatenate(ts)
+        n = stream.steps
+        assert n == (len(chars) - 1) // 3 and x.shape == (n, 3, len(stream.vocabulary))
+        for b in range(3):
+            np.testing.assert_array_equal(x[:, b].argmax(1), codes[b * n:(b + 1) * n])
+            np.testing.assert_array_equal(t[:, b], codes[b * n + 1:(b + 1) * n + 1])
+        later = np.concatenate([c[1] for c in stream.chunks(10)])
+        np.testing.assert_array_equal(later, t[10:])
+    finally:
+        stream.close()
+    assert not os.path.exists(stream._codes)
+
+
+def test_train_streams_a_text(capsys, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    rc, out, err = run(capsys, "train", "elman", "--text", str(text), "--stream",
+                       "--batch-size", "4", "--chunk", "50", "--hidden", "8", "--epochs", "2",
+                       "--algorithm", "tbptt", "--k1", "4", "--k2", "8", "--no-plot",
+                       "-o", str(tmp_path / "lm.npz"))
+    assert rc == 0, err
+    assert "as 4 streams of 239 steps, read 50 at a time" in out
+    ppl = [float(p) for p in re.findall(r"perplexity (\d+\.\d+)", out)]
+    assert len(ppl) == 3 and ppl[1] < ppl[0]  # two epochs, then the summary
+    rc, _, err = run(capsys, "train", "elman", "--text", str(text), "--stream",
+                     "-o", str(tmp_path / "p.npz"))
+    assert rc == cli.EXIT_USAGE and "--stream trains with --algorithm tbptt or rtrl" in err
 
 
 @pytest.mark.parametrize("argv,message", [

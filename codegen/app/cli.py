@@ -167,6 +167,15 @@ def _sizes(module, task, hidden):
     return sizes
 
 
+def _memory_limit(args):
+    if args.memory_limit is None:
+        return None
+    if not args.memory_limit > 0:
+        raise UsageError(f"--memory-limit must be a positive number of MiB, got "
+                         f"{args.memory_limit}")
+    return int(args.memory_limit * 2 ** 20)
+
+
 def _identity(args, module):
     values = dict(vars(args), model=module.NAME,
                   text=os.path.abspath(args.text) if args.text else None)
@@ -219,6 +228,8 @@ def _train(args, module, client=None):
 
     import numpy as np
 
+    if args.stream:
+        return _train_stream(args, module)
     task = _load_task(args, module)
     if args.batch_size > task.x.shape[1]:
         args.batch_size = task.x.shape[1]
@@ -229,7 +240,8 @@ def _train(args, module, client=None):
         _sizes(module, task, args.hidden), optimizer=args.optimizer, lr=args.lr,
         l2=args.l2, clip=args.clip, algorithm=args.algorithm, k1=args.k1, k2=args.k2,
         c=args.c, every=args.every, seed=args.seed,
-        dtype=np.float32 if args.dtype == "float32" else np.float64, momentum=args.momentum)
+        dtype=np.float32 if args.dtype == "float32" else np.float64, momentum=args.momentum,
+        memory_limit=_memory_limit(args))
     if args.resume:
         if not os.path.isfile(checkpoint):
             raise UsageError(f"--resume: no checkpoint at {checkpoint}")
@@ -312,6 +324,105 @@ def _train(args, module, client=None):
     return 0
 
 
+def _train_stream(args, module):
+    """bpttgen train --text FILE --stream: Trainer.fit_stream over the file's chunks,
+    one pass an epoch; checkpoints every --checkpoint-every chunks and on Ctrl-C hold
+    the stream's position, and --resume reads on from it."""
+    import math
+
+    import numpy as np
+
+    from bpttgen.codegen.app import tasks
+
+    if not args.text:
+        raise UsageError("--stream reads a --text FILE")
+    if args.algorithm not in ("tbptt", "rtrl"):
+        raise UsageError(f"--stream trains with --algorithm tbptt or rtrl (they look back "
+                         f"a bounded number of steps), not {args.algorithm}")
+    if args.workers or args.scheduler:
+        raise UsageError("--stream runs in one process (no --workers or --scheduler)")
+    text = tasks.TextStream(args.text, args.batch_size, args.chunk,
+                            target=module.SPEC["target"])
+    try:
+        output = args.output or f"{module.NAME}-text.npz"
+        checkpoint = args.checkpoint or os.path.splitext(output)[0] + ".ckpt.npz"
+        identity = dict(_identity(args, module), chunk=args.chunk, stream=True)
+        trainer = module.Trainer(
+            _sizes(module, text, args.hidden), optimizer=args.optimizer, lr=args.lr,
+            l2=args.l2, clip=args.clip, algorithm=args.algorithm, k1=args.k1, k2=args.k2,
+            every=args.every, seed=args.seed, momentum=args.momentum,
+            dtype=np.float32 if args.dtype == "float32" else np.float64,
+            memory_limit=_memory_limit(args))
+        epoch0, resume = 0, False
+        if args.resume:
+            if not os.path.isfile(checkpoint):
+                raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+            trainer.load(checkpoint)
+            if trainer.meta.get("run") != identity:
+                raise UsageError(f"--resume: {checkpoint} was made with other options "
+                                 f"({trainer.meta.get('run')}); use the same ones")
+            epoch0, resume = trainer.meta["epoch"], trainer.stream is not None
+        say = (lambda *a: None) if args.quiet else print
+        say(f"training {module.NAME} on {args.text} as {args.batch_size} streams of "
+            f"{text.steps} steps, read {args.chunk} at a time; sizes {trainer.sizes}, "
+            f"{trainer.algorithm}" + (f"; resuming in epoch {epoch0 + 1} at step "
+                                      f"{trainer.stream.pos}" if resume else ""))
+        say(f"  a model without memory reaches loss {text.baseline:.4f}")
+        meta = {"run": identity, "vocabulary": text.vocabulary, "epoch": epoch0}
+        since = {"n": 0}
+
+        def save_checkpoint():
+            trainer.save(checkpoint, meta=meta)
+            since["n"] = 0
+
+        def callback(tr, info):
+            since["n"] += 1
+            stop = interrupt.requested
+            if stop or (args.checkpoint_every and since["n"] >= args.checkpoint_every):
+                save_checkpoint()
+            return stop
+
+        start = time.perf_counter()
+        with _Interrupt() as interrupt, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for epoch in range(epoch0, args.epochs):
+                meta["epoch"] = epoch
+                at = trainer.stream.pos if resume else 0
+                loss = trainer.fit_stream(text.chunks(at), progress=not args.quiet,
+                                          callback=callback, resume=resume)
+                resume = False
+                if trainer.diverged or interrupt.requested:
+                    break
+                say(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  perplexity "
+                    f"{math.exp(min(loss, 700)):.3f}")
+        if trainer.diverged:
+            trainer.save(output, meta=meta)
+            print(f"bpttgen train: {trainer.diverged}; saved them to {output}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        if interrupt.requested:
+            print(f"interrupted in epoch {meta['epoch'] + 1} at step {trainer.stream.pos}; "
+                  f"checkpoint saved to {checkpoint}. Continue with the same command and "
+                  "--resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        trainer.save(output, meta=meta)
+        if os.path.exists(checkpoint) and \
+                os.path.abspath(checkpoint) != os.path.abspath(output):
+            os.remove(checkpoint)
+        final = trainer.history["loss"][-1]
+        summary = (f"final loss {final:.4f}, perplexity {math.exp(min(final, 700)):.3f}; "
+                   f"{trainer.steps} updates in {time.perf_counter() - start:.1f} s; "
+                   f"parameters saved to {output}")
+        if not args.no_plot:
+            png = args.plot or os.path.splitext(output)[0] + ".png"
+            trainer.plot(png, baseline=text.baseline, title="text (streamed)")
+            summary += f", training curve to {png}"
+        print(summary)
+        return 0
+    finally:
+        text.close()
+
+
 # -- demo ---------------------------------------------------------------------------
 def _cmd_demo(args):
     from bpttgen.codegen.app import demo
@@ -340,8 +451,7 @@ def _quiet(s):
 
 
 def parser():
-    from bpttgen.codegen.runtime.online import ALGORITHMS as ONLINE
-    from bpttgen.codegen.runtime import ALGORITHMS, Trainer
+    from bpttgen.codegen.runtime import CPU_ALGORITHMS, Trainer
 
     p = argparse.ArgumentParser(
         prog="bpttgen",
@@ -415,13 +525,22 @@ def parser():
                            "repeat symbols after a delay; parity: running XOR of bits")
     data.add_argument("--text", metavar="FILE",
                       help="a UTF-8 text file: character-level language model")
+    data.add_argument("--stream", action="store_true",
+                      help="--text read in chunks, never whole (a file larger than "
+                           "memory): --batch-size streams side by side, trained with "
+                           "tbptt or rtrl; an epoch is one pass")
+    data.add_argument("--chunk", type=int, default=4096,
+                      help="--stream: steps read at a time (default 4096)")
     data.add_argument("--seq-len", type=int, default=None,
                       help="sequence length T (default 30 for a task, 50 for text)")
     data.add_argument("--samples", type=int, default=1000,
                       help="number of synthetic sequences (default 1000)")
     opt = s.add_argument_group("training")
     opt.add_argument("--algorithm", default="bptt",
-                     help=f"one of {', '.join(ALGORITHMS + ONLINE)} (default bptt)")
+                     help=f"one of {', '.join(CPU_ALGORITHMS)} (default bptt)")
+    opt.add_argument("--memory-limit", type=float, metavar="MIB",
+                     help="refuse a gradient call that would take more memory; with "
+                          "--algorithm checkpoint, the fastest plan within it")
     opt.add_argument("--k1", type=int, help="tbptt: update every k1 steps")
     opt.add_argument("--k2", type=int, help="tbptt: backpropagate over the last k2 steps")
     opt.add_argument("--c", type=float, help="artbp: probability of a cut at each step")

@@ -186,3 +186,84 @@ def _check_classes(k):
 def _check_target(target):
     if target not in ("index", "vector"):
         raise ValueError(f"target must be 'index' or 'vector', got {target!r}")
+
+
+class TextStream:
+    """A UTF-8 text file as ``streams`` sequences side by side, read in chunks and never
+    held whole (``bpttgen train --text FILE --stream``): stream b is the b-th of equal
+    parts of the text, and step t asks each for its next character. ``chunks(start)``
+    yields (x (t, B, V) one-hot float32, targets (t, B) int64) from step ``start`` on.
+
+    One pass finds the vocabulary and counts; a second writes the character codes to
+    a temporary file (``close()`` removes it), which the chunks read by offset."""
+
+    def __init__(self, path, streams, chunk=4096, *, target="index", block=1 << 20):
+        import codecs
+        import tempfile
+
+        if target != "index":
+            raise ValueError("a character-level language model needs a model with a "
+                             "softmax cross-entropy loss (integer targets)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file {path!r} does not exist")
+        for name, n in (("chunk", chunk), ("streams", streams)):
+            if not (isinstance(n, (int, np.integer)) and n >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {n!r}")
+
+        def blocks():
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            with open(path, "rb") as f:
+                try:
+                    while True:
+                        raw = f.read(block)
+                        text = decoder.decode(raw, final=not raw)
+                        if text:
+                            yield text
+                        if not raw:
+                            return
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+
+        seen = set()
+        for text in blocks():
+            seen.update(text)
+        self.vocabulary = "".join(sorted(seen))
+        V = len(self.vocabulary)
+        code = {c: i for i, c in enumerate(self.vocabulary)}
+        self.dtype = np.uint8 if V <= 256 else np.uint32
+        counts = np.zeros(V, np.int64)
+        fd, self._codes = tempfile.mkstemp(prefix="bpttgen-text-", suffix=".codes")
+        length = 0
+        with os.fdopen(fd, "wb") as out:
+            for text in blocks():
+                codes = np.fromiter((code[c] for c in text), self.dtype, len(text))
+                counts += np.bincount(codes, minlength=V)
+                out.write(codes.tobytes())
+                length += len(text)
+        self.streams, self.chunk = streams, chunk
+        self.steps = (length - 1) // streams  # each stream: steps inputs, one more target
+        if self.steps < 1:
+            self.close()
+            raise ValueError(f"{path} has {length} characters: too short for "
+                             f"{streams} streams")
+        self.name, self.sizes = "text", {"I": V, "O": V}
+        self.baseline = _entropy(counts)
+        self.x = self.targets = self.mask = None  # a stream has no arrays in memory
+
+    def _read(self, b, start, count):
+        itemsize = np.dtype(self.dtype).itemsize
+        return np.fromfile(self._codes, self.dtype, count,
+                           offset=(b * self.steps + start) * itemsize).astype(np.int64)
+
+    def chunks(self, start=0):
+        V = len(self.vocabulary)
+        for a in range(start, self.steps, self.chunk):
+            t = min(self.chunk, self.steps - a)
+            codes = np.stack([self._read(b, a, t + 1) for b in range(self.streams)], axis=1)
+            x = np.zeros((t, self.streams, V), np.float32)
+            np.put_along_axis(x, codes[:-1, :, None], 1.0, axis=2)
+            yield x, codes[1:]
+
+    def close(self):
+        if os.path.exists(self._codes):
+            os.remove(self._codes)
