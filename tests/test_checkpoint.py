@@ -193,3 +193,17 @@ def test_trainer_trains_with_checkpoints(problems):
         trainer.fit(x, targets, epochs=2, batch_size=2, progress=False)
         runs.append(trainer.params)
     assert all(max_relative_error(runs[0][p], runs[1][p]) < 1e-12 for p in runs[0])
+
+
+def test_readme_long_sequence_example(capsys):
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        block, = re.findall(r"<!-- readme-test: long-sequences -->\n```python\n(.*?)```",
+                            f.read(), re.S)
+    exec(compile(block, "README.md", "exec"), {})
+    full, error = capsys.readouterr().out.splitlines()
+    assert float(re.search(r"takes (\S+) MiB", full).group(1)) > 2  # more than the limit
+    assert float(error) < 1e-12

@@ -13,6 +13,7 @@ codegen/, so a generated trainer runs without SymPy or jinja2. One job per modul
     plots.py             training curves as a PNG (matplotlib, headless)
     online.py            RTRL and ARTBP: options, memory estimate, online loops
     checkpoint.py        checkpointed BPTT: binomial schedules, memory plans, the run
+    stream.py            the online engines fed chunks: Trainer.fit_stream
     distributed.py       data parallel on Dask: Trainer.fit(client=...) (dask lazily)
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer
