@@ -9,10 +9,11 @@ characters, one-hot) as one sequence per stream and computes the mean cross-entr
 of the next character and its gradient with respect to every parameter, once, over T
 steps. Each (method, T) runs in a fresh process, so its peak resident memory
 (ru_maxrss) is its own; "over base" subtracts the process's resident memory just
-before the call (Python, NumPy, Numba, the compiled kernels, the 8 MB of tokens).
+before the call (Python, NumPy, Numba, the compiled kernels, the 1 MB corpus).
 
-Methods (the input is the 8 MB of tokens; one-hot rows are made per step or per
-segment, never for the whole sequence, except by "full", which is given x whole):
+Methods (bpttgen's input is made per segment from the corpus, never whole, except by
+"full", which is given x whole; JAX and PyTorch get the (T, B) codes, 8 MB at 10^6,
+and make one-hot rows per step or per segment):
 
     full             bpttgen, algorithm="bptt": the whole trajectory stored
     sqrt             bpttgen, algorithm="checkpoint": sqrt(T) segments, a snapshot at
@@ -20,7 +21,8 @@ segment, never for the whole sequence, except by "full", which is given x whole)
     binomial         bpttgen, algorithm="checkpoint", memory_limit=--budget MiB: the
                      fastest binomial plan within it
     stream           bpttgen Trainer.fit_stream, truncated BPTT (k1 = k2 = 64) over the
-                     stream in chunks: the gradient of truncated BPTT, not the full one
+                     stream in chunks of 4096 steps, an update per window (lr 1e-9):
+                     truncated BPTT's gradients, not the full one; its own T range
     jax-checkpoint   lax.scan over segments of ~sqrt(T) steps, each jax.checkpoint-ed
                      (the strongest a careful JAX user writes), one-hot in the step
     torch-checkpoint torch.utils.checkpoint over segments of ~sqrt(T) steps, each an
@@ -48,43 +50,51 @@ METHODS = ("full", "sqrt", "binomial", "stream", "jax-checkpoint", "torch-checkp
 
 # -- data -------------------------------------------------------------------------
 
-def tokens(T):
-    """(T + 1, B) uint8 character codes: stream b reads the corpus from b/B of the way
-    in, wrapping around; and V."""
-    with open(CORPUS, encoding="utf-8") as f:
-        text = f.read()
-    chars = sorted(set(text))
-    code = {ch: i for i, ch in enumerate(chars)}
-    codes = np.fromiter((code[ch] for ch in text), np.uint8, len(text))
-    N = len(codes)
-    index = (np.arange(T + 1)[:, None] + np.arange(B)[None, :] * (N // B)) % N
-    return np.ascontiguousarray(codes[index]), len(chars)
+class Corpus:
+    """The codes of B streams over the corpus, made per slice (never held for all T):
+    stream b reads tinyshakespeare from b/B of the way in, wrapping around. V = 65."""
+
+    def __init__(self):
+        with open(CORPUS, encoding="utf-8") as f:
+            text = f.read()
+        chars = sorted(set(text))
+        code = {ch: i for i, ch in enumerate(chars)}
+        self.codes = np.fromiter((code[ch] for ch in text), np.uint8, len(text))
+        self.V = len(chars)
+
+    def __call__(self, a, b):
+        """(b - a, B) codes of steps a .. b-1."""
+        N = len(self.codes)
+        index = (np.arange(a, b)[:, None] + np.arange(B)[None, :] * (N // B)) % N
+        return self.codes[index]
 
 
 class OneHot:
-    """x (T, B, V) float32 read by slices: the one-hot rows of tokens[a:b], made when
+    """x (T, B, V) float32 read by slices: the one-hot rows of steps a .. b-1, made when
     read (what a sequence too long to hold looks like to loss_and_grads)."""
 
-    def __init__(self, codes, V):
-        self.codes, self.V = codes, V
-        self.shape = (codes.shape[0], codes.shape[1], V)
+    def __init__(self, corpus, T):
+        self.corpus, self.V = corpus, corpus.V
+        self.shape = (T, B, corpus.V)
         self.dtype = np.dtype(np.float32)
 
     def __getitem__(self, index):
-        c = self.codes[index]
+        a, b, _ = index.indices(self.shape[0])
+        c = self.corpus(a, b)
         out = np.zeros(c.shape + (self.V,), np.float32)
         np.put_along_axis(out, c[..., None].astype(np.intp), 1.0, axis=-1)
         return out
 
 
 class Targets:
-    """targets (T, B) int64 read by slices from the uint8 codes."""
+    """targets (T, B) int64 read by slices: the next step's codes."""
 
-    def __init__(self, codes):
-        self.codes, self.shape = codes, codes.shape
+    def __init__(self, corpus, T):
+        self.corpus, self.shape = corpus, (T, B)
 
     def __getitem__(self, index):
-        return self.codes[index].astype(np.int64)
+        a, b, _ = index.indices(self.shape[0])
+        return self.corpus(a + 1, b + 1).astype(np.int64)
 
 
 # -- one run, in its own process ------------------------------------------------------
@@ -103,9 +113,10 @@ def params0(V):
 def run_bpttgen(method, T, budget):
     from bpttgen.generated import lstm
 
-    codes, V = tokens(T)
+    corpus = Corpus()
+    V = corpus.V
     params = params0(V)
-    x, y = OneHot(codes[:-1], V), Targets(codes[1:])
+    x, y = OneHot(corpus, T), Targets(corpus, T)
     kw = {"full": dict(), "sqrt": dict(algorithm="checkpoint"),
           "binomial": dict(algorithm="checkpoint", memory_limit=budget)}[method]
     warm = 64
@@ -128,14 +139,16 @@ def run_bpttgen(method, T, budget):
 def run_stream(T, k):
     from bpttgen.generated import lstm
 
-    codes, V = tokens(T)
-    trainer = lstm.Trainer(dict(I=V, H=H, O=V), algorithm="tbptt", k1=k, k2=k, lr=0.0)
+    corpus = Corpus()
+    V = corpus.V
+    trainer = lstm.Trainer(dict(I=V, H=H, O=V), algorithm="tbptt", k1=k, k2=k, lr=1e-9)
+    x, y = OneHot(corpus, T), Targets(corpus, T)
     chunk = 4096
 
     def chunks(lo=0, hi=T):
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
-            yield OneHot(codes[a:b], V)[:], codes[a + 1:b + 1].astype(np.int64)
+            yield x[a:b], y[a:b]
 
     trainer.fit_stream(chunks(0, 2 * k), progress=False)  # compile
     base = rss_now()
@@ -155,7 +168,8 @@ def run_jax(T):
     import jax
     import jax.numpy as jnp
 
-    codes, V = tokens(T)
+    corpus = Corpus()
+    V, codes = corpus.V, corpus(0, T + 1)
     p = {k: jnp.asarray(v) for k, v in params0(V).items()}
     L = segment_length(T)
     Wx = jnp.concatenate([p[f"W_{g}"] for g in "ifgo"])
@@ -204,7 +218,8 @@ def run_torch(T):
     from torch.utils.checkpoint import checkpoint
 
     torch.set_num_threads(os.cpu_count())
-    codes, V = tokens(T)
+    corpus = Corpus()
+    V, codes = corpus.V, corpus(0, T + 1)
     p = {k: torch.from_numpy(v) for k, v in params0(V).items()}
     lstm = torch.nn.LSTM(V, H)
     readout = torch.nn.Linear(H, V)
@@ -296,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--T", default="1000,10000,100000,1000000",
                     help="sequence lengths, comma-separated")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--stream-T", default="100000,1000000,10000000",
+                    help="the stream method's lengths (default 1e5, 1e6, 1e7)")
     ap.add_argument("--budget", type=float, default=64,
                     help="memory_limit of the binomial method, MiB (default 64)")
     ap.add_argument("--max-full-gib", type=float, default=6.0,
@@ -313,9 +330,12 @@ def main(argv=None):
     print(f"# LSTM H={H}, B={B}, V=65, float32; loss and all gradients over T steps, once")
     print(f"{'method':17} {'T':>8} {'s':>8} {'us/step':>8} {'peak MiB':>9} "
           f"{'over base':>9} {'announced':>9}  loss  plan")
+    runs = [(T, m) for T in Ts for m in methods if m != "stream"]
+    if "stream" in methods:
+        runs += [(int(float(T)), "stream") for T in args.stream_T.split(",")]
     rows = []
-    for T in Ts:
-        for method in methods:
+    for T, method in runs:
+        if True:
             row = dict(method=method, T=T)
             if method == "full":
                 from bpttgen.generated import lstm

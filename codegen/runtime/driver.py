@@ -145,6 +145,10 @@ class Model:
             return self._checkpoint_plan(sizes, T, B, itemsize, memory_limit, snapshots,
                                          segment).bytes
         need = self._call_bytes(sizes, T, B, itemsize)
+        if algorithm in ("naive", "tbptt"):  # a window's private adjoints, and their sums
+            shapes = self.shapes(T, B, *(sizes[s] for s in self._sizes))
+            need += itemsize * sum(math.prod(shapes[name]) * (2 if summed else 1)
+                                   for name, _, summed in self.window_local)
         if algorithm == "rtrl":
             NP, _ = self.directions(sizes)
             rows = sum(r for _, r in self.tangents(*[sizes[s] for s in self._sizes]))
@@ -154,6 +158,7 @@ class Model:
     def _check_memory(self, algorithm, sizes, T, B, dtype, memory_limit):
         """Refuse, before anything is allocated, a call over memory_limit bytes, with
         the figure and the checkpointed plan that fits."""
+        checkpoint.check_options(memory_limit, None, None)
         need = self.memory(sizes, T, B, dtype, algorithm)
         if need <= memory_limit:
             return
