@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from bpttgen.derive import naming
 from bpttgen.codegen.plan import Plan, PlanError
 from bpttgen.codegen.render import (_block_comment, environment, header, model_context,
-                                    window_local, wrap_long_lines)
+                                    state_adjoints, window_local, wrap_long_lines)
 
 
 
@@ -224,6 +224,7 @@ def cuda_context(derivation):
         cuda_groups=repr(tuple(groups)),
         output_arrays=(plan.storage(d.loss.node)[0], plan.storage(d.loss.node, adjoint=True)[0]),
         state_arrays=repr({s.name: plan.storage(s.name)[0] for s in d.states}),
+        state_adjoints=repr(state_adjoints(plan, d)),
         vector_gradients=repr({p: cp.array_name(g) for p, g in cp.gradient_of.items()}),
         window_local=repr(window_local(plan)),
         ints=cp.ints,

@@ -40,6 +40,13 @@ SIM_LAUNCH = dict(tile=4, block=8, chunks=2, move_grid=2)
 SIZES = (3, 5)  # sizes alternate: neither divides the tile of 4
 T, B = 3, 3
 TBPTT = dict(algorithm="tbptt", k1=1, k2=2)  # windows overlap and truncate at T = 3
+#: The checkpointed plans of each "model:checkpoint" case at T = 7, and whether every
+#: argument is a device array: segments of 2 with one snapshot (segments recomputed
+#: from it), the default plan (segments of 3, the last of one step: views of the
+#: workspace's first rows). Few: each segment is dozens of simulated launches.
+CHECKPOINT_PLANS = {"elman": [(dict(segment=2, snapshots=1), False), ({}, True)],
+                    "lstm": [(dict(segment=2, snapshots=1), False)],
+                    "user": [({}, False)]}
 
 
 def user_cell_path():
@@ -53,7 +60,8 @@ def case_ids():
     """Every case, "model:check". Built-in models: bptt (with a mask, L2 and an
     initial state), tbptt and forward; a regression loss; the user's cell, generated
     by the command line, and with each of its own losses; launch sizes, device
-    arrays, naive BPTT, float32 and the Trainer."""
+    arrays, naive BPTT, float32 and the Trainer; checkpointed BPTT (two states, the
+    user's last-step loss)."""
     ids = []
     for name in BUILTIN:
         ids += [f"{name}:bptt", f"{name}:tbptt", f"{name}:forward"]
@@ -62,6 +70,7 @@ def case_ids():
     ids += [f"user-{loss}:bptt" for loss in _user_losses()]
     ids += ["elman:device-arrays", "elman:default-launch", "gru:naive", "lstm:float32"]
     ids += ["elman:trainer"]
+    ids += [f"{name}:checkpoint" for name in CHECKPOINT_PLANS]
     return ids
 
 
@@ -198,6 +207,8 @@ def run_case(case_id, folder):
         result = _compare(r0, r1)
         result["bad_arrays"] = bad
         return result
+    if check == "checkpoint":
+        return _checkpoint(case, cpu, gpu, D)
     if check == "trainer":
         # The CPU Trainer's loop around each module: Adam, minibatches, online tbptt.
         sizes = {s: SIZES[i % 2] for i, s in enumerate(D.sizes)}
@@ -215,6 +226,45 @@ def run_case(case_id, folder):
                   for i in (0, 1) for k in final[i])
         return {"loss": 0.0, "grads": err, "bad_arrays": []}
     raise ValueError(f"unknown check {check!r}")
+
+
+def _checkpoint(case, cpu, gpu, D):
+    """algorithm="checkpoint" against the CPU module's bptt (mask, L2, initial states),
+    T = 7, the plans of CHECKPOINT_PLANS."""
+    import numpy as np
+    from numba import cuda
+
+    from bpttgen.codegen.runtime import cuda as crt
+    from helpers import random_problem
+
+    sizes = {s: SIZES[i % 2] for i, s in enumerate(D.sizes)}
+    params, x, targets, state0 = random_problem(D, sizes, T=7, B=2, seed=2)
+    mask = np.ones((7, 2))
+    mask[1, 0], mask[4, 1] = 0.0, 0.5
+    kw = dict(state0=state0, mask=mask, l2=0.05)
+    reference = cpu.loss_and_grads(params, x, targets, **kw)
+    results = []
+    for plan, device in CHECKPOINT_PLANS[case]:
+        if device:
+            dev = cuda.to_device
+            args = ({k: dev(v) for k, v in params.items()}, dev(x), dev(targets))
+            loss, grads = gpu.loss_and_grads(
+                *args, algorithm="checkpoint", state0={k: dev(v) for k, v in state0.items()},
+                mask=dev(mask), l2=0.05, **plan)
+            on_device = all(crt.is_device_array(g) for g in grads.values())
+            grads = {k: g.copy_to_host() for k, g in grads.items()}
+        else:
+            loss, grads = gpu.loss_and_grads(params, x, targets, algorithm="checkpoint",
+                                             **kw, **plan)
+            on_device = True
+        result = _compare(reference, (loss, grads))
+        result["plan"] = plan
+        result["bad_arrays"] += [] if on_device else ["gradients not on the device"]
+        results.append(result)
+    worst = max(results, key=lambda r: (r["grads"], r["loss"]))
+    worst["bad_arrays"] = [b for r in results for b in r["bad_arrays"]]
+    worst["plans"] = [(r["plan"], r["loss"], r["grads"]) for r in results]
+    return worst
 
 
 def _serialise_shared_allocation():

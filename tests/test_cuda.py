@@ -45,7 +45,7 @@ REAL_GPU = os.environ.get("BPTTGEN_CUDA_REAL") == "1"
 
 #: Tolerances per check (relative, see helpers.max_relative_error): float64 checks
 #: differ from the CPU only in summation order; float32 in the CPU's rational tanh.
-TOLERANCE = {"float32": (1e-5, 2e-3)}
+TOLERANCE = {"float32": (1e-5, 2e-3), "checkpoint": (1e-12, 1e-12)}
 DEFAULT_TOLERANCE = (1e-10, 1e-10)
 
 
@@ -243,6 +243,24 @@ def test_simulator_run_ends_cleanly(simulator):
     print(f"\nsimulator run: {simulator.seconds:.1f} s; slowest cases: "
           + ", ".join(f"{case} {s:.1f} s" for s, case in slow))
     assert simulator.process.returncode == 0, simulator.output()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(algorithm="checkpoint", segment=0), "segment must be an integer >= 1"),
+    (dict(algorithm="checkpoint", snapshots=-1), "snapshots must be an integer >= 0"),
+    (dict(algorithm="checkpoint", memory_limit=100), "no checkpointed schedule fits"),
+    (dict(segment=2), "apply to algorithm='checkpoint', not 'bptt'"),
+    (dict(algorithm="rtrl"), "'rtrl' has no CUDA version"),
+    (dict(memory_limit=1000), r"algorithm='bptt' on elman with T=7, B=2 needs about"),
+])
+def test_cuda_refuses_bad_checkpoint_options(kw, match):
+    """Refused before anything reaches the device (this process has no GPU)."""
+    module = importlib.import_module("bpttgen.generated.elman_cuda")
+    params = module.init_params(dict(I=3, H=4, O=3), dtype=np.float64)
+    x, targets = np.zeros((7, 2, 3)), np.zeros((7, 2), np.int64)
+    assert "checkpoint" in module.ALGORITHMS
+    with pytest.raises(ValueError, match=match):
+        module.loss_and_grads(params, x, targets, **kw)
 
 
 # -- the benchmark without a GPU -----------------------------------------------------------

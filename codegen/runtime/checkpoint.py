@@ -195,7 +195,7 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     """(loss, gradients) of full BPTT over the sequence, computed along ``chosen``'s
     schedule; x, targets, mask are read one segment at a time (x[a:b]) and each read
     passes check(x, targets, mask) first."""
-    L, n = chosen.segment, chosen.segments
+    L = chosen.segment
     xbuf = np.empty((L, B, x.shape[2]), dtype)
     ws = model.workspace(sizes, L, B, dtype, params, xbuf, state0)
     views = {L: ws}
@@ -250,12 +250,33 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
                  for s, a in model.adjoints.items()}
         return loss, model._gradients(seg), delta
 
+    def add(grads, g):
+        # the views are overwritten by the next segment: sum into copies
+        return ({p: np.array(v) for p, v in g.items()} if grads is None
+                else {p: grads[p] + g[p] for p in grads})
+
     start = {s: (np.zeros((B, sizes[size]), dtype) if state0 is None
                  else np.asarray(state0[s], dtype))
              for s, size in model.spec["states"].items()}
+    loss, grads = walk(chosen, start, advance, sweep, add)
+    return loss / total, grads
+
+
+def walk(chosen, start, advance, sweep, add):
+    """Run ``chosen``'s schedule; what a device does is the executor's (run here, the
+    CUDA Model's on the GPU), states and adjoints in its own arrays:
+
+    advance(a, m, state)    the state entering segment m, run from ``state`` entering a
+    sweep(i, state, delta)  (loss, gradient terms, adjoint of the state entering i) of
+                            segment i recomputed from ``state`` and swept backward from
+                            ``delta``, the adjoint entering from segment i + 1 (None
+                            for the last segment)
+    add(total, terms)       the sum of the terms so far (None before the first) and these
+
+    Returns (the summed losses, the summed gradient terms)."""
     snapshots, current, delta = {0: start}, None, None
     loss, grads = 0.0, None
-    for action, *where in schedule(n, chosen.snapshots):
+    for action, *where in schedule(chosen.segments, chosen.snapshots):
         if action == "advance":
             current = (where[1], advance(where[0], where[1], snapshots[where[0]]))
         elif action == "store":
@@ -267,10 +288,8 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
             state = snapshots[i] if i in snapshots else current[1]
             part, g, delta = sweep(i, state, delta)
             loss += part
-            # the views are overwritten by the next segment: sum into copies
-            grads = ({p: np.array(v) for p, v in g.items()} if grads is None
-                     else {p: grads[p] + g[p] for p in grads})
-    return loss / total, grads
+            grads = add(grads, g)
+    return loss, grads
 
 
 def _weights(spec, T, B, mask, dtype):

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from numba import cuda, njit
 
-from . import calls, trainer
+from . import calls, checkpoint, driver, online, trainer
 from .kernel_functions import relu, softplus, step  # noqa: F401 (shared with the CPU)
 
 #: Tile edge of the matrix-product and reduction kernels (a power of two).
@@ -50,6 +50,8 @@ BLOCK = 128
 CHUNKS = 64
 #: At most this many blocks for the grid-stride ``move`` kernel.
 MOVE_GRID = 1024
+#: What a CUDA module computes: the reverse algorithms and checkpointed BPTT.
+ALGORITHMS = calls.ALGORITHMS + ("checkpoint",)
 
 
 def configure(tile=None, block=None, chunks=None, move_grid=None):
@@ -365,6 +367,18 @@ def _standin(a):
     return a
 
 
+def check_arguments(spec, params, x, targets=None, state0=None, mask=None, l2=None):
+    """calls.check_call on the arguments, device arrays by their stand-ins (nothing is
+    copied; a mask is a host array): (sizes, T, B, dtype)."""
+    if isinstance(params, dict):
+        params = {k: _standin(v) for k, v in params.items()}
+    if isinstance(state0, dict):
+        state0 = {k: _standin(v) for k, v in state0.items()}
+    return calls.check_call(spec, params, _standin(x),
+                            None if targets is None else _standin(targets), state0, mask,
+                            l2=l2)
+
+
 class Call:
     """The arguments of one call, checked and on the device.
 
@@ -372,18 +386,10 @@ class Call:
     arrays too, NumPy arrays otherwise."""
 
     def __init__(self, spec, params, x, targets=None, state0=None, mask=None):
-        if isinstance(params, dict):
-            check_params = {k: _standin(v) for k, v in params.items()}
-        else:
-            check_params = params
         if mask is not None and is_device_array(mask):
             mask = to_device(mask).copy_to_host()
-        check_state = state0
-        if isinstance(state0, dict):
-            check_state = {k: _standin(v) for k, v in state0.items()}
-        self.sizes, self.T, self.B, self.dtype = calls.check_call(
-            spec, check_params, _standin(x), None if targets is None else _standin(targets),
-            check_state, mask)
+        self.sizes, self.T, self.B, self.dtype = check_arguments(spec, params, x, targets,
+                                                                 state0, mask)
         self.on_device = is_device_array(next(iter(params.values())))
         self.params = {k: to_device(v) for k, v in params.items()}
         self.x = to_device(x)
@@ -447,31 +453,36 @@ class Model:
                   launches its phase's kernels on a workspace; a backward loop
                   takes (ws, t_hi, t_lo)
     loss_rows     the loss kernel: one thread per row; l2_kernel: the L2 kernel
-    input, output, states, vectors, window_local: as runtime.Model's (vectors: each
-                  vector parameter's per-row gradient, summed after the sweep)
+    input, output, states, adjoints, vectors, window_local: as runtime.Model's
+                  (vectors: each vector parameter's per-row gradient, summed after the
+                  sweep)
     groups        ((stacked weights, the product's adjoint, its source, the source is
                   a state read at t (rows shifted by B), member weights), ...)
     """
 
     def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, input,
-                 output, states, vectors, groups, window_local):
+                 output, states, adjoints, vectors, groups, window_local):
         self.name, self.spec, self.shapes, self.zeros = name, spec, shapes, zeros
         self.phases, self.loss_rows, self.l2_kernel = phases, loss_rows, l2_kernel
         self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.adjoints = adjoints
         self.groups, self.window_local = groups, window_local
+        self._sizes = spec["sizes"]
 
     def init_params(self, sizes, *, seed=0, dtype=np.float32):
         """Parameters for sizes {name: int} (or a tuple in SIZES order): weights uniform
         in +-1/sqrt(fan_in), biases zero. NumPy arrays (to_device moves them)."""
         return calls.init_params(self.spec, sizes, seed=seed, dtype=dtype)
 
-    def workspace(self, call):
-        """Device arrays of one call: trajectory, adjoints, per-row bias gradients."""
-        T, B = call.T, call.B
+    def workspace(self, call, T=None):
+        """Device arrays of one call: trajectory, adjoints, per-row bias gradients; of T
+        steps (default the call's), the input x then set by the caller."""
+        T, B = (call.T if T is None else T), call.B
         dims = [call.sizes[s] for s in self.spec["sizes"]]
         TB = T * B
         ws = dict(T=T, B=B, TB=TB, **dict(zip(self.spec["sizes"], dims)))
-        ws[self.input] = call.x.reshape(TB, call.x.shape[2])
+        if T == call.T:
+            ws[self.input] = call.x.reshape(TB, call.x.shape[2])
         for stacked, _, _, _, weights in self.groups:
             ws[stacked] = stack_rows([call.params[w] for w in weights])
         for p in self.vectors:
@@ -484,6 +495,16 @@ class Model:
             else:
                 zero(ws[array], 0, B)
         return ws
+
+    def _segment_view(self, ws, steps):
+        """The workspace of a segment shorter than ws's: each work array's first rows
+        (contiguous device views), T and TB set to match (checkpoint.segment_view)."""
+        B = ws["B"]
+        dims = [ws[s] for s in self.spec["sizes"]]
+        view = dict(ws, T=steps, TB=steps * B)
+        for name, shape in self.shapes(steps, B, *dims).items():
+            view[name] = ws[name][:shape[0]]
+        return view
 
     def _run(self, direction, ws):
         for phase in self.phases[direction]:
@@ -513,7 +534,8 @@ class Model:
         return call.output(y.reshape(T, B, y.shape[1])), final
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
-                       k2=None, mask=None, l2=0.0):
+                       k2=None, mask=None, l2=0.0, memory_limit=None, snapshots=None,
+                       segment=None):
         """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
         params.
 
@@ -521,9 +543,28 @@ class Model:
         floats, as SPEC["target"] says; state0: {state: (B, size)}; algorithm: "bptt"
         (accumulated, O(T)), "naive" (O(T^2)), "tbptt" (k1, k2: every k1 steps
         backpropagate over the last k2; returns the sum of the truncated gradients),
-        "epochwise" (full BPTT over the sequence, seed 001). Gradients are device arrays
-        if the parameters are, NumPy arrays otherwise.
+        "epochwise" (full BPTT over the sequence, seed 001), "checkpoint" (bptt's
+        gradient in bounded device memory: segments of ``segment`` steps recomputed from
+        ``snapshots`` kept states, or the fastest plan within memory_limit; host x,
+        targets, mask may be any arrays read by slices x[a:b], such as np.memmap; see
+        checkpoint.py). memory_limit (bytes of device memory): every algorithm refuses
+        a call that would allocate more (memory() says how much), naming the
+        checkpointed plan that fits. Gradients are device arrays if the parameters
+        are, NumPy arrays otherwise.
         """
+        online.check_options(algorithm, k1=k1, k2=k2, memory_limit=memory_limit,
+                             snapshots=snapshots, segment=segment)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {algorithm!r} has no CUDA version; choose one of "
+                             f"{ALGORITHMS} (or the CPU module)")
+        if algorithm == "checkpoint":
+            return self._checkpointed(params, x, targets, state0, mask, l2, memory_limit,
+                                      snapshots, segment)
+        if memory_limit is not None:  # refused before anything is copied or allocated
+            if mask is not None and is_device_array(mask):
+                mask = to_device(mask).copy_to_host()
+            sizes, T, B, dtype = check_arguments(self.spec, params, x, targets, state0, mask)
+            self._check_memory(algorithm, sizes, T, B, dtype, memory_limit)
         call = Call(self.spec, params, x, targets, state0, mask)
         T, B = call.T, call.B
         plan = calls.windows(algorithm, T, k1, k2)
@@ -536,17 +577,29 @@ class Model:
         post(ws)
         backward_windows(loop, ws, T, B, plan, self.window_local)
         pre(ws)
-        d_W = {}  # each group's stacked weight gradient: one product over all T*B rows
+        return self._results(call, loss, self._gradient_terms(ws), l2)
+
+    def _gradient_terms(self, ws):
+        """New device arrays: each group's stacked weight gradient (one product over the
+        workspace's T*B rows) and each vector parameter's (its rows summed)."""
+        TB, B = ws["TB"], ws["B"]
+        terms = {}
         for stacked, adjoint, source, shifted, _ in self.groups:
             rows, K = ws[stacked].shape
-            d_W[stacked] = gemm_tn(ws[adjoint], 0, ws[source], B if shifted else 0, rows, K,
-                                   T * B)
+            terms[stacked] = gemm_tn(ws[adjoint], 0, ws[source], B if shifted else 0, rows,
+                                     K, TB)
+        for p, rows in self.vectors.items():
+            terms[p] = column_sums(ws[rows])
+        return terms
+
+    def _results(self, call, loss, terms, l2):
+        """(loss, gradients keyed like params) from _gradient_terms' arrays, with L2."""
         grads = {}
         for stacked, w, lo, hi, first in calls.stacked_rows(
                 [(g[0], g[-1]) for g in self.groups], lambda w: call.params[w].shape[0]):
-            grads[w] = d_W[stacked][lo:hi] if first else grads[w] + d_W[stacked][lo:hi]
-        for p, rows in self.vectors.items():
-            grads[p] = column_sums(ws[rows])
+            grads[w] = terms[stacked][lo:hi] if first else grads[w] + terms[stacked][lo:hi]
+        for p in self.vectors:
+            grads[p] = terms[p]
         if l2:
             for name, role in self.spec["roles"].items():
                 if role == "weight":
@@ -556,6 +609,136 @@ class Model:
                                                                     w.shape[1], float(l2))
                     loss += total(penalty_rows)
         return float(loss), {name: call.output(grads[name]) for name in self.spec["params"]}
+
+    # -- memory: runtime.Model's accounting over this module's device arrays -----------
+    def _call_bytes(self, sizes, T, B, itemsize):
+        """Device bytes one call of T steps allocates: its work arrays, the stacked
+        weights, the gradients, predictions, per-row losses, loss weights and targets."""
+        dims = tuple(sizes[s] for s in self._sizes)
+        arrays = sum(math.prod(shape) for shape in self.shapes(T, B, *dims).values())
+        params = sum(math.prod(sizes[d] for d in shape)
+                     for shape in self.spec["params"].values())
+        O = sizes[self.spec["output"][1]]
+        per_row = O + 3 + (1 if self.spec["target"] == "index" else O)
+        return itemsize * (arrays + 3 * params + T * B * per_row)
+
+    memory = driver.Model.memory
+    _check_memory = driver.Model._check_memory
+    _checkpoint_plan = driver.Model._checkpoint_plan
+
+    def _checkpointed(self, params, x, targets, state0, mask, l2, memory_limit, snapshots,
+                      segment):
+        """Checkpointed BPTT on the device along checkpoint.walk: one workspace of L
+        steps (a shorter last segment uses views of its first rows), states and
+        adjoints as device arrays (B, size). Host x, targets and mask are read and
+        checked one segment at a time, and copied to the device per segment."""
+        if targets is None:
+            raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
+                            "predictions")
+        for name, a in (("x", x), ("targets", targets), ("mask", mask)):
+            if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
+                raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
+                                f"got {type(a).__name__}")
+        if len(x.shape) != 3:
+            raise ValueError(f"x must have shape (T, B, {self.spec['input'][1]}) "
+                             f"(time-major), got {x.shape}")
+        if mask is not None and is_device_array(mask):
+            mask = to_device(mask).copy_to_host()
+        for name, a in (("targets", targets), ("mask", mask)):
+            if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
+                raise ValueError(f"{name} must start with x's (T, B) = {tuple(x.shape[:2])}, "
+                                 f"got shape {tuple(a.shape)}")
+        T = x.shape[0]
+
+        def host(a):  # a slice as check_arguments takes it: host or device array
+            return a if is_device_array(a) else np.asarray(a)
+
+        first = [host(a[:min(T, 1)]) for a in (x, targets)]
+        first.append(None if mask is None else np.asarray(mask[:min(T, 1)]))
+        sizes, _, B, dtype = check_arguments(self.spec, params, first[0], first[1], state0,
+                                             first[2], l2=l2)
+        checkpoint.check_options(memory_limit, snapshots, segment)
+        # refused before anything is copied to the device or allocated there
+        chosen = self._checkpoint_plan(sizes, T, B, np.dtype(dtype).itemsize, memory_limit,
+                                       snapshots, segment)
+        call = Call(self.spec, params, first[0], first[1], state0, first[2])
+        L = chosen.segment
+        index = self.spec["target"] == "index"
+        I, O = x.shape[2], sizes[self.spec["output"][1]]
+        weights, total_weight = checkpoint._weights(self.spec, T, B, mask, dtype)
+        ws = self.workspace(call, L)
+        views = {L: ws}
+        xbuf = None if is_device_array(x) else empty((L * B, I), dtype)
+
+        def load(i, state):
+            """The workspace of segment i, its input and entering state set, and its
+            targets on the device."""
+            lo, hi = i * L, min(T, (i + 1) * L)
+            rows = (hi - lo) * B
+            seg = views.get(hi - lo)
+            if seg is None:
+                seg = views[hi - lo] = self._segment_view(ws, hi - lo)
+            xs, ts = x[lo:hi], targets[lo:hi]
+            check_arguments(self.spec, params, host(xs), host(ts), None,
+                            None if mask is None else np.asarray(mask[lo:hi]))
+            if xbuf is None:
+                seg[self.input] = to_device(xs).reshape(rows, I)
+            else:
+                seg[self.input] = xbuf[:rows]
+                xbuf[:rows].copy_to_device(np.ascontiguousarray(np.asarray(xs).reshape(rows, I)))
+            if is_device_array(ts):
+                ts = to_device(ts).reshape((rows,) if index else (rows, O))
+            else:
+                ts = cuda.to_device(np.ascontiguousarray(
+                    np.asarray(ts).reshape((rows,) if index else (rows, O)),
+                    np.int64 if index else dtype))
+            for s, array in self.states.items():
+                copy_rows(seg[array], 0, state[s], 0, B)
+            return seg, lo, hi, ts
+
+        def advance(a, m, state):
+            pre, loop, _ = self.phases["forward"]  # the states: no readout
+            for i in range(a, m):
+                seg, lo, hi, _ = load(i, state)
+                pre(seg)
+                loop(seg)
+                state = {s: take_rows(seg[array], (hi - lo) * B, B)
+                         for s, array in self.states.items()}
+            return state
+
+        def sweep(i, state, delta):
+            seg, lo, hi, ts = load(i, state)
+            steps = hi - lo
+            for name in self.zeros:
+                zero(seg[name])
+            self._run("forward", seg)
+            _, loss_rows = self._loss(seg, ts, cuda.to_device(weights(lo, hi)),
+                                      1.0 / total_weight)
+            post, loop, pre = self.phases["backward"]
+            post(seg)  # writes the last rows of the state adjoints first: add after it
+            for s, array in self.adjoints.items():
+                if array is not None and delta is not None:
+                    add_rows(seg[array], steps * B, delta[s], 0, B)
+            loop(seg, steps - 1, 0)
+            pre(seg)
+            delta = {s: None if array is None else take_rows(seg[array], 0, B)
+                     for s, array in self.adjoints.items()}
+            return total(loss_rows), self._gradient_terms(seg), delta
+
+        def add(sums, terms):  # the terms are new arrays: the first are the sums
+            if sums is None:
+                return terms
+            for k, a in sums.items():
+                a2, b2 = (a, terms[k]) if a.ndim == 2 else \
+                    (a.reshape(a.shape[0], 1), terms[k].reshape(a.shape[0], 1))
+                add_rows(a2, 0, b2, 0, a2.shape[0])
+            return sums
+
+        start = {s: (call.state0[s] if call.state0 is not None else
+                     zeros((B, sizes[size]), dtype))
+                 for s, size in self.spec["states"].items()}
+        loss, terms = checkpoint.walk(chosen, start, advance, sweep, add)
+        return self._results(call, loss / total_weight, terms, l2)
 
 
 # -- training ----------------------------------------------------------------------
