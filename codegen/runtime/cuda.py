@@ -622,7 +622,17 @@ class Model:
         per_row = O + 3 + (1 if self.spec["target"] == "index" else O)
         return itemsize * (arrays + 3 * params + T * B * per_row)
 
-    memory = driver.Model.memory
+    def memory(self, sizes, T, B, dtype=np.float32, algorithm="bptt", *, snapshots=None,
+               segment=None, memory_limit=None):
+        """Bytes of device memory a loss_and_grads call of T steps and B sequences will
+        allocate, before it runs (the arguments' own arrays not counted); for
+        "checkpoint", the plan's (runtime.Model.memory)."""
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm {algorithm!r} has no CUDA version; choose one of "
+                             f"{ALGORITHMS}")
+        return driver.Model.memory(self, sizes, T, B, dtype, algorithm, snapshots=snapshots,
+                                   segment=segment, memory_limit=memory_limit)
+
     _check_memory = driver.Model._check_memory
     _checkpoint_plan = driver.Model._checkpoint_plan
 
@@ -706,14 +716,23 @@ class Model:
                          for s, array in self.states.items()}
             return state
 
+        # Sums over the segments, on the device (no copy to the host per segment): the
+        # stacked weight gradients (each segment's product added), the weighted losses
+        # per row, and the vector parameters' per-row gradients, which the kernels add
+        # to (+=) and are summed over rows once, at the end.
+        sums = {stacked: zeros(ws[stacked].shape, dtype) for stacked, *_ in self.groups}
+        loss_sum = zeros((L * B, 1), dtype)
+        per_segment = [name for name in self.zeros if name not in self.vectors.values()]
+
         def sweep(i, state, delta):
             seg, lo, hi, ts = load(i, state)
             steps = hi - lo
-            for name in self.zeros:
+            for name in per_segment:
                 zero(seg[name])
             self._run("forward", seg)
             _, loss_rows = self._loss(seg, ts, cuda.to_device(weights(lo, hi)),
                                       1.0 / total_weight)
+            add_rows(loss_sum, 0, loss_rows, 0, steps * B)
             post, loop, pre = self.phases["backward"]
             post(seg)  # writes the last rows of the state adjoints first: add after it
             for s, array in self.adjoints.items():
@@ -721,24 +740,21 @@ class Model:
                     add_rows(seg[array], steps * B, delta[s], 0, B)
             loop(seg, steps - 1, 0)
             pre(seg)
+            for stacked, adjoint, source, shifted, _ in self.groups:
+                rows, K = sums[stacked].shape
+                _gemm(seg[adjoint], 0, 1, seg[source], B if shifted else 0, 0, sums[stacked],
+                      0, rows, K, steps * B, 1)
             delta = {s: None if array is None else take_rows(seg[array], 0, B)
                      for s, array in self.adjoints.items()}
-            return total(loss_rows), self._gradient_terms(seg), delta
-
-        def add(sums, terms):  # the terms are new arrays: the first are the sums
-            if sums is None:
-                return terms
-            for k, a in sums.items():
-                a2, b2 = (a, terms[k]) if a.ndim == 2 else \
-                    (a.reshape(a.shape[0], 1), terms[k].reshape(a.shape[0], 1))
-                add_rows(a2, 0, b2, 0, a2.shape[0])
-            return sums
+            return 0.0, None, delta  # the loss and gradients are summed above
 
         start = {s: (call.state0[s] if call.state0 is not None else
                      zeros((B, sizes[size]), dtype))
                  for s, size in self.spec["states"].items()}
-        loss, terms = checkpoint.walk(chosen, start, advance, sweep, add)
-        return self._results(call, loss / total_weight, terms, l2)
+        checkpoint.walk(chosen, start, advance, sweep, lambda total, terms: None)
+        for p, rows in self.vectors.items():
+            sums[p] = column_sums(ws[rows])
+        return self._results(call, total(loss_sum) / total_weight, sums, l2)
 
 
 # -- training ----------------------------------------------------------------------
