@@ -491,14 +491,14 @@ class Model:
             k += 1
         return f"{stem}{k}"
 
-    def _reduction(self, vec, summand, name, what):
+    def _reduction(self, vec, summand, name, what, stem="r"):
         if isinstance(vec, State):
             vec = vec.t
         if not isinstance(vec, Vec):
             raise DefinitionError(f"{what}() needs a vector, got {vec!r}")
         if vec.model is not self:
             raise DefinitionError(f"{what}() of a vector of another model")
-        name = name or self._fresh("r")
+        name = name or self._fresh(stem)
         expr = summand(vec.expr, self._symbol(vec.size))
         self._check_expr(expr, f"the summand of '{name}'")
         self._declare(name, "node", vec.size)
@@ -553,10 +553,10 @@ class Model:
         vecs = self._normed(vecs, "layernorm")
         n = len(vecs)
         mu = self._reduction(vecs[0], lambda e, size: sum(v.expr for v in vecs) / (n * size),
-                             name and f"mu_{name}", "layernorm")
+                             name and f"mu_{name}", "layernorm", "mu")
         var = self._reduction(
             vecs[0], lambda e, size: sum((v.expr - mu.expr) ** 2 for v in vecs) / (n * size),
-            name and f"var_{name}", "layernorm")
+            name and f"var_{name}", "layernorm", "var")
         scale = 1 / sqrt(var + eps)
         return self._affine(vecs, [(v - mu) * scale for v in vecs], gain, bias, "layernorm")
 
@@ -567,7 +567,7 @@ class Model:
         vecs = self._normed(vecs, "rmsnorm")
         n = len(vecs)
         ms = self._reduction(vecs[0], lambda e, size: sum(v.expr ** 2 for v in vecs)
-                             / (n * size), name and f"ms_{name}", "rmsnorm")
+                             / (n * size), name and f"ms_{name}", "rmsnorm", "ms")
         scale = 1 / sqrt(ms + eps)
         return self._affine(vecs, [v * scale for v in vecs], gain, None, "rmsnorm")
 
