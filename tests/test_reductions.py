@@ -132,3 +132,27 @@ def test_definition_errors():
         line = _line()
         m.output(m.sum(h), loss=sse)
     assert "expected a vector" in _at(info.value, line)
+
+
+def test_layout_runs_reductions_per_row():
+    """A reduction's block, and a backward that adds to a reduction's adjoint, run one
+    row at a time with the unit loop inside: the CPU loop over rows, a CUDA thread per
+    row (no two threads add to one row's sum)."""
+    from bpttgen.codegen.plan import Plan
+    from bpttgen.codegen.render_cuda import CudaPlan
+    from bpttgen.derive.models import build
+
+    D = derive(build("rmsnorm"))
+    plan = Plan(D, share=True)
+    block = plan.block_of["ms_a"]
+    assert block.kind == "reduction" and block.forward_per_row and block.backward_per_row
+    assert block.forward[0] == "for _r in range(_lo, _hi):"
+    assert "for _k in range(H):" in block.forward_body
+    assert plan.value("ms_a", "_r", "_k") == "ms_a_seq[_r, 0]"
+    h = plan.block_of["h"]
+    assert h.backward_per_row and not h.forward_per_row
+    assert h.backward_body[-1].startswith("d_ms_a_seq[_r, 0] += d_ms_a")
+    kernels = {k.name: k for k in CudaPlan(D).kernels}
+    per_row = sorted(k.name for k in kernels.values() if k.per_row)
+    # forward: h_prev products, a, ms_a, h; the backward in reverse: h, ms_a, ...
+    assert per_row == ["_bw_loop_0", "_bw_loop_1", "_fw_loop_2"], per_row
