@@ -15,7 +15,9 @@ and state updates, an output and a loss); ``cell_source(spec)`` prints it as a
 definition file (``def model(): ...``) and that source is what is tested, so a
 failure's shrunk cell is printed exactly as it ran. Expressions mix matrix products,
 biases, diagonals, tanh/sigmoid/softplus/exp/log/sqrt/erf/atan, relu/Abs/Max/Min,
-sums, products, quotients ``a / (1 + g*g)``, powers (2, 3, -1, -2, 1/2, 3/2 and
+sums, products, quotients ``a / (1 + g*g)``, reductions over the units of a vector
+(``m.sum``, ``m.mean`` as a scalar factor or term of a vector of any size, ``m.layernorm``
+and ``m.rmsnorm`` with a generous eps, sometimes with a gain), powers (2, 3, -1, -2, 1/2, 3/2 and
 ``(1 + b*b)**2`` in denominators), user expressions through ``m.expr``, inline
 ``m.node``, reads of states at t-1 (``s.prev``) and at t (``s.t`` or, in some cells,
 the bare ``State``), outputs with each built-in loss and a dozen custom losses
@@ -299,7 +301,7 @@ class Generator:
         same = [p for p in self.params if p["kind"] == kind and p["shape"] == list(shape)]
         if same and rng.random() < 0.15:  # a shared parameter
             return rng.choice(same)["var"]
-        stem = {"matrix": "W", "bias": "b", "diagonal": "p"}[kind]
+        stem = {"matrix": "W", "bias": "b", "diagonal": "p", "gain": "g"}[kind]
         self.counts[stem] += 1
         var = f"{stem}{self.counts[stem] - 1}"
         self.params.append({"var": var, "name": self.names.pick(stem + "_"), "kind": kind,
@@ -427,6 +429,14 @@ class Generator:
             return ["neg", sub()] if op == "neg" else [op, rng.choice(CONSTS), sub()]
         if r < 0.95:
             return ["named", self.names.pick("n"), sub()]
+        if r < 0.975:  # a reduction over the units of a vector (of any size), a scalar
+            src_size = rng.choice(self.sizes_with_vectors())
+            scalar = ["red", rng.choice(["sum", "mean"]), rng.choice(["tanh", "sigmoid"]),
+                      self.gen(src_size, depth - 1)]
+            return [rng.choice(["smul", "sadd"]), sub(), scalar]
+        if r < 0.99:  # a normalisation over the units, eps large: kept well conditioned
+            gain = ["param", self.param("gain", (size,))] if rng.random() < 0.5 else None
+            return ["norm", rng.choice(["layernorm", "rmsnorm"]), sub(), gain]
         return self.simple(size)
 
     def pos(self, size, depth):
@@ -691,6 +701,15 @@ class Printer:
             return f"{e[1]}({', '.join(self.pr(x)[0] for x in e[2:])})", ATOM
         if op == "pyabs":
             return f"abs({self.pr(e[1])[0]})", ATOM
+        if op == "red":  # a Scalar: f(m.sum(v)) or f(m.mean(v))
+            return f"{e[2]}(m.{e[1]}({self.pr(e[3])[0]}))", ATOM
+        if op in ("smul", "sadd"):
+            sym = "*" if op == "smul" else "+"
+            return f"{self.wrap(e[1], MUL if op == 'smul' else ADD)} {sym} {self.pr(e[2])[0]}", \
+                MUL if op == "smul" else ADD
+        if op == "norm":
+            gain = f", gain={self.pr(e[3])[0]}" if e[3] else ""
+            return f"m.{e[1]}({self.pr(e[2])[0]}{gain}, eps=0.5)", ATOM
         raise ValueError(f"unknown expression {e!r}")
 
 
@@ -884,7 +903,7 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     prev = {st.prev.expr.name: np.asarray(state0[name], np.float64)
             for name, st in model.states.items()}
     vec_params = {n: params[n] for n, p in model.params.items() if p.kind == "vector"}
-    kinks = {n.name: _kink_arguments(n.expr) for n in model.nodes if n.kind == "elementwise"}
+    kinks = {n.name: _kink_arguments(n.expr) for n in model.nodes if n.kind != "linear"}
     loss = model.loss
     loss_kinks = [k for _, s in loss.sums for k in _kink_arguments(s)] + \
         _kink_arguments(loss.value)
@@ -894,10 +913,13 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     kink, biggest = np.inf, 0.0
     ys, total_loss = [], 0.0
     for t in range(T):
-        env = {inp: x[t], **prev, **vec_params}
+        env = {inp: x[t], **prev, **vec_params, **sizes}  # a size: a mean's divisor
         for n in model.nodes:
             if n.kind == "linear":
                 env[n.name] = env[n.source] @ params[n.weight].T
+            elif n.kind == "reduction":  # the summand over the units, one number per row
+                value = np.broadcast_to(_eval(n.expr, env), (B, sizes[n.over]))
+                env[n.name] = np.sum(value, axis=1, keepdims=True)
             else:
                 value = np.broadcast_to(_eval(n.expr, env), (B, sizes[n.size]))
                 env[n.name] = np.array(value, dtype=np.float64)
@@ -1403,6 +1425,10 @@ def _size_of(spec, e, node_sizes):
         return _size_of(spec, e[2], node_sizes)
     if op == "pow":
         return _size_of(spec, e[1], node_sizes)
+    if op == "norm":
+        return _size_of(spec, e[2], node_sizes)
+    if op == "red":  # one number per row, no size
+        return None
     return _size_of(spec, e[1] if op not in ("mexpr", "api") else e[2], node_sizes)
 
 
@@ -1427,6 +1453,10 @@ def _children(e):
         return [2]
     if op in ("mexpr", "api"):
         return list(range(2, len(e)))
+    if op == "red":
+        return [3]
+    if op == "norm":  # the gain, where there is one
+        return [2, 3] if e[3] else [2]
     return [1, 2]
 
 
@@ -1652,7 +1682,7 @@ def shrink_candidates(spec):
         e = _get_slot(spec, slot)
         for path in _paths(e):
             sub = _get(e, path)
-            if sub[0] in ("in", "prev", "param"):
+            if sub[0] in ("in", "prev", "param", "red"):  # (a reduction has no size)
                 continue
             size = _size_of(spec, sub, node_sizes)
             for i in _children(sub):

@@ -14,6 +14,12 @@ printer.py after ``sympy.cse``. What is decided here:
   matrix product with their weights stacked (the four LSTM gates are one GEMM).
 * schedule: within a phase, products are issued as soon as their source exists
   and the elementwise nodes that are then ready, of one size, fuse into one loop.
+* reductions: a reduction r = sum_k f(v_k) over the units of a vector is an array
+  with one column, ``r_seq[row, 0]``, and a block of its own that runs per row, the
+  unit loop inside it (``Block.per_row``): the forward sums the summand, the backward
+  broadcasts its adjoint to the units. A block whose backward adds to the adjoint of
+  a reduction runs per row too, summing that contribution over the units in a local
+  before one store: the CPU loop and a CUDA thread (one per row) run the same lines.
 * carry (opt-in, ``Plan(d, carry=True)``): every contribution the time-loop backward
   writes to the adjoint of a previous state is multiplied by ``carry[_t]``, a
   per-step factor array (length T): ones give BPTT, zeros cut the recurrence, and
@@ -69,7 +75,7 @@ class Group:
 
 @dataclass
 class Block:
-    kind: str  # "linear" | "elementwise"
+    kind: str  # "linear" | "elementwise" | "reduction"
     phase: str
     group: Group = None
     size: str = None
@@ -80,6 +86,11 @@ class Block:
     # and ``backward`` run inside the CPU's row and unit loops, and a CUDA thread alone.
     forward_body: list = field(default_factory=list)
     backward_body: list = field(default_factory=list)
+    # Per direction, whether the body is one row's lines (for row _r), its unit loop
+    # inside: a reduction, or a backward that sums over the units into a reduction's
+    # adjoint. ``size`` is then the units' size.
+    forward_per_row: bool = False
+    backward_per_row: bool = False
 
 
 @dataclass
@@ -103,6 +114,7 @@ class Plan:
         self.vector_params = [p.name for p in derivation.params if p.kind == "vector"]
         self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
         self.nodes = {n.name: n for n in derivation.nodes}
+        self.reductions = derivation.reductions()
         self.input_array = naming.code_array(derivation.input)
         self.numbers = latex.equation_numbers(derivation)
         self._check()
@@ -110,7 +122,7 @@ class Plan:
         self.member_of = {}  # linear node -> (group, offset code)
         self.blocks = {phase: self._schedule(phase) for phase in ("pre", "loop", "post")}
         self.block_of = {n: b for bl in self.blocks.values() for b in bl
-                         if b.kind == "elementwise" for n in b.nodes}
+                         if b.kind != "linear" for n in b.nodes}
         self.needs_array = self._adjoint_arrays()
         self.single = {}  # product -> the one Term into its adjoint, when shared
         self.alias = {}  # group name -> the group whose adjoint array it uses
@@ -155,6 +167,8 @@ class Plan:
         if name in self.member_of:
             g, off = self.member_of[name]
             return f"{naming.code_array(g.name)}[{row}, {_plus(off, col)}]"
+        if name in self.reductions:  # one number per row, whatever the unit
+            return f"{naming.code_array(name)}[{row}, 0]"
         return f"{naming.code_array(name)}[{row}, {col}]"
 
     def adjoint(self, name, row="_r", col="_k"):
@@ -168,6 +182,8 @@ class Plan:
         if name in self.member_of:
             g, off = self.member_of[name]
             return f"{self.group_adjoint(g)}[{row}, {_plus(off, col)}]"
+        if name in self.reductions:
+            return f"{self._adjoint_array(name)}[{row}, 0]"
         return f"{self._adjoint_array(name)}[{row}, {col}]"
 
     def _adjoint_array(self, name):
@@ -256,7 +272,14 @@ class Plan:
                             todo.remove(n)
                             progress = True
                 blocks.append(block)
-            elif not linear:
+                continue
+            reductions = [n for n in todo if n.kind == "reduction" and set(n.args) <= ready]
+            for n in reductions:
+                blocks.append(Block("reduction", phase, size=n.over, nodes=[n.name],
+                                    forward_per_row=True, backward_per_row=True))
+                ready.add(n.name)
+                todo.remove(n)
+            if not linear and not reductions:
                 raise PlanError(f"cannot order the {phase} nodes {[n.name for n in todo]}")
         return blocks
 
@@ -269,7 +292,8 @@ class Plan:
     def _adjoint_arrays(self):
         """Elementwise nodes whose adjoint must live in an array: read by another
         block or a product, the readout, or a state (carried between steps)."""
-        needs = {self.d.loss.node} | self.state_names
+        # a reduction's adjoint is summed by the blocks that read it, then read by its own
+        needs = {self.d.loss.node} | self.state_names | self.reductions
         for n in self.d.nodes:
             if n.kind == "linear":
                 needs.add(n.source)
@@ -391,6 +415,8 @@ class Plan:
     def _print(self, block):
         if block.kind == "linear":
             self._print_linear(block)
+        elif block.kind == "reduction":
+            self._print_reduction(block)
         else:
             self._print_elementwise(block)
 
@@ -441,7 +467,7 @@ class Plan:
         block.forward_body = self._loads(exprs, local) + body
         block.forward = _loop(block.size, block.forward_body)
 
-        body, exprs = [], []
+        body, exprs, sums = [], [], []
         for name in block.nodes:
             init = self.adjoint(name) if name in self.needs_array else "0.0"
             cite = self.cite("adj", name) if name in self.needs_array else ""
@@ -456,24 +482,80 @@ class Plan:
             body += [f"{v} = {pycode(e)}" for v, e in temps]
             written = set()
             for t, e in zip(terms, reduced):
-                own = self.local_adjoint(name)
-                contribution = own if e == 1 else f"{own}*{pycode_factor(e)}"
-                if t.target in block.nodes:
-                    body.append(f"{self.local_adjoint(t.target)} += {contribution}"
-                                + self.cite("adj", t.target))
-                elif t.target in self.vector_params:
-                    if (name, t.target) not in self.bias_sums:
-                        body.append(f"{naming.code_gradient(t.target)}[_k] += {contribution}"
-                                    + self.cite("grad", t.target))
-                elif self.adjoint(t.target) not in written | {self.adjoint(name)}:
-                    written.add(self.adjoint(t.target))  # a shared array: written once
-                    op = "=" if self._assigns(name, t.target) else "+="
-                    body.append(f"{self.adjoint(t.target)} {op} "
-                                f"{self._carried(t.target, contribution)}"
-                                + self.cite("adj", t.target))
-        stores = [line for line in body if "[" in line.split("=")[0]]
-        block.backward_body = self._loads(exprs, set()) + body if stores else []
-        block.backward = _loop(block.size, block.backward_body) if stores else []
+                body += self._push(block, name, t, e, written, sums)
+        stores = [line for line in body if "[" in line.split("=")[0]] or sums
+        if not stores:
+            block.backward_body, block.backward = [], []
+        elif sums:
+            # Contributions to a reduction's adjoint: summed over the units in a local,
+            # one store per row (the row's CUDA thread runs the unit loop itself).
+            block.backward_per_row = True
+            block.backward_body = (
+                [f"{self.local_adjoint(r)} = 0.0" for r in sums]
+                + [f"for _k in range({block.size}):"]
+                + ["    " + line for line in self._loads(exprs, set()) + body]
+                + [f"{self.adjoint(r)} += {self.local_adjoint(r)}" + self.cite("adj", r)
+                   for r in sums])
+            block.backward = _rows(block.backward_body)
+        else:
+            block.backward_body = self._loads(exprs, set()) + body
+            block.backward = _loop(block.size, block.backward_body)
+
+    def _push(self, block, name, t, e, written, sums):
+        """The line adding node ``name``'s contribution ``bar(name) * e`` (Term t) to
+        its target: a local adjoint of the block, a vector parameter's gradient, a
+        reduction's local sum (``sums`` collects those), or an adjoint array."""
+        own = self.local_adjoint(name)
+        contribution = own if e == 1 else f"{own}*{pycode_factor(e)}"
+        if t.target in block.nodes:
+            return [f"{self.local_adjoint(t.target)} += {contribution}"
+                    + self.cite("adj", t.target)]
+        if t.target in self.vector_params:
+            if (name, t.target) in self.bias_sums:
+                return []
+            return [f"{naming.code_gradient(t.target)}[_k] += {contribution}"
+                    + self.cite("grad", t.target)]
+        if t.target in self.reductions:
+            if t.target not in sums:
+                sums.append(t.target)
+            return [f"{self.local_adjoint(t.target)} += {contribution}"]
+        if self.adjoint(t.target) in written | {self.adjoint(name)}:
+            return []
+        written.add(self.adjoint(t.target))  # a shared array: written once
+        op = "=" if self._assigns(name, t.target) else "+="
+        return [f"{self.adjoint(t.target)} {op} {self._carried(t.target, contribution)}"
+                + self.cite("adj", t.target)]
+
+    def _print_reduction(self, block):
+        """A reduction's block, one row at a time: the forward sums the summand over
+        the units; the backward gives each unit of an argument the reduction's adjoint
+        times the summand's derivative."""
+        name, = block.nodes
+        node = self.nodes[name]
+        temps, (expr,) = cse([self._local_symbols(node.expr)], prefix=f"_{name}_")
+        exprs = [node.expr] + [e for _, e in temps]
+        block.forward_body = (
+            [f"{name} = 0.0", f"for _k in range({block.size}):"]
+            + ["    " + line for line in self._loads(exprs, set())
+               + [f"{t} = {pycode(e)}" for t, e in temps] + [f"{name} += {pycode(expr)}"]]
+            + [f"{self.value(name)} = {name}" + self.cite("fwd", name)])
+        block.forward = _rows(block.forward_body)
+
+        terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
+        if not terms:
+            return
+        temps, reduced = cse([self._local_symbols(t.expr) for t in terms], prefix=f"_{name}_")
+        body, written, sums = [f"{t} = {pycode(e)}" for t, e in temps], set(), []
+        for t, e in zip(terms, reduced):
+            body += self._push(block, name, t, e, written, sums)
+        block.backward_body = (
+            [f"{self.local_adjoint(name)} = {self.adjoint(name)}" + self.cite("adj", name)]
+            + [f"{self.local_adjoint(r)} = 0.0" for r in sums]
+            + [f"for _k in range({block.size}):"]
+            + ["    " + line for line in self._loads([t.expr for t in terms], set()) + body]
+            + [f"{self.adjoint(r)} += {self.local_adjoint(r)}" + self.cite("adj", r)
+               for r in sums])
+        block.backward = _rows(block.backward_body)
 
     def _carried(self, wrt, contribution):
         """A contribution to the adjoint of ``wrt``, times the step's carry factor
@@ -488,14 +570,14 @@ class Plan:
         arrays = [Array(value(s.name), "TB1", s.size, "value") for s in self.d.states]
         arrays += [Array(value(g.name), "TB", g.width, "value") for g in self.groups]
         arrays += [Array(value(n.name), "TB", n.size, "value") for n in self.d.nodes
-                   if n.kind == "elementwise" and n.name not in self.state_names]
+                   if n.kind != "linear" and n.name not in self.state_names]
         arrays += [Array(adjoint(s.name), "TB1", s.size, "adjoint", True)
                    for s in self.d.states]
         arrays += [Array(adjoint(g.name), "TB", g.width, "adjoint", g.phase == "loop")
                    for g in self.groups
                    if g.name not in self.alias and g.name not in self.node_alias]
         arrays += [Array(adjoint(n.name), "TB", n.size, "adjoint", n.phase == "loop")
-                   for n in self.d.nodes if n.kind == "elementwise"
+                   for n in self.d.nodes if n.kind != "linear"
                    and n.name in self.needs_array and n.name not in self.state_names]
         arrays += [Array(naming.code_gradient(p), "1", self.size_of(p), "grad")
                    for p in self.vector_params]
@@ -549,6 +631,11 @@ def _stored_summand(loss):
 
 def _plus(offset, col):
     return col if offset == "0" else f"{offset} + {col}"
+
+
+def _rows(body):
+    """A per-row body (its unit loop inside) as the CPU's loop over the rows."""
+    return ["for _r in range(_lo, _hi):"] + ["    " + line for line in body]
 
 
 def _loop(size, body):

@@ -185,13 +185,17 @@ def _block_comment(plan, block):
         g = block.group
         weights = "; ".join(w for _, w, _, _ in g.members)
         return f"{g.name} = {g.source} @ [{weights}]^T  (one product)"
+    if block.kind == "reduction":
+        return f"reduction over the {block.size} units, per row: {block.nodes[0]}"
     return "fused elementwise: " + ", ".join(block.nodes)
 
 
 def _equations(derivation):
     lines = []
     for n in derivation.nodes:
-        rhs = f"{n.weight} @ {n.source}" if n.kind == "linear" else sp.sstr(n.expr)
+        rhs = (f"{n.weight} @ {n.source}" if n.kind == "linear" else
+               f"sum over {n.over} of {sp.sstr(n.expr)}" if n.kind == "reduction" else
+               sp.sstr(n.expr))
         lines.append(f"{n.name} = {rhs}")
     name = docstring_text(derivation.loss.loss.name)
     lines.append(f"loss: {name} on {derivation.loss.node}, "

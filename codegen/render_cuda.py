@@ -17,6 +17,9 @@ codegen/runtime.py, which Numba compiles for the device too. What differs:
 * a bias gradient line ``d_b[_k] += ...`` (a sum over rows in the CPU loop) writes
   the row's own element: in the kernel ``d_b`` is row _r of a (T*B, n) array,
   summed after the sweep by a race-free reduction (cuda_runtime.column_sums);
+* a per-row block (a reduction, or a backward summing into a reduction's adjoint,
+  ``Block.per_row``) is a kernel with one thread per row, running the unit loop the
+  Plan printed inside it: no two threads add to one row's sum, no atomics;
 * the time loops are host loops of kernel launches, and the whole trajectory stays
   on the device.
 """
@@ -41,6 +44,7 @@ class Kernel:
     kinds: str  # per argument: "i" int64, "v" 1-D float array, "m" 2-D float array
     prologue: list
     body: list
+    per_row: bool = False  # a thread per row, the body's unit loop inside
 
 
 class CudaPlan:
@@ -124,6 +128,7 @@ class CudaPlan:
         offset) and the vector parameters they read or whose gradient they add to."""
         plan, d, inside = self.plan, self.d, set(block.nodes)
         used = {block.size}
+        ints = set(self.ints)
 
         def stored(name, adjoint=False):
             array, shift, _ = plan.storage(name, adjoint=adjoint)
@@ -138,7 +143,7 @@ class CudaPlan:
             for s in symbols:
                 if s in plan.nodes or s in plan.prev_of or s == d.input:
                     stored(s)
-                elif s in plan.vector_params:
+                elif s in plan.vector_params or s in ints:  # a size: a mean's divisor
                     used.add(s)
 
         for name in block.nodes:
@@ -146,6 +151,7 @@ class CudaPlan:
             if direction == "forward":
                 loads(a for a in node.args if a not in inside)
                 used.update(p for p in node.params if p in plan.vector_params)
+                used.update(s.name for s in node.expr.free_symbols if s.name in ints)
                 stored(name)
                 continue
             terms = [t for t in d.backward.leaving(name) if t.target != d.input]
@@ -174,11 +180,12 @@ class CudaPlan:
         kinds = "".join("i" if a in self.ints or a in ("_lo", "_hi") else
                         "v" if a in self.plan.vector_params else "m" for a in args)
         short = "fw" if direction == "forward" else "bw"
+        per_row = block.forward_per_row if direction == "forward" else block.backward_per_row
         kernel = Kernel(f"_{short}_{phase}_{index}", f"{comment} ({direction})", block.size,
-                        args, kinds, prologue, body)
+                        args, kinds, prologue, body, per_row)
         self.kernels.append(kernel)
-        return (f"crt.launch({kernel.name}, (_hi - _lo) * {block.size})({', '.join(args)})",
-                args)
+        threads = "_hi - _lo" if per_row else f"(_hi - _lo) * {block.size}"
+        return f"crt.launch({kernel.name}, {threads})({', '.join(args)})", args
 
     # -- host functions --------------------------------------------------------------
     def unpack(self, direction, phase):

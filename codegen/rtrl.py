@@ -17,7 +17,9 @@ pass, read forwards: the tangent sums of the Derivation's Backward
 * elementwise z = f(a, ..., p):  z_dot = sum_a (df/da) a_dot + (df/dp) p_dot,
   df/da the local derivative; p_dot: the unit direction of each element p_k;
 * linear z = W v:                z_dot = W v_dot + W_dot v, where W_dot v puts v_j
-  in row i of the direction of W_ij.
+  in row i of the direction of W_ij;
+* reduction r = sum_k f(a_k, ..): r_dot = sum_k (df/da_k a_dot_k + df/dp_k p_dot_k), one
+  row (a reduction is one number per sequence), read by every unit of its consumers.
 
 A tangent is a 2-D array (size, B*NP): row k, column b*NP + p holds the derivative
 of element k of sequence b along direction p, so W v_dot is one GEMM per product
@@ -78,6 +80,8 @@ class RtrlPlan:
                 elif block.kind == "elementwise" and \
                         any(n in self.has for n in block.nodes):
                     self.blocks.append(self._elementwise(block))
+                elif block.kind == "reduction" and block.nodes[0] in self.has:
+                    self.blocks.append(self._reduction(block))
         self.blocks.append(self._gradient())
         self.blocks.append(StepBlock(
             "carry the sensitivities: S_{t-1} of the next step is S_t",
@@ -100,7 +104,7 @@ class RtrlPlan:
             out += [(dot(s.prev), s.size), (dot(s.name), s.size)]
         out += [(dot(g.name), g.width) for g in self.groups]
         out += [(dot(n.name), n.size) for n in self.d.nodes
-                if n.kind == "elementwise" and n.name in self.has
+                if n.kind != "linear" and n.name in self.has
                 and n.name not in self.plan.state_names]
         return out
 
@@ -111,6 +115,8 @@ class RtrlPlan:
         if name in self.plan.member_of:
             g, off = self.plan.member_of[name]
             return f"{dot(g.name)}[{_plus(off, row)}, {col}]"
+        if name in self.plan.reductions:  # one row: the same for every unit
+            return f"{dot(name)}[0, {col}]"
         return f"{dot(name)}[{row}, {col}]"
 
     # -- printing -------------------------------------------------------------
@@ -137,47 +143,69 @@ class RtrlPlan:
                       f" + _j] {op} {plan.value(src, row='_r', col='_j')}"]
         return StepBlock(comment, lines)
 
+    def _node_lines(self, name, exprs):
+        """The lines of one node's tangent at unit _k: its own row _k (row 0, summed
+        over the units, for a reduction), sum over arguments of (d node/d arg) arg_dot,
+        and the unit directions of its vector parameters."""
+        plan = self.plan
+        reduction = name in plan.reductions
+        row, op = ("0", "+=") if reduction else ("_k", "=")
+        terms = self.d.backward.tangent(name)
+        exprs.extend(t.expr for t in terms)
+        temps, reduced = cse([plan._local_symbols(t.expr) for t in terms],
+                             prefix=f"_{name}_")
+        body = [f"{v} = {pycode(e)}" for v, e in temps]
+        by_coef, immediate = {}, []
+        for t, e in zip(terms, reduced):
+            if t.rule == "direction":
+                immediate.append(f"{dot(name)}[{row}, _c + {naming.code_direction(t.via)} + _k]"
+                                 f" += {pycode(e)}" + plan.cite("dot", name))
+                continue
+            if not (e.is_Symbol or e.is_Number):
+                coef = naming.code_coefficient(name, t.via)
+                body.append(f"{coef} = {pycode(e)}")
+                e = sp.Symbol(coef)
+            by_coef.setdefault(e, []).append(self.tangent(t.via, "_k", "_c + _p"))
+        # Arguments with one coefficient (the summands of a pre-activation) are
+        # summed first: f'(a) (a1_dot + a2_dot), one product per direction.
+        terms = []
+        for e, summands in by_coef.items():
+            total = " + ".join(summands)
+            if e == 1:
+                terms.append(total)
+            else:
+                terms.append(f"{pycode_factor(e)}*" +
+                             (f"({total})" if len(summands) > 1 else total))
+        if terms or not reduction:
+            body += ["for _p in range(NP):",
+                     f"    {dot(name)}[{row}, _c + _p] {op} {' + '.join(terms) or '0.0'}"
+                     + plan.cite("dot", name)]
+        return body + immediate
+
     def _elementwise(self, block):
         plan = self.plan
         nodes = [n for n in block.nodes if n in self.has]
         body, exprs = [], []
         for name in nodes:
-            terms = self.d.backward.tangent(name)
-            exprs.extend(t.expr for t in terms)
-            temps, reduced = cse([plan._local_symbols(t.expr) for t in terms],
-                                 prefix=f"_{name}_")
-            body += [f"{v} = {pycode(e)}" for v, e in temps]
-            by_coef, immediate = {}, []
-            for t, e in zip(terms, reduced):
-                if t.rule == "direction":
-                    immediate.append(f"{dot(name)}[_k, _c + {naming.code_direction(t.via)} + _k]"
-                                     f" += {pycode(e)}" + plan.cite("dot", name))
-                    continue
-                if not (e.is_Symbol or e.is_Number):
-                    coef = naming.code_coefficient(name, t.via)
-                    body.append(f"{coef} = {pycode(e)}")
-                    e = sp.Symbol(coef)
-                by_coef.setdefault(e, []).append(self.tangent(t.via, "_k", "_c + _p"))
-            # Arguments with one coefficient (the summands of a pre-activation) are
-            # summed first: f'(a) (a1_dot + a2_dot), one product per direction.
-            terms = []
-            for e, summands in by_coef.items():
-                total = " + ".join(summands)
-                if e == 1:
-                    terms.append(total)
-                else:
-                    terms.append(f"{pycode_factor(e)}*" +
-                                 (f"({total})" if len(summands) > 1 else total))
-            body += ["for _p in range(NP):",
-                     f"    {dot(name)}[_k, _c + _p] = {' + '.join(terms) or '0.0'}"
-                     + plan.cite("dot", name)]
-            body += immediate
+            body += self._node_lines(name, exprs)
         loads = plan._loads(exprs, set())
         lines = ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP",
                  f"    for _k in range({block.size}):"]
         lines += ["        " + line for line in loads + body]
         return StepBlock("fused elementwise: " + ", ".join(nodes)
                          + ": sum over args of (d node/d arg) arg_dot + d node/d bias", lines)
+
+    def _reduction(self, block):
+        name, = block.nodes
+        exprs = []
+        body = self._node_lines(name, exprs)
+        loads = self.plan._loads(exprs, set())
+        lines = ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP",
+                 "    for _p in range(NP):", f"        {dot(name)}[0, _c + _p] = 0.0",
+                 f"    for _k in range({block.size}):"]
+        lines += ["        " + line for line in loads + body]
+        return StepBlock(f"reduction {name}: sum over the {block.size} units of (d summand/d "
+                         "arg) arg_dot + d summand/d bias", lines)
 
     def read_by_readout(self):
         """Loop vectors the post phase reads: where the losses meet the sensitivities."""

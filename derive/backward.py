@@ -11,6 +11,11 @@ elementwise node (``sympy.diff``). Reverse mode turns them into sums, once, here
     gradient of a parameter   bar(W)  = sum over products u = W v: bar(u) v^T    ("outer")
                               bar(p)  = sum over u reading p: bar(u) * du/dp     ("local")
 
+A reduction r = sum_k f(a_k, ..) (one number per row) reads its arguments unit by unit:
+its own contributions broadcast bar(r) over the units, and a contribution *to* a
+reduction, from a node that reads it, is summed over that node's units (a Term with
+``reduce``); the tangent of a reduction likewise sums over its units.
+
 and forward mode (RTRL, seed 001) turns the same local derivatives into the tangent
 of each vector on the recurrent path:
 
@@ -55,6 +60,9 @@ class Term:
     expr: sp.Expr = sp.S.One  # the local derivative ("local", "direction", "error")
     weight: str = None  # "transpose", "outer", "product", "weight"
     source: str = None  # "outer", "weight": the product's source vector
+    # "local": the target is a reduction (one number per row): the summand is summed
+    # over the units of the node the expression belongs to
+    reduce: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,14 +107,15 @@ def build(nodes, partials, states, params, loss):
     """The Backward of a step: ``nodes`` in forward order, ``partials`` the local
     derivatives ((node, arg, expr), grouped by node, in argument order)."""
     vector_params = {p.name for p in params if p.kind == "vector"}
+    reductions = {n.name for n in nodes if n.kind == "reduction"}
     terms = []
     for n in nodes:
         if n.kind == "linear":
             terms.append(Term("transpose", n.source, n.name, weight=n.weight))
             terms.append(Term("outer", n.weight, n.name, weight=n.weight, source=n.source))
             continue
-        terms += [Term("local", arg, n.name, expr) for node, arg, expr in partials
-                  if node == n.name]
+        terms += [Term("local", arg, n.name, expr, reduce=arg in reductions)
+                  for node, arg, expr in partials if node == n.name]
     terms.append(Term("error", loss.node, None, loss.error))
     read = {t.target for t in terms if t.rule in ("local", "transpose")}
     terms += [Term("carry", s.name, s.prev) for s in states if s.prev in read]
@@ -131,7 +140,7 @@ def build(nodes, partials, states, params, loss):
         for node, arg, expr in partials:
             if node == n.name and expr != 0 and (arg in has or arg in vector_params):
                 rule = "direction" if arg in vector_params else "local"
-                tangents.append(Term(rule, n.name, arg, expr))
+                tangents.append(Term(rule, n.name, arg, expr, reduce=n.name in reductions))
     return Backward(tuple(sweep), tuple(terms), tangent_vectors, directions,
                     tuple(tangents))
 

@@ -13,7 +13,14 @@ to 0 once gives seed 000's accumulated recurrence
 
     delta_t = dl_t/ds_t + J_{t+1}^T delta_{t+1},
 
-in O(T). Nodes are split into three phases so code generators can hoist:
+in O(T). A reduction r = sum_k f(a_k, ..) over the units of a vector is one number
+per row; its local derivatives are ``sympy.diff`` of the summand f, and the adjoint
+of r sums its consumers' contributions over their units:
+
+* reduction r = sum_k f(a_k, ..):  a_bar_k += r_bar * df/da_k   (broadcast)
+* u_k = g(.., r):                   r_bar += sum_k u_bar_k * dg/dr  (a Term with reduce)
+
+Nodes are split into three phases so code generators can hoist:
 
 * ``pre``:  depends on no state (input projections): all T steps in one batch
             before the time loop;
@@ -42,7 +49,7 @@ class Param:
     name: str
     shape: tuple  # size names
     kind: str  # "matrix" | "vector"
-    role: str  # "weight" | "bias" | "diagonal"
+    role: str  # "weight" | "bias" | "diagonal" | "gain"
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,20 @@ class Node:
     (nodes, the input, previous states); ``params`` the parameter vectors."""
 
     name: str
-    size: str
-    kind: str  # "linear" | "elementwise"
+    size: str  # model.SCALAR for a reduction
+    kind: str  # "linear" | "elementwise" | "reduction"
     phase: str  # "pre" | "loop" | "post"
-    expr: sp.Expr = None
+    expr: sp.Expr = None  # a reduction's: the summand, per unit of ``over``
     args: tuple = ()
     params: tuple = ()
     weight: str = None
     source: str = None
+    over: str = None  # a reduction: the size of the units it sums over
+
+    @property
+    def units(self):
+        """The size the node's expression runs over, element by element."""
+        return self.over if self.kind == "reduction" else self.size
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,15 @@ class Derivation:
     def param(self, name):
         return next(p for p in self.params if p.name == name)
 
+    def reductions(self):
+        """Names of the reduction nodes (one number per row)."""
+        return {n.name for n in self.nodes if n.kind == "reduction"}
+
+    def units_of(self, name):
+        """The size a vector's local derivatives run over (a reduction's: its units)."""
+        n = self._by_name().get(name)
+        return n.units if n is not None else self.size_of(name)
+
     def size_of(self, name):
         """Size name of any vector: node, input, previous state or vector param."""
         if name == self.input:
@@ -166,18 +188,20 @@ def derive(model: Model) -> Derivation:
             nodes.append(Node(n.name, n.size, "linear", phase, weight=n.weight,
                               source=n.source))
             continue
-        names = sorted(s.name for s in n.expr.free_symbols)
+        # A size in an expression is a number (a mean's divisor), not an argument.
+        names = sorted(s.name for s in n.expr.free_symbols if s.name not in model.sizes)
         args = tuple(a for a in names if a not in vector_params)
         params = tuple(a for a in names if a in vector_params)
         own = sp.Symbol(n.name, real=True)
-        if not isinstance(n.expr, sp.Symbol):
+        # A reduction's value is the sum of its summand, not the summand: not stored.
+        if not isinstance(n.expr, sp.Symbol) and n.kind != "reduction":
             stored.insert(0, (n.expr, own))
         rules = [ThroughStoredValues(tuple(stored))] + rules_tail
         for wrt in args + params:
             local = sp.diff(n.expr, sp.Symbol(wrt, real=True))
             partials.append((n.name, wrt, simplify(local, rules)))
-        nodes.append(Node(n.name, n.size, "elementwise", phase, expr=n.expr, args=args,
-                          params=params))
+        nodes.append(Node(n.name, n.size, n.kind, phase, expr=n.expr, args=args,
+                          params=params, over=n.over))
 
     out = model.output_node
     if any(n.name == out and n.phase == "loop" for n in nodes):

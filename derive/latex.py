@@ -220,14 +220,16 @@ class _Builder:
                *(p.name for p in d.params if p.kind == "vector")]
         for i, name in enumerate(ids):
             symbols[name] = n.vector(name) if vector else n.element(name)
-            vectors.add(name)
+            if name not in n.reductions:  # one number per row: a scalar factor
+                vectors.add(name)
             ranks[name] = i
             if name in n.linear:
                 compound.add(name)
         adjointed = [x.name for x in d.nodes] + list(self.prevs)
         for i, name in enumerate(adjointed):
             symbols[f"bar:{name}"] = n.adjoint(name) if vector else n.adjoint_element(name)
-            vectors.add(f"bar:{name}")
+            if name not in n.reductions:
+                vectors.add(f"bar:{name}")
             ranks[f"bar:{name}"] = -1000 + i
         for s in d.states:
             symbols[f"carry:{s.name}"] = (n.adjoint(s.prev, 1) if vector else
@@ -265,8 +267,11 @@ class _Builder:
             else:
                 tex = n.tangent(name)
             symbols[f"dot:{name}"] = tex
-            vectors.add(f"dot:{name}")
+            if name not in n.reductions:
+                vectors.add(f"dot:{name}")
             ranks[f"dot:{name}"] = 2000 + ranks.get(name, 0)
+        # sizes are numbers (a mean's divisor)
+        symbols.update({x: naming.size(x) for x in d.sizes})
         symbols.update({"w:tb": "w_{tb}", "N:norm": "N",
                         "iv:k1": r"[t > \tau - k_1]", "iv:tau": r"[t < \tau]",
                         "iv:kappa": r"\kappa_{t+1}"})
@@ -375,6 +380,10 @@ class _Builder:
                     and node.name != self.loss_node:
                 rows.append((n.vector(node.name), node.name,
                              f"vector {where[node.phase]}", size(node.size)))
+            elif node.kind == "reduction":
+                rows.append((n.vector(node.name), node.name,
+                             f"sum over the ${naming.size(node.over)}$ units of a vector, one "
+                             f"number per sequence, {where[node.phase]}", "scalar"))
         out = size(d.loss.size)
         rows.append((n.vector(self.loss_node), self.loss_node,
                      "readout, the input of the loss", out))
@@ -383,6 +392,7 @@ class _Builder:
                   else "target")
         rows.append((r"\mathbf{d}_{t}", "d", target, out))
         meaning = {"weight": "weight matrix", "bias": "bias vector",
+                   "gain": "gain of a normalisation, multiplied elementwise",
                    "diagonal": "diagonal weight, multiplied elementwise"}
         for p in d.params:
             shape = "$" + r" \times ".join(naming.size(s) for s in p.shape) + "$"
@@ -443,7 +453,22 @@ class _Builder:
     def _node_eq(self, node, printer, form):
         lhs = (self.names.vector(node.name) if form == "vector" else
                self.names.element(node.name))
-        return self.eq(naming.equation_key("fwd", node.name, form), lhs, self.expr_pieces(printer, node.expr))
+        key = naming.equation_key("fwd", node.name, form)
+        if node.kind == "reduction":  # element by element in both forms: a sum over j
+            # the summand's terms (a constant factor taken in) are places to break a line
+            pieces = self.expr_pieces(self.idx, sp.expand_mul(node.expr, deep=False))
+            pieces[0] = self._unit_sum(node.over, r"\bigl(" + pieces[0], False)
+            pieces[-1] += r"\bigr)"
+            if len(pieces) == 1:
+                pieces = [self._unit_sum(node.over, self.idx.doprint(node.expr), False)]
+            return self.eq(key, lhs, pieces)
+        return self.eq(key, lhs, self.expr_pieces(printer, node.expr))
+
+    def _unit_sum(self, size, tex, compound):
+        """sum_{j=1}^{size} of an element's expression, bracketed where a sum."""
+        j = self.names.index
+        return rf"\sum_{{{j}=1}}^{{{naming.size(size)}}} " + \
+            (r"\left(%s\right)" % tex if compound else tex)
 
     def forward(self):
         d, n = self.d, self.names
@@ -457,9 +482,9 @@ class _Builder:
             text += (" What reads no state is computed for all steps at once before the "
                      "time loop: " + self._list(hoisted, n.vector) + ".")
         self.text(text)
-        step = [x for x in d.nodes if x.kind == "elementwise" and x.phase != "post"]
+        step = [x for x in d.nodes if x.kind != "linear" and x.phase != "post"]
         self.eqs(*(self._node_eq(x, self.vec, "vector") for x in step))
-        post = [x for x in d.nodes if x.kind == "elementwise" and x.phase == "post"]
+        post = [x for x in d.nodes if x.kind != "linear" and x.phase == "post"]
         self.text("The readout, after the time loop, for all steps at once:")
         self.eqs(*(self._node_eq(x, self.vec, "vector") for x in post))
 
@@ -543,7 +568,8 @@ class _Builder:
 
     @staticmethod
     def _summand(term):
-        """A Term of backward.py as the expression this printer prints."""
+        """A Term of backward.py as the expression this printer prints (a sum over the
+        units, of a Term into a reduction, is added by adjoint_eq)."""
         if term.rule == "transpose":
             return sp.Symbol(f"WT:{term.via}")
         if term.rule == "outer":
@@ -567,6 +593,8 @@ class _Builder:
         lhs = (self.names.adjoint(name) if form == "vector" else
                self.names.adjoint_element(name))
         pieces = self.terms(printer, self.adjoint_terms(name, truncated, reweighted))
+        if name in self.names.reductions:
+            pieces = self._summed(pieces, [t for t in self.d.backward.adjoint(name)], form)
         if name == self.loss_node:
             # A readout that other nodes read too: the output error plus their share.
             error = self.terms(self.loss_vec if form == "vector" else self.loss_idx,
@@ -575,6 +603,23 @@ class _Builder:
         variant = ":trunc" if truncated else ":artbp" if reweighted else ""
         key = naming.equation_key("adj", name, form) + variant
         return self.eq(key, lhs, pieces)
+
+    def _summed(self, pieces, terms, form):
+        """The printed terms of a reduction's adjoint (or tangent), each a sum over the
+        units of the node it comes from: 1^T v in vector form, sum_j v_j per element."""
+        out = []
+        for piece, term in zip(pieces, terms):
+            sign = piece[:2] if piece[:2] in ("+ ", "- ") else ""
+            body = piece[len(sign):]
+            node = term.via if term.rule == "local" and term.target in self.names.reductions \
+                else term.target
+            if form == "vector":  # 1^T (a ⊙ b): brackets, or it reads (1^T a) ⊙ b
+                bracket = not body.startswith(r"\left(")
+                out.append(sign + r"\mathbf{1}^{\top} " +
+                           (r"\left(%s\right)" % body if bracket else body))
+            else:  # a sum is already bracketed by terms()
+                out.append(sign + self._unit_sum(self.d.units_of(node), body, False))
+        return out
 
     def backward(self):
         d, n = self.d, self.names
@@ -599,6 +644,11 @@ class _Builder:
             "$\\mathbf{W}\\mathbf{a}$ contributes $\\mathbf{W}^{\\top} "
             "\\overline{\\mathbf{W}\\mathbf{a}}$. The sweep starts from "
             "$" + n.adjoint(self.loss_node) + "$ of @eq{error}"
+            + (". A reduction $r = \\sum_{j} f(a_{j}, \\dots)$, one number per sequence, "
+               "gives each unit $\\bar{r} \\partial f / \\partial a_{j}$, and its own "
+               "adjoint sums the contributions of the vectors that read it over their "
+               "units: $\\mathbf{1}^{\\top} \\mathbf{v}$ is the sum of the units of "
+               "$\\mathbf{v}$" if n.reductions else "")
             + ((". The carries " + ", ".join(carries) + " are the blocks of "
                 "$\\mathbf{J}_{t+1}^{\\top}\\boldsymbol{\\delta}_{t+1}$, the adjoints of "
                 "the previous states computed at step $t+1$ (last equations below); they "
@@ -712,8 +762,11 @@ class _Builder:
             by_coef.setdefault(t.expr, []).append(sp.Symbol(f"dot:{t.via}"))
         terms = [coef * sp.Add(*dots, evaluate=False) if len(dots) > 1 else coef * dots[0]
                  for coef, dots in by_coef.items()]
-        return self.eq(naming.equation_key("dot", name), self.names.tangent(name),
-                       self.terms(self.vec, terms))
+        pieces = self.terms(self.vec, terms)
+        if name in self.names.reductions:  # the sum over its units of the summand's tangent
+            pieces[0] = r"\mathbf{1}^{\top} \bigl(" + pieces[0]
+            pieces[-1] += r"\bigr)"
+        return self.eq(naming.equation_key("dot", name), self.names.tangent(name), pieces)
 
     def rtrl(self):
         d, n = self.d, self.names
@@ -733,7 +786,7 @@ class _Builder:
                      rf"{{\partial {s}_{{t}}}} \dot{{\mathbf{{s}}}}_{{t}}",
                      rf"+ \frac{{\partial l_{{t}}}}{{\partial {theta}}}\bigr)"]))
         tangents = [x.name for x in d.nodes
-                    if x.kind == "elementwise" and x.name in d.backward.tangent_vectors]
+                    if x.kind != "linear" and x.name in d.backward.tangent_vectors]
         self.text(
             "The right-hand side of @eq{rtrl} is the tangent of the forward step: the step "
             "differentiated forwards, node by node, with the local derivatives of the "
@@ -800,7 +853,7 @@ class _Builder:
         self.text(f"The same step, recurrence and gradients for element ${j}$ of each "
                   f"vector; ${k}$ runs over the columns of a matrix.")
         self.eqs(*(self._node_eq(x, self.idx, "index") for x in d.nodes
-                   if x.kind == "elementwise"))
+                   if x.kind != "linear"))
         self.text("Backward step, with $" + n.adjoint_element(self.loss_node) + "$ the "
                   "element of @eq{error}:")
         eqs = []

@@ -14,6 +14,12 @@ makes them runs, with that line's file and number.
     W_xh, W_hh, b_h = m.matrix("W_xh", "H", "I"), m.matrix("W_hh", "H", "H"), m.bias("b_h", "H")
     m.update(h, tanh(W_xh @ x + W_hh @ h.prev + b_h))
     m.output(m.matrix("W_hy", "O", "H") @ h + m.bias("b_y", "O"), loss=softmax_cross_entropy)
+
+A reduction over the units of a vector (``m.sum``, ``m.mean``, ``m.layernorm``) is a
+node of its own holding one number per sequence and step, a ``Scalar``: arithmetic
+with a vector broadcasts it over the vector's units. Its Jacobian is not diagonal;
+derivation.py differentiates the per-element summand with ``sympy.diff`` like any
+other expression and backward.py sums the contributions over the units.
 """
 
 from dataclasses import dataclass
@@ -29,19 +35,25 @@ class ParamDef:
     name: str
     shape: tuple  # size names: (rows, cols) for a matrix, (n,) for a vector
     kind: str  # "matrix" | "vector"
-    role: str  # "weight" | "bias" | "diagonal": for initialisation and L2
+    role: str  # "weight" | "bias" | "diagonal" | "gain": for initialisation and L2
     location: str
+
+
+#: The size of a reduction's value: one number per sequence and step. Not a name a
+#: user can give a size (a size is an identifier), so it never clashes with one.
+SCALAR = "1"
 
 
 @dataclass(frozen=True)
 class NodeDef:
     name: str
-    size: str
-    kind: str  # "linear" | "elementwise"
-    expr: sp.Expr = None  # elementwise: over element symbols
+    size: str  # SCALAR for a reduction
+    kind: str  # "linear" | "elementwise" | "reduction"
+    expr: sp.Expr = None  # elementwise: over element symbols; reduction: the summand
     weight: str = None  # linear: z = weight @ source
     source: str = None
     location: str = None
+    over: str = None  # reduction: the size of the units summed over
 
 
 class Vec:
@@ -56,6 +68,11 @@ class Vec:
     def _combine(self, other, op, symbol):
         if isinstance(other, State):
             other = other.t
+        if isinstance(other, Scalar):
+            if other.model is not self.model:
+                raise DefinitionError("vectors from two different models combined")
+            # A reduction's value is the same for every unit: broadcast.
+            return Vec(self.model, op(self.expr, other.expr), self.size)
         if isinstance(other, Vec):
             if other.model is not self.model:
                 raise DefinitionError("vectors from two different models combined")
@@ -133,6 +150,59 @@ class State:
         return self.t.apply(function)
 
 
+class Scalar:
+    """One number per sequence and step: a reduction over the units of a vector
+    (``m.sum(v)``, ``m.mean(v)``) or an expression of reductions and numbers. With a
+    vector it acts on every unit (``v - m.mean(v)``)."""
+
+    __array_priority__ = 100
+
+    def __init__(self, model, expr):
+        self.model, self.expr = model, sp.sympify(expr)
+
+    def _combine(self, other, op, symbol):
+        if isinstance(other, (Vec, State)):
+            # the vector's own method keeps the operands' order (op is written a, b)
+            vec = other.t if isinstance(other, State) else other
+            if vec.model is not self.model:
+                raise DefinitionError("vectors from two different models combined")
+            return Vec(self.model, op(self.expr, vec.expr), vec.size)
+        if isinstance(other, Scalar):
+            if other.model is not self.model:
+                raise DefinitionError("scalars from two different models combined")
+            return Scalar(self.model, op(self.expr, other.expr))
+        if isinstance(other, (int, float, sp.Expr)):
+            other = sp.sympify(other)
+            loose = sorted(s.name for s in other.free_symbols)
+            if loose:
+                raise DefinitionError(
+                    f"'{self.expr} {symbol} {other}' uses the SymPy symbol(s) {loose}, "
+                    "which are not vectors of the model")
+            return Scalar(self.model, op(self.expr, other))
+        return NotImplemented
+
+    def __add__(self, o): return self._combine(o, lambda a, b: a + b, "+")
+    def __radd__(self, o): return self._combine(o, lambda a, b: b + a, "+")
+    def __sub__(self, o): return self._combine(o, lambda a, b: a - b, "-")
+    def __rsub__(self, o): return self._combine(o, lambda a, b: b - a, "-")
+    def __mul__(self, o): return self._combine(o, lambda a, b: a * b, "*")
+    def __rmul__(self, o): return self._combine(o, lambda a, b: b * a, "*")
+    def __truediv__(self, o): return self._combine(o, lambda a, b: a / b, "/")
+    def __rtruediv__(self, o): return self._combine(o, lambda a, b: b / a, "/")
+    def __pow__(self, o): return self._combine(o, lambda a, b: a ** b, "**")
+    def __rpow__(self, o): return self._combine(o, lambda a, b: b ** a, "**")
+    def __neg__(self): return Scalar(self.model, -self.expr)
+
+    def apply(self, function):
+        """A scalar SymPy function of the scalar: ``sqrt(var + eps)``."""
+        expr = function(self.expr)
+        _check_function(function, expr)
+        return Scalar(self.model, expr)
+
+    def __repr__(self):
+        return f"Scalar({self.expr})"
+
+
 class Matrix:
     """A weight matrix; ``W @ v`` is a linear node of the step."""
 
@@ -152,7 +222,7 @@ def _elementwise(sympy_function):
     def lifted(v):
         if isinstance(v, State):
             v = v.t
-        if isinstance(v, Vec):
+        if isinstance(v, (Vec, Scalar)):
             return v.apply(sympy_function)
         return sympy_function(v)
 
@@ -336,6 +406,10 @@ class Model:
         """A bias vector, added elementwise; initialised to zero."""
         return self._vector_param(name, size, "bias")
 
+    def gain(self, name, size):
+        """A gain (a normalisation's scale, multiplied elementwise); initialised to one."""
+        return self._vector_param(name, size, "gain")
+
     def diagonal(self, name, size):
         """A diagonal weight (a vector multiplied elementwise, e.g. a peephole)."""
         return self._vector_param(name, size, "diagonal")
@@ -343,7 +417,9 @@ class Model:
     # -- the step -------------------------------------------------------------
     def _check_expr(self, expr, what):
         """Refuse undefined symbols and functions SymPy cannot differentiate."""
-        unknown = [s for s in expr.free_symbols if s.name not in self._symbols]
+        # A size's name stands for its value (a mean divides by it).
+        unknown = [s for s in expr.free_symbols
+                   if s.name not in self._symbols and s.name not in self.sizes]
         if unknown:
             raise DefinitionError(
                 f"{what} uses undefined symbol(s) {sorted(s.name for s in unknown)}")
@@ -407,6 +483,93 @@ class Model:
         self.nodes.append(NodeDef(name, matrix.rows, "linear", weight=matrix.name,
                                   source=source, location=_caller_location()))
         return Vec(self, self._symbol(name), matrix.rows)
+
+    # -- reductions over the units of a vector ----------------------------------
+    def _fresh(self, stem):
+        k = 1
+        while f"{stem}{k}" in self._symbols or f"{stem}{k}" in self.sizes:
+            k += 1
+        return f"{stem}{k}"
+
+    def _reduction(self, vec, summand, name, what, stem="r"):
+        if isinstance(vec, State):
+            vec = vec.t
+        if not isinstance(vec, Vec):
+            raise DefinitionError(f"{what}() needs a vector, got {vec!r}")
+        if vec.model is not self:
+            raise DefinitionError(f"{what}() of a vector of another model")
+        name = name or self._fresh(stem)
+        expr = summand(vec.expr, self._symbol(vec.size))
+        self._check_expr(expr, f"the summand of '{name}'")
+        self._declare(name, "node", vec.size)
+        self._symbols[name] = ("node", SCALAR)
+        self.nodes.append(NodeDef(name, SCALAR, "reduction", expr=expr, over=vec.size,
+                                  location=_caller_location()))
+        return Scalar(self, self._symbol(name))
+
+    def sum(self, vec, name=None):
+        """The sum of a vector's units, sum_k vec_k: one number per sequence and step
+        (a Scalar), stored by the forward pass. Its adjoint sums the contributions of
+        what reads it over their units; each unit of ``vec`` gets it times the
+        summand's derivative (``sympy.diff``)."""
+        return self._reduction(vec, lambda e, n: e, name, "sum")
+
+    def mean(self, vec, name=None):
+        """The mean of a vector's units, sum_k vec_k / n for a vector of size n."""
+        return self._reduction(vec, lambda e, n: e / n, name, "mean")
+
+    def _normed(self, vecs, what):
+        vecs = [v.t if isinstance(v, State) else v for v in vecs]
+        if not vecs or not all(isinstance(v, Vec) for v in vecs):
+            raise DefinitionError(f"{what}() needs one or more vectors, got {vecs!r}")
+        sizes = sorted({v.size for v in vecs})
+        if len(sizes) > 1:
+            raise DefinitionError(f"{what}() of vectors of sizes {sizes}: normalising "
+                                  "them together needs one size")
+        return vecs
+
+    @staticmethod
+    def _affine(vecs, normed, gain, bias, what):
+        out = []
+        for i, v in enumerate(normed):
+            for p, kind in ((gain, "gain"), (bias, "bias")):
+                p = p[i] if isinstance(p, (list, tuple)) else p
+                if p is None:
+                    continue
+                if not isinstance(p, Vec) or p.size != vecs[i].size:
+                    raise DefinitionError(f"{what}(): the {kind} must be a vector of size "
+                                          f"{vecs[i].size}, got {p!r}")
+                v = v * p if kind == "gain" else v + p
+            out.append(v)
+        return out[0] if len(out) == 1 else out
+
+    def layernorm(self, *vecs, gain=None, bias=None, eps=1e-5, name=None):
+        """Layer normalisation, as torch.nn.LayerNorm: (v - mean) / sqrt(var + eps) *
+        gain + bias, mean and (biased) variance over the units of v, or over the units
+        of several vectors of one size taken together (their concatenation: LayerNorm
+        of an LSTM's four gates). ``gain`` and ``bias``: a vector (parameter) each, a
+        list of one per vector, or None. Two reductions, named ``mu_<name>`` and
+        ``var_<name>``. Returns the normalised vector, or a list of them."""
+        vecs = self._normed(vecs, "layernorm")
+        n = len(vecs)
+        mu = self._reduction(vecs[0], lambda e, size: sum(v.expr for v in vecs) / (n * size),
+                             name and f"mu_{name}", "layernorm", "mu")
+        var = self._reduction(
+            vecs[0], lambda e, size: sum((v.expr - mu.expr) ** 2 for v in vecs) / (n * size),
+            name and f"var_{name}", "layernorm", "var")
+        scale = 1 / sqrt(var + eps)
+        return self._affine(vecs, [(v - mu) * scale for v in vecs], gain, bias, "layernorm")
+
+    def rmsnorm(self, *vecs, gain=None, eps=1e-6, name=None):
+        """RMS normalisation (Zhang and Sennrich 2019): v / sqrt(mean(v^2) + eps) * gain,
+        over the units of v or of several vectors of one size taken together. One
+        reduction, named ``ms_<name>``. Returns the normalised vector, or a list."""
+        vecs = self._normed(vecs, "rmsnorm")
+        n = len(vecs)
+        ms = self._reduction(vecs[0], lambda e, size: sum(v.expr ** 2 for v in vecs)
+                             / (n * size), name and f"ms_{name}", "rmsnorm", "ms")
+        scale = 1 / sqrt(ms + eps)
+        return self._affine(vecs, [v * scale for v in vecs], gain, None, "rmsnorm")
 
     def node(self, name, vec):
         """Name an intermediate vector (a gate, say): it is stored by the forward

@@ -368,6 +368,8 @@ class LatexNames:
         self.states = {s.name for s in derivation.states}
         self.prevs = {s.prev: s.name for s in derivation.states}
         self.linear = {n.name: n for n in derivation.nodes if n.kind == "linear"}
+        # a reduction is one number per sequence and step: a plain symbol in both forms
+        self.reductions = {n.name for n in derivation.nodes if n.kind == "reduction"}
         bases = {split(n).base for n in self._identifiers()}
         free = [c for c in "jkilmnpq" if c not in bases]
         self.index, self.sum_index = free[0], free[1]
@@ -394,6 +396,8 @@ class LatexNames:
             return self.matrix(node.weight) + self.vector(node.source, offset)
         if self.is_param(name):
             return bold(name)
+        if name in self.reductions:
+            return plain(name, _time(offset))
         name, offset = self._resolve(name, offset)
         return bold(name, _time(offset))
 
@@ -411,6 +415,8 @@ class LatexNames:
             return rf"\overline{{{self.vector(name, offset)}}}"
         if name in self.states:
             return rf"\boldsymbol{{\delta}}^{{{self.element_symbol(name)}}}_{{{_time(offset)}}}"
+        if name in self.reductions:
+            return self.adjoint_element(name, offset=offset)
         stored, shifted = self._resolve(name, offset)
         parts = split(stored)
         bold = _bold(parts)
@@ -424,7 +430,8 @@ class LatexNames:
             name, offset = self._resolve(name, offset)
         parts = split(name)
         times = () if self.is_param(name) else (_time(offset),)
-        return _decorate(rf"\dot{{{_bold(parts)}}}", parts, *times)
+        symbol = _plain(parts) if name in self.reductions else _bold(parts)
+        return _decorate(rf"\dot{{{symbol}}}", parts, *times)
 
     def gradient(self, name):
         symbol = self.matrix(name)
@@ -445,6 +452,8 @@ class LatexNames:
                     + self.element(node.source, k, offset))
         if self.is_param(name):
             return plain(name, index)
+        if name in self.reductions:  # the same for every unit
+            return plain(name, _time(offset))
         name, offset = self._resolve(name, offset)
         return plain(name, _time(offset), index)
 
@@ -462,6 +471,8 @@ class LatexNames:
         parts = split(stored)
         symbol = _plain(parts)
         bar = rf"\overline{{{symbol}}}" if parts.word else rf"\bar{{{symbol}}}"
+        if name in self.reductions:
+            return _decorate(bar, parts, _time(shifted))
         return _decorate(bar, parts, _time(shifted), index)
 
     def gradient_element(self, name, row, col=None):

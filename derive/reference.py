@@ -15,6 +15,7 @@ import numpy as np
 import sympy as sp
 
 from .functions import numpy_implementations
+from .model import SCALAR
 
 
 @lru_cache(maxsize=None)
@@ -41,6 +42,7 @@ def resolve_sizes(derivation, params, x):
     missing = set(derivation.sizes) - set(sizes)
     if missing:
         raise ValueError(f"sizes {sorted(missing)} cannot be read from the parameters")
+    sizes[SCALAR] = 1  # a reduction's value: one number per row
     return sizes
 
 
@@ -63,10 +65,15 @@ def _run_forward(derivation, params, x, state0):
                      for p in derivation.params if p.kind == "vector"}
     trajectory = []
     for t in range(T):
-        env = {derivation.input: x[t], **state, **vector_params}
+        # a size in an expression (a mean's divisor) is its value
+        env = {derivation.input: x[t], **state, **vector_params,
+               **{s: sizes[s] for s in derivation.sizes}}
         for n in derivation.nodes:
             if n.kind == "linear":
                 env[n.name] = env[n.source] @ np.asarray(params[n.weight], np.float64).T
+            elif n.kind == "reduction":  # (B, 1): the summand summed over the units
+                env[n.name] = np.broadcast_to(evaluate(n.expr, env), (B, sizes[n.over])).sum(
+                    axis=1, keepdims=True)
             else:
                 env[n.name] = np.broadcast_to(evaluate(n.expr, env),
                                               (B, sizes[n.size])).astype(np.float64)
@@ -106,14 +113,16 @@ def forward(derivation, params, x, state0=None):
     return ys, final
 
 
-def _summand(term, bar, env, P, seed, carried):
+def _summand(term, bar, env, P, seed, carried, units):
     """One Term of backward.py at one step: ``bar`` the adjoints computed so far,
     ``env`` the step's values, ``seed`` the weighted output error, ``carried`` the
-    previous states' adjoints from step t+1."""
+    previous states' adjoints from step t+1, ``units`` (B, n) the shape the via
+    node's expression runs over."""
     if term.rule == "error":
         return seed
     if term.rule == "local":
-        return bar[term.via] * evaluate(term.expr, env)
+        value = bar[term.via] * np.broadcast_to(evaluate(term.expr, env), units)
+        return value.sum(axis=1, keepdims=True) if term.reduce else value
     if term.rule == "transpose":
         return bar[term.via] @ P[term.weight]
     if term.rule == "carry":
@@ -140,6 +149,10 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
     grads = {k: np.zeros_like(v) for k, v in P.items()}
     loss = 0.0
     bw = derivation.backward
+
+    def units(term):
+        return (B, sizes[derivation.units_of(term.via)]) if term.via else None
+
     carried = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
     for t in reversed(range(T)):
         env = trajectory[t]
@@ -150,10 +163,11 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
         for name in bw.sweep:
             bar[name] = np.zeros((B, sizes[derivation.size_of(name)]))
             for term in bw.adjoint(name):
-                bar[name] = bar[name] + _summand(term, bar, env, P, seed, carried)
+                bar[name] = bar[name] + _summand(term, bar, env, P, seed, carried,
+                                                 units(term))
         for p in derivation.params:
             for term in bw.gradient(p.name):
-                g = _summand(term, bar, env, P, seed, carried)
+                g = _summand(term, bar, env, P, seed, carried, units(term))
                 grads[p.name] += g if term.rule == "outer" else g.sum(axis=0)
         factor = 1.0 if carry is None else carry[t]
         carried = {s.prev: factor * bar.get(s.prev, 0.0) for s in derivation.states}

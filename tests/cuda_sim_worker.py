@@ -26,7 +26,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bpttgen.derive.models import BUILTIN  # noqa: E402
-from helpers import CASES  # noqa: E402
+from helpers import CASES, COSTLY  # noqa: E402
 
 #: The project's user-defined cell: tests/user_cell.py where present, else the one
 #: tests/test_user_model.py and tests/test_latex.py use (a user's own sympy.Function,
@@ -63,8 +63,9 @@ def case_ids():
     arrays, naive BPTT, float32 and the Trainer; checkpointed BPTT (two states, the
     user's last-step loss)."""
     ids = []
-    for name in BUILTIN:
-        ids += [f"{name}:bptt", f"{name}:tbptt", f"{name}:forward"]
+    for name in BUILTIN:  # (helpers.COSTLY: tbptt's windows on a cheaper built-in)
+        ids += [f"{name}:bptt"] + ([] if name in COSTLY else [f"{name}:tbptt"]) + \
+            [f"{name}:forward"]
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]
     ids += [f"user-{loss}:bptt" for loss in _user_losses()]

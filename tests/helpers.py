@@ -18,6 +18,15 @@ for _loss_name, _loss in LOSSES.items():
         CASES[f"lstm-{_loss_name}"] = (lambda l=_loss: lstm(loss=l))
 
 
+#: Built-ins whose tests cost the most (layernorm_lstm compiles about twice the LSTM's
+#: kernels: 2-3 minutes of a cold suite). They run every tier that needs their own
+#: kernels (the unrolled check, gradients against finite differences, every algorithm,
+#: float64 PTX, the CUDA simulator's bptt and forward, LaTeX); the checks of code they
+#: share with a cheaper built-in of the same constructs run on that one only (rmsnorm:
+#: reductions): RTRL, float32 PTX, the simulator's tbptt, the reference's second
+#: variant. Keeps the suite inside its 10-minute budget on 2 cores.
+COSTLY = {"layernorm_lstm"}
+
 #: Cases run through generated Numba modules. Each costs a Numba compilation (the
 #: dominant cost of the suite), so the losses are generated on the Elman net only:
 #: the loss kernel is printed from the Loss alone, the same for every model.

@@ -32,11 +32,14 @@ def test_sums_are_complete_and_ordered(name, d):
     prevs = {s.prev: s for s in d.states}
     # Each elementwise node's derivative along each of its arguments and parameters
     # is one term; each product gives W^T into its source and an outer product into W.
+    # A term into a reduction (one number per row) sums over the units, no other does.
+    reductions = d.reductions()
     for n in d.nodes:
         leaving = [t for t in bw.terms if t.via == n.name]
-        if n.kind == "elementwise":
+        if n.kind != "linear":
             assert sorted(t.target for t in leaving) == sorted(n.args + n.params)
             assert {t.rule for t in leaving} <= {"local"}
+            assert all(t.reduce == (t.target in reductions) for t in leaving)
         else:
             assert sorted((t.rule, t.target) for t in leaving) == \
                 [("outer", n.weight), ("transpose", n.source)]

@@ -189,6 +189,8 @@ def user_cuda_module(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("model", list(BUILTIN) + ["user"])
 def test_kernels_compile_to_ptx(model, dtype, request):
+    if model in worker.COSTLY and dtype == "float32":
+        pytest.skip("helpers.COSTLY: float32 PTX of the same constructs on a cheaper built-in")
     if model == "user":
         module = request.getfixturevalue("user_cuda_module")
     else:

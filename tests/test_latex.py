@@ -94,6 +94,7 @@ COMPILE_CASES = {
     "gru-index": ("gru", "document", True),
     "lstm2-index": ("lstm2", "document", True),
     "lstm-fragment": ("lstm", "fragment", True),
+    "rmsnorm-index": ("rmsnorm", "document", True),  # reductions, per element too
 }
 
 
@@ -137,9 +138,11 @@ def test_user_definition_file_is_printed():
 
 # -- golden text -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("form, filename", [("markdown", "elman.md"), ("document", "elman.tex")])
+@pytest.mark.parametrize("form, filename", [("markdown", "elman.md"), ("document", "elman.tex"),
+                                            ("document", "rmsnorm.tex")])
 def test_golden(form, filename):
-    text = render(derivation("elman"), form=form)
+    # rmsnorm: a reduction over the units (its sums over j, 1^T, scalar symbols)
+    text = render(derivation(filename.split(".")[0]), form=form)
     path = os.path.join(GOLDEN, filename)
     if os.environ.get(UPDATE_ENV) == "1":
         with open(path, "w") as f:
@@ -149,8 +152,8 @@ def test_golden(form, filename):
     if text != expected:
         diff = "".join(list(difflib.unified_diff(
             expected.splitlines(True), text.splitlines(True), f"tests/golden/{filename}",
-            "render(elman)"))[:80])
-        pytest.fail(f"the printed Elman derivation differs from tests/golden/{filename}.\n"
+            f"render({filename.split('.')[0]})"))[:80])
+        pytest.fail(f"the printed derivation differs from tests/golden/{filename}.\n"
                     f"If the change is intended, regenerate the golden files with\n"
                     f"    {REGENERATE}\nand review the diff before committing.\n\n{diff}",
                     pytrace=False)

@@ -4,7 +4,8 @@ gradient.
 ``unrolled_loss`` writes the loss of a sequence (B = 1) as a single SymPy expression
 in one symbol per parameter element, straight from the model's node definitions:
 a linear node is the explicit sum ``sum_j W[k,j] * v[j]``, an elementwise node is
-``Node.expr`` with the element values substituted, and the loss is built from
+``Node.expr`` with the element values substituted, a reduction the explicit sum of its
+summand over the units (one value, read by every unit; a size is its number), and the loss is built from
 ``Loss.sums`` / ``Loss.value`` with a one-hot target d and the shift m = 0 (log-sum-
 exp is shift invariant, so the shift changes no value). Nothing of ``derive()``'s
 output is used: no partials, phases, adjoints or simplified loss error.
@@ -77,7 +78,9 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
     assert B == 1, "the unrolled loss is written for one sequence"
     symbols = parameter_symbols(model, sizes)
     vector_params = {n: list(symbols[n]) for n, p in model.params.items() if p.kind == "vector"}
-    exprs = {n.name: elementary(n.expr) for n in model.nodes if n.kind == "elementwise"}
+    exprs = {n.name: elementary(n.expr) for n in model.nodes if n.kind != "linear"}
+    numbers = {sp.Symbol(s, real=True): sp.Integer(sizes[s]) for s in model.sizes}
+    one = {n.name for n in model.nodes if n.kind == "reduction"}  # one value per row
     w = np.ones((T, 1)) if mask is None else np.asarray(mask, dtype=np.float64).reshape(T, 1)
     if model.loss_at == "last":
         w = w.copy()
@@ -96,10 +99,11 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
                 env[n.name] = [sp.Add(*[W[k, j] * v[j] for j in range(len(v))])
                                for k in range(W.shape[0])]
             else:
-                e = exprs[n.name]
+                e = exprs[n.name].xreplace(numbers)
                 free = e.free_symbols
-                env[n.name] = [e.xreplace({s: env[s.name][k] for s in free})
-                               for k in range(sizes[n.size])]
+                units = [e.xreplace({s: env[s.name][0 if s.name in one else k] for s in free})
+                         for k in range(sizes[n.over if n.name in one else n.size])]
+                env[n.name] = [sp.Add(*units)] if n.name in one else units
         prev = {f"{s}_prev": env[s] for s in model.states}
         if w[t, 0] == 0:
             continue

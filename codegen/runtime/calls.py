@@ -299,7 +299,8 @@ def loss_weights(spec, T, B, mask, dtype, *, allow_empty=False):
 
 # -- parameters -----------------------------------------------------------------
 def init_params(spec, sizes, *, seed=0, dtype=np.float32):
-    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, as PyTorch's RNNs; zero biases."""
+    """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights, as PyTorch's RNNs; zero biases;
+    gains (of a normalisation) one, as torch.nn.LayerNorm's."""
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be np.float32 or np.float64, got {dtype}")
     if isinstance(sizes, (tuple, list)):
@@ -314,6 +315,8 @@ def init_params(spec, sizes, *, seed=0, dtype=np.float32):
         role = spec["roles"][name]
         if role == "bias":
             params[name] = np.zeros(dims, dtype)
+        elif role == "gain":
+            params[name] = np.ones(dims, dtype)
         else:
             bound = 1.0 / math.sqrt(dims[-1] if role == "weight" else dims[0])
             params[name] = rng.uniform(-bound, bound, dims).astype(dtype)

@@ -8,6 +8,7 @@ from .deep import deep
 from .elman import elman
 from .gru import gru
 from .lstm import lstm
+from .normed import layernorm_lstm, rmsnorm
 from .stacked import stacked_elman
 
 BUILTIN = {
@@ -18,6 +19,8 @@ BUILTIN = {
     "deep": deep,
     "elman2": lambda: stacked_elman(layers=2),
     "lstm2": lambda: lstm(layers=2),
+    "layernorm_lstm": layernorm_lstm,
+    "rmsnorm": rmsnorm,
 }
 
 
