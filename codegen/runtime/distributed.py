@@ -26,25 +26,40 @@ next; shipping them each update costs B H times the gradient exchange, and keepi
 them on the workers would make a killed worker's shard unrecoverable short of
 replaying its sequences from the start. ``fit`` refuses it and says so.
 
-Faults. Shard data travel inside their tasks, and the module and parameters are the
-results of tasks that return them (not scattered data, which a dead worker takes
-with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the
-others, with the same inputs: the shard's result is the same numbers, and the driver
-takes each shard's result exactly once, in shard order, so nothing is lost or counted twice and the run equals an uninterrupted
-one bit for bit. When the scheduler dies, ``fit`` puts the trainer back to the
-end of its last finished minibatch (the online algorithms update within one) and
-raises ``SchedulerLost``: ``save`` then writes a checkpoint that ``fit(resume=True)``
-continues from.
+What a step sends. ``fit`` puts the data (x, targets, mask, cast as the trainer
+casts them) on the cluster once, and each worker keeps it under a key of its own
+(``_home``, with the module); the Trainer tells the ``DataParallel`` which sequences
+each minibatch holds (``minibatch``), so a step's task names its shard's sequences
+and time window (``_Held``) instead of carrying the numbers. The parameters travel as
+one flat buffer inside a worker's first task of each update (a separate task putting
+them there would cost a round trip through the scheduler before the shard could
+start); the update's later tasks on that worker (the online algorithms' forward
+passes) name them by version, and a task that lands where they are not (a dead
+worker's shard rerun elsewhere, a restarted worker) fails with ``_Stale`` and goes
+again with them. Gradients come back as one flat buffer, fetched from the workers
+straight, not through the scheduler. Everything a worker needs is on it before its
+shard starts: a Numba kernel holds its worker's GIL, so a worker that computes
+answers no other worker's fetch until its kernel ends.
 
-The generated module reaches each worker once: its source goes out as one
-object on the cluster, with a digest; a worker imports the module by name when its own
-copy has the same digest (an installed built-in: Numba's cache is warm), or else
-writes the source under the temporary folder, keyed by the digest, and imports it
-from there (Numba caches beside that file, so a restarted worker loads rather than
-compiles). Each worker process keeps the imported module: nothing is re-pickled
-or recompiled per step. The parameters go out once per update (a version
-key: the trainer's update count and the arrays' identities) and reused by every
-call until the next update.
+Faults. The module and the data are the results of tasks that return them (not
+scattered data, which a dead worker takes with it), so when a worker dies (kill -9)
+the scheduler reruns its tasks on the others, with the same inputs: the shard's
+result is the same numbers, and the driver takes each shard's result exactly once,
+in shard order, so nothing is lost or counted twice and the run equals an
+uninterrupted one bit for bit. When the scheduler dies, ``fit`` puts the trainer
+back to the end of its last finished minibatch (the online algorithms update within
+one) and raises ``SchedulerLost``: ``save`` then writes a checkpoint that
+``fit(resume=True)`` continues from.
+
+The generated module reaches each worker once: its source goes out as one object on
+the cluster, with a digest; a worker imports the module by name when its own copy
+has the same digest (an installed built-in: Numba's cache is warm), or else writes
+the source under the temporary folder, keyed by the digest, and imports it from
+there (Numba caches beside that file, so a restarted worker loads rather than
+compiles). Each worker process keeps the imported module: nothing is re-pickled or
+recompiled per step. Memory: each worker holds the whole data set of a fit (and the
+scheduler one copy, to recompute it from), as each process of a data-parallel fit
+on one machine would read it.
 
 dask is imported lazily: the runtime needs only NumPy and Numba.
 """
@@ -55,6 +70,7 @@ import importlib.util
 import os
 import sys
 import time
+import uuid
 from typing import NamedTuple
 
 import numpy as np
@@ -174,36 +190,69 @@ def _resolve(held, value):
     """``value``, or the numbers it names when it is a ``_Held``."""
     if isinstance(value, _Held):
         field, start, stop, rows = value
-        return np.ascontiguousarray(held[field][start:stop, rows])
+        # take copies whole rows (a sequence's step at a time): several times faster
+        # than the fancy index [start:stop, rows], and contiguous
+        return np.take(held[field][start:stop], rows, axis=1)
     return value
 
 
-def _shard_loss_and_grads(ref, layout, flat, held, x, targets, kw):
+#: fit's id -> (version, flat parameters), in each worker process: the parameters of
+#: the current update, which reach a worker inside its first task of that update.
+_PARAMS = {}
+
+
+class _Stale(RuntimeError):
+    """This worker has not got the parameters a task names (the task was meant for a
+    worker that died, or this process is new): the driver resends them."""
+
+
+def _worker_params(layout, tag, flat):
+    """The parameters ``tag`` = (fit, version) names, as views of one flat buffer:
+    ``flat`` when sent (and kept for the update's later tasks), else the kept copy."""
+    fit, version = tag
+    if flat is not None:
+        _PARAMS.pop(fit, None)
+        _PARAMS[fit] = (version, flat)
+        while len(_PARAMS) > 4:  # a few fits' worth: ended fits' buffers go
+            _PARAMS.pop(next(iter(_PARAMS)))
+    kept = _PARAMS.get(fit)
+    if kept is None or kept[0] != version:
+        raise _Stale(f"this worker lacks the parameters {tag}")
+    return _unflatten(layout, kept[1])
+
+
+def _shard_loss_and_grads(home, layout, tag, flat, x, targets, kw):
     """One shard's loss without L2, its gradients as one flat buffer, and the seconds
     the kernels took (the slicing of held data and the flattening are overhead)."""
+    ref, held = home
     module = _worker_module(ref)
+    params = _worker_params(layout, tag, flat)
     x, targets = _resolve(held, x), _resolve(held, targets)
     kw = dict(kw, mask=_resolve(held, kw.get("mask")))
-    params = _unflatten(layout, flat)
     start = time.perf_counter()
     loss, grads = module.loss_and_grads(params, x, targets, l2=0.0, **kw)
     seconds = time.perf_counter() - start
     return loss, _flatten(grads, layout), seconds
 
 
-def _shard_forward(ref, layout, flat, held, x, state0):
+def _shard_forward(home, layout, tag, flat, x, state0):
+    ref, held = home
     module = _worker_module(ref)
-    x, params = _resolve(held, x), _unflatten(layout, flat)
+    params = _worker_params(layout, tag, flat)
+    x = _resolve(held, x)
     start = time.perf_counter()
     y, final = module.forward(params, x, state0=state0)
     return y, final, time.perf_counter() - start
 
 
-def _ping(ref, held=None):
-    """Import (and so load) the module on a worker ahead of the first step; with
-    ``held``, the data too (fetched now, while no worker computes)."""
+def _home(ref, held):
+    """A worker's own key for the module (imported now, ahead of the first step) and
+    the held data: the same objects, no copy. Dask's active memory manager drops
+    extra replicas of a shared key every few seconds; a worker's own key stays, so a
+    shard never waits to fetch them from a worker that computes (whose kernels hold
+    its GIL: it answers no fetch until they end)."""
     _worker_module(ref)
-    return os.getpid()
+    return ref, held
 
 
 # -- on the driver --------------------------------------------------------------------
@@ -281,9 +330,10 @@ class DataParallel:
         # One object on the cluster: tasks name it, so it is not sent again.
         self._ref = self._put(ref)
         self._held = self._batch = None
-        self._ready = set()  # workers that have imported the module (and the held data)
+        self._homes = {}  # worker -> its _home future
         self._params_key = self._flat = self._layout = None
-        self._params_on = {}  # worker -> the current parameters' future there
+        self._id, self._version = uuid.uuid4().hex, 0
+        self._sent = set()  # workers sent the current parameters
         self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0, bytes_held=0,
                           bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0)
         self._workers()
@@ -294,7 +344,7 @@ class DataParallel:
     def close(self):
         """Release the module, data and parameters held on the cluster."""
         self._ref = self._held = self._batch = self._flat = self._params_key = None
-        self._params_on = {}
+        self._sent, self._homes = set(), {}
 
     def hold(self, x, targets, mask=None):
         """Keep ``x``, ``targets`` and ``mask`` (a fit's data, as its Trainer slices
@@ -302,7 +352,7 @@ class DataParallel:
         data = {"x": x, "targets": targets, "mask": mask}
         self._held = self._put(data)
         self.stats["bytes_held"] += _nbytes(data)
-        self._ready = set()
+        self._homes = {}
         self._workers()
 
     def minibatch(self, rows, x, targets, mask):
@@ -311,16 +361,17 @@ class DataParallel:
         self._batch = (np.asarray(rows), {"x": x, "targets": targets, "mask": mask})
 
     def _workers(self):
-        """The workers now, in a fixed order; each has the module (and the held data)
-        before it gets a shard: fetched while it computes nothing, since a worker
-        computing in a kernel (which holds the GIL) answers no fetch until it ends."""
+        """The workers now, in a fixed order; each has its home (the module and the
+        held data) before it gets a shard: fetched while no worker computes."""
+        from distributed import wait
+
         workers = sorted(self.client.scheduler_info().get("workers", {}))
-        new = [w for w in workers if w not in self._ready]
+        new = {w: self.client.submit(_home, self._ref, self._held, pure=False, workers=[w],
+                                     allow_other_workers=True)
+               for w in workers if w not in self._homes}
         if new:
-            self.client.gather([self.client.submit(_ping, self._ref, self._held, pure=False,
-                                                   workers=[w], allow_other_workers=True)
-                                for w in new])
-            self._ready.update(new)
+            wait(list(new.values()))
+            self._homes.update(new)
         return workers
 
     # parameters, once per update
@@ -338,25 +389,19 @@ class DataParallel:
         if key != self._params_key:
             self._layout = tuple((k, v.shape) for k, v in params.items())
             self._flat = _flatten(params, self._layout)  # a copy: later edits stay here
-            self._params_key, self._params_on = key, {}
+            self._params_key, self._sent = key, set()
+            self._version += 1
             self.stats["scatters"] += 1
 
-    def _params_at(self, worker):
-        """The current parameters on ``worker``: one copy per worker, put there before
-        its shard starts, so no worker fetches them from another that is computing."""
-        future = self._params_on.get(worker)
-        if future is None:
-            future = self._put(self._flat, worker)
-            self._params_on[worker] = future
-            self.stats["bytes_params"] += self._flat.nbytes
-        return future
-
-    def _put(self, value, worker=None):
+    def _put(self, value):
         """``value`` on the cluster as the result of a task that returns it, not as
         scattered data: if every worker holding it dies, the scheduler recomputes it
         from the task (scattered data would be lost, and the tasks needing it fail)."""
-        where = {} if worker is None else dict(workers=[worker], allow_other_workers=True)
-        return self.client.submit(_value, value, pure=False, **where)
+        import dask
+
+        # Dask warns of a graph over 10 MB (the held data): here that is the point.
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 TiB"}):
+            return self.client.submit(_value, value, pure=False)
 
     def _pieces(self, B):
         edges = np.linspace(0, B, min(self.shards, B) + 1).round().astype(int)
@@ -373,18 +418,36 @@ class DataParallel:
         return _rows(a, lo, hi, axis)
 
     def _run(self, function, calls):
-        """One task per shard, shard i on worker i (mod their number) with its own
-        copy of the parameters; their results in shard order."""
+        """One task per shard, shard i on worker i (mod their number); their results
+        in shard order. The parameters travel inside a worker's first task of an
+        update (a separate task putting them there would cost a round trip through
+        the scheduler before the shard could start); later tasks name them."""
         workers = self._workers()
-        futures = []
-        for i, args in enumerate(calls):
+        tag = (self._id, self._version)
+
+        def submit(i, send):
             w = workers[i % len(workers)]
-            futures.append(self.client.submit(
-                function, self._ref, self._layout, self._params_at(w), self._held, *args,
-                pure=False, workers=[w], allow_other_workers=True))
+            if send:
+                self.stats["bytes_params"] += self._flat.nbytes
+            return self.client.submit(
+                function, self._homes[w], self._layout, tag, self._flat if send else None,
+                *calls[i], pure=False, workers=[w], allow_other_workers=True)
+
+        futures = []
+        for i in range(len(calls)):
+            w = workers[i % len(workers)]
+            futures.append(submit(i, w not in self._sent))
+            self._sent.add(w)
         self.stats["bytes_data"] += _nbytes(calls)
-        # From the workers straight, not relayed through the scheduler's process.
-        results = self.client.gather(futures, direct=True)
+        while True:
+            try:
+                # From the workers straight, not relayed through the scheduler.
+                results = self.client.gather(futures, direct=True)
+                break
+            except _Stale:  # a task ran where the parameters are not: send them
+                futures = [submit(i, True) if f.status == "error" and
+                           isinstance(f.exception(), _Stale) else f
+                           for i, f in enumerate(futures)]
         self.stats["calls"] += 1
         self.stats["bytes_results"] += _nbytes([r[:-1] for r in results])
         self.stats["compute"] += max(r[-1] for r in results)

@@ -225,9 +225,9 @@ class Trainer:
         """Sequences ``rows`` of the data, cast and contiguous. A module that holds the
         data elsewhere (distributed.DataParallel) hears which rows they are, and then
         sends their numbers rather than the data."""
-        xb, tb = self._cast(x[:, rows], targets[:, rows])
-        tb = np.ascontiguousarray(tb)
-        mb = None if mask is None else np.ascontiguousarray(mask[:, rows])
+        # take: contiguous, and several times faster than the fancy index x[:, rows]
+        xb, tb = self._cast(np.take(x, rows, axis=1), np.take(targets, rows, axis=1))
+        mb = None if mask is None else np.take(mask, rows, axis=1)
         told = getattr(self.module, "minibatch", None)
         if told is not None:
             told(rows, xb, tb, mb)
