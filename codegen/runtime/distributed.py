@@ -161,6 +161,16 @@ def _value(value):
     return value
 
 
+def _aligned(a):
+    """``a``, copied when its address does not suit its dtype. Arrays Dask unpickles
+    from a message can start at any byte of it (a float32 array at an odd address);
+    NumPy copies from those element by element (np.take of a shard: ~10x slower) and
+    Numba compiles its kernels again for unaligned arrays."""
+    if isinstance(a, np.ndarray) and not a.flags.aligned:
+        return np.require(a, requirements="A")
+    return a
+
+
 def _unflatten(layout, flat):
     """{name: view of ``flat``} for ``layout`` = ((name, shape), ...): the parameters
     travel as one buffer, not as a dict of arrays each pickled apart."""
@@ -212,7 +222,7 @@ def _worker_params(layout, tag, flat):
     fit, version = tag
     if flat is not None:
         _PARAMS.pop(fit, None)
-        _PARAMS[fit] = (version, flat)
+        _PARAMS[fit] = (version, _aligned(flat))
         while len(_PARAMS) > 4:  # a few fits' worth: ended fits' buffers go
             _PARAMS.pop(next(iter(_PARAMS)))
     kept = _PARAMS.get(fit)
@@ -247,11 +257,13 @@ def _shard_forward(home, layout, tag, flat, x, state0):
 
 def _home(ref, held):
     """A worker's own key for the module (imported now, ahead of the first step) and
-    the held data: the same objects, no copy. Dask's active memory manager drops
-    extra replicas of a shared key every few seconds; a worker's own key stays, so a
-    shard never waits to fetch them from a worker that computes (whose kernels hold
-    its GIL: it answers no fetch until they end)."""
+    the held data (the same objects, or aligned copies). Dask's active memory manager
+    drops extra replicas of a shared key every few seconds; a worker's own key stays,
+    so a shard never waits to fetch them from a worker that computes (whose kernels
+    hold its GIL: it answers no fetch until they end)."""
     _worker_module(ref)
+    if held is not None:  # this worker's copy, aligned (see _aligned)
+        held = {k: _aligned(v) for k, v in held.items()}
     return ref, held
 
 
