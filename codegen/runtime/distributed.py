@@ -378,6 +378,9 @@ class DataParallel:
         from distributed import wait
 
         workers = sorted(self.client.scheduler_info().get("workers", {}))
+        while not workers:  # all dead (kill -9) and their nannies not yet back: wait
+            self.client.wait_for_workers(1)
+            workers = sorted(self.client.scheduler_info().get("workers", {}))
         new = {w: self.client.submit(_home, self._ref, self._held, pure=False, workers=[w],
                                      allow_other_workers=True)
                for w in workers if w not in self._homes}
