@@ -11,8 +11,9 @@ with random inputs and classes):
 
 Reported per configuration: seconds per epoch (the second of two; the first imports
 and warms), and for the cluster, per step: bytes sent (parameters to every worker,
-the shards' data) and received (each shard's gradients), the kernels' time (the
-slower shard) and the overhead (wall time of the split call less that). Then the
+and the numbers of each shard's sequences: the workers hold the data, sent once per
+fit, "held") and received (each shard's gradients), the kernels' time (the slower
+shard) and the overhead (wall time of the split call less that). Then the
 paper model of BENCHMARKS.md: step time on N machines = compute / N + 2 * 4P bytes
 at 10 Gb/s, with the compute measured here on one process.
 
@@ -70,6 +71,7 @@ def epoch_seconds(module, size, steps, client=None):
     second = None
     if client is not None:
         second = {k: stats[1][k] - stats[0][k] for k in stats[1]}
+        second["held"] = stats[0].get("bytes_held", 0)  # the data, once per fit
     return marks[2] - marks[1], second, P
 
 
@@ -107,6 +109,7 @@ def main(argv=None):
             row = dict(model=name, size=size, P=P, one=one, two=two,
                        sent=(st["bytes_params"] + st["bytes_data"]) / calls,
                        params=st["bytes_params"] / calls, received=st["bytes_results"] / calls,
+                       held=st["held"],
                        compute=st["compute"] / calls, overhead=(st["wall"] - st["compute"]) / calls,
                        shard_sum=st["shard_seconds"] / calls)
             rows.append(row)
@@ -142,15 +145,17 @@ def report(rows, args, env, load0, load1):
         f"{args.steps} minibatches of B sequences per epoch.",
         "",
         "| model (B,T,I,H,O) | P | 1 process x 2 threads s/epoch | 2 workers x 1 thread "
-        "s/epoch | speed-up | sent MB/step (params) | received MB/step | compute ms/step | "
+        "s/epoch | speed-up | sent MB/step (params) | received MB/step | held MB/fit | "
+        "compute ms/step | "
         "overhead ms/step | overhead/compute |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} {','.join(map(str, r['size']))} | {r['P']} | {r['one']:.3f} | "
             f"{r['two']:.3f} | {r['one'] / r['two']:.2f}x | {_mb(r['sent'])} "
-            f"({_mb(r['params'])}) | {_mb(r['received'])} | {r['compute'] * 1e3:.1f} | "
+            f"({_mb(r['params'])}) | {_mb(r['received'])} | {_mb(r['held'])} | "
+            f"{r['compute'] * 1e3:.1f} | "
             f"{r['overhead'] * 1e3:.1f} | {100 * r['overhead'] / r['compute']:.1f}% |")
     lines += [
         "",

@@ -129,12 +129,32 @@ def test_module_once_parameters_once_per_update(client):
         dp.loss_and_grads(params, x, targets)
     dp.forward(params, x)
     assert dp.stats["scatters"] == 1 and dp.stats["calls"] == 4
+    flat = sum(p.nbytes for p in params.values())
+    assert dp.stats["bytes_params"] == 2 * flat  # one buffer to each worker, once
     params = {k: v * 0.5 for k, v in params.items()}
     dp.loss_and_grads(params, x, targets)
-    assert dp.stats["scatters"] == 2
+    assert dp.stats["scatters"] == 2 and dp.stats["bytes_params"] == 4 * flat
     for worker, modules in _loaded(client).items():
         files = [f for _, f in modules if f == m.__file__]
         assert files == [m.__file__], (worker, modules)  # the installed file, by name, once
+
+
+def test_a_worker_without_the_parameters_gets_them_again(client):
+    """A task that lands where its parameters are not (a worker restarted, or one
+    doing a dead worker's shard) fails with _Stale and goes again with them."""
+    m = _module("elman")
+    params, x, targets, state0, _ = _problem(m)
+    dp = dist.DataParallel(client, m)
+    dp.loss_and_grads(params, x, targets)
+
+    def forget():
+        dist._PARAMS.clear()
+    client.run(forget)
+    sent = dp.stats["bytes_params"]
+    y, final = dp.forward(params, x, state0=state0)
+    assert dp.stats["bytes_params"] == 2 * sent  # both sent again
+    y1, final1 = m.forward(params, x, state0=state0)
+    assert np.allclose(y, y1, rtol=1e-12, atol=0)
 
 
 def test_a_module_the_workers_cannot_import_goes_as_source(client, tmp_path):
@@ -181,6 +201,32 @@ def test_fit_equals_one_process(client, algorithm, kw):
     assert split.module is m  # handed back after the fit
     assert _relative(split.params, one.params) <= 1e-12
     assert np.allclose(split.history["loss"], one.history["loss"], rtol=1e-12, atol=0)
+
+
+def test_a_step_sends_the_parameters_not_the_data(client, monkeypatch):
+    """In a fit the workers hold the data: a step's tasks carry the parameters (one
+    flat buffer) and the numbers of their shard's sequences, not x, targets or mask."""
+    m = _module("elman")
+    data = tasks.parity(8, 40, seed=1)
+    mask = np.random.default_rng(0).random(data.x.shape[:2])
+    sent, submit = [], client.submit
+
+    def recording(function, *args, **kw):
+        if function in (dist._shard_loss_and_grads, dist._shard_forward):
+            sent.append(args)
+        return submit(function, *args, **kw)
+    monkeypatch.setattr(client, "submit", recording)
+    tr = _trainer(m)
+    tr.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False,
+           client=client)
+    P = sum(p.size for p in tr.params.values())
+    assert tr.steps == 6 and len(sent) == 2 * 6  # 3 minibatches an epoch, 2 shards each
+    for _, layout, _, flat, x, targets, kw in sent:
+        assert flat.dtype == np.float64 and flat.shape == (P,)  # bptt: new every step
+        for piece in (x, targets, kw["mask"]):
+            assert isinstance(piece, dist._Held) and piece.rows.dtype.kind == "i", piece
+            assert len(piece.rows) in (4, 8)  # half of a minibatch of 16 or of 8
+        assert not [k for k, v in kw.items() if isinstance(v, np.ndarray)], kw
 
 
 # -- faults --------------------------------------------------------------------------------

@@ -26,25 +26,40 @@ next; shipping them each update costs B H times the gradient exchange, and keepi
 them on the workers would make a killed worker's shard unrecoverable short of
 replaying its sequences from the start. ``fit`` refuses it and says so.
 
-Faults. Shard data travel inside their tasks, and the module and parameters are the
-results of tasks that return them (not scattered data, which a dead worker takes
-with it), so when a worker dies (kill -9) the scheduler reruns its tasks on the
-others, with the same inputs: the shard's result is the same numbers, and the driver
-takes each shard's result exactly once, in shard order, so nothing is lost or counted twice and the run equals an uninterrupted
-one bit for bit. When the scheduler dies, ``fit`` puts the trainer back to the
-end of its last finished minibatch (the online algorithms update within one) and
-raises ``SchedulerLost``: ``save`` then writes a checkpoint that ``fit(resume=True)``
-continues from.
+What a step sends. ``fit`` puts the data (x, targets, mask, cast as the trainer
+casts them) on the cluster once, and each worker keeps it under a key of its own
+(``_home``, with the module); the Trainer tells the ``DataParallel`` which sequences
+each minibatch holds (``minibatch``), so a step's task names its shard's sequences
+and time window (``_Held``) instead of carrying the numbers. The parameters travel as
+one flat buffer inside a worker's first task of each update (a separate task putting
+them there would cost a round trip through the scheduler before the shard could
+start); the update's later tasks on that worker (the online algorithms' forward
+passes) name them by version, and a task that lands where they are not (a dead
+worker's shard rerun elsewhere, a restarted worker) fails with ``_Stale`` and goes
+again with them. Gradients come back as one flat buffer, fetched from the workers
+straight, not through the scheduler. Everything a worker needs is on it before its
+shard starts: a Numba kernel holds its worker's GIL, so a worker that computes
+answers no other worker's fetch until its kernel ends.
 
-The generated module reaches each worker once: its source goes out as one
-object on the cluster, with a digest; a worker imports the module by name when its own
-copy has the same digest (an installed built-in: Numba's cache is warm), or else
-writes the source under the temporary folder, keyed by the digest, and imports it
-from there (Numba caches beside that file, so a restarted worker loads rather than
-compiles). Each worker process keeps the imported module: nothing is re-pickled
-or recompiled per step. The parameters go out once per update (a version
-key: the trainer's update count and the arrays' identities) and reused by every
-call until the next update.
+Faults. The module and the data are the results of tasks that return them (not
+scattered data, which a dead worker takes with it), so when a worker dies (kill -9)
+the scheduler reruns its tasks on the others, with the same inputs: the shard's
+result is the same numbers, and the driver takes each shard's result exactly once,
+in shard order, so nothing is lost or counted twice and the run equals an
+uninterrupted one bit for bit. When the scheduler dies, ``fit`` puts the trainer
+back to the end of its last finished minibatch (the online algorithms update within
+one) and raises ``SchedulerLost``: ``save`` then writes a checkpoint that
+``fit(resume=True)`` continues from.
+
+The generated module reaches each worker once: its source goes out as one object on
+the cluster, with a digest; a worker imports the module by name when its own copy
+has the same digest (an installed built-in: Numba's cache is warm), or else writes
+the source under the temporary folder, keyed by the digest, and imports it from
+there (Numba caches beside that file, so a restarted worker loads rather than
+compiles). Each worker process keeps the imported module: nothing is re-pickled or
+recompiled per step. Memory: each worker holds the whole data set of a fit (and the
+scheduler one copy, to recompute it from), as each process of a data-parallel fit
+on one machine would read it.
 
 dask is imported lazily: the runtime needs only NumPy and Numba.
 """
@@ -55,6 +70,8 @@ import importlib.util
 import os
 import sys
 import time
+import uuid
+from typing import NamedTuple
 
 import numpy as np
 
@@ -144,31 +161,118 @@ def _value(value):
     return value
 
 
-def _shard_loss_and_grads(ref, params, x, targets, kw):
-    """One shard's (loss, grads) without L2, and the seconds the kernels took."""
+def _aligned(a):
+    """``a``, copied when its address does not suit its dtype. Arrays Dask unpickles
+    from a message can start at any byte of it (a float32 array at an odd address);
+    NumPy copies from those element by element (np.take of a shard: ~10x slower) and
+    Numba compiles its kernels again for unaligned arrays."""
+    if isinstance(a, np.ndarray) and not a.flags.aligned:
+        return np.require(a, requirements="A")
+    return a
+
+
+def _unflatten(layout, flat):
+    """{name: view of ``flat``} for ``layout`` = ((name, shape), ...): the parameters
+    travel as one buffer, not as a dict of arrays each pickled apart."""
+    arrays, at = {}, 0
+    for name, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = flat[at:at + n].reshape(shape)
+        at += n
+    return arrays
+
+
+def _flatten(arrays, layout):
+    return np.concatenate([np.ravel(arrays[name]) for name, _ in layout])
+
+
+class _Held(NamedTuple):
+    """A shard's piece of the data the workers hold: ``held[field][start:stop, rows]``
+    (a time window of some sequences), sent in place of the numbers themselves."""
+
+    field: str
+    start: int
+    stop: int
+    rows: np.ndarray
+
+
+def _resolve(held, value):
+    """``value``, or the numbers it names when it is a ``_Held``."""
+    if isinstance(value, _Held):
+        field, start, stop, rows = value
+        # take copies whole rows (a sequence's step at a time): several times faster
+        # than the fancy index [start:stop, rows], and contiguous
+        return np.take(held[field][start:stop], rows, axis=1)
+    return value
+
+
+#: fit's id -> (version, flat parameters), in each worker process: the parameters of
+#: the current update, which reach a worker inside its first task of that update.
+_PARAMS = {}
+
+
+class _Stale(RuntimeError):
+    """This worker has not got the parameters a task names (the task was meant for a
+    worker that died, or this process is new): the driver resends them."""
+
+
+def _worker_params(layout, tag, flat):
+    """The parameters ``tag`` = (fit, version) names, as views of one flat buffer:
+    ``flat`` when sent (and kept for the update's later tasks), else the kept copy."""
+    fit, version = tag
+    if flat is not None:
+        _PARAMS.pop(fit, None)
+        _PARAMS[fit] = (version, _aligned(flat))
+        while len(_PARAMS) > 4:  # a few fits' worth: ended fits' buffers go
+            _PARAMS.pop(next(iter(_PARAMS)))
+    kept = _PARAMS.get(fit)
+    if kept is None or kept[0] != version:
+        raise _Stale(f"this worker lacks the parameters {tag}")
+    return _unflatten(layout, kept[1])
+
+
+def _shard_loss_and_grads(home, layout, tag, flat, x, targets, kw):
+    """One shard's loss without L2, its gradients as one flat buffer, and the seconds
+    the kernels took (the slicing of held data and the flattening are overhead)."""
+    ref, held = home
     module = _worker_module(ref)
+    params = _worker_params(layout, tag, flat)
+    x, targets = _resolve(held, x), _resolve(held, targets)
+    kw = dict(kw, mask=_resolve(held, kw.get("mask")))
     start = time.perf_counter()
     loss, grads = module.loss_and_grads(params, x, targets, l2=0.0, **kw)
-    return loss, grads, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return loss, _flatten(grads, layout), seconds
 
 
-def _shard_forward(ref, params, x, state0):
+def _shard_forward(home, layout, tag, flat, x, state0):
+    ref, held = home
     module = _worker_module(ref)
+    params = _worker_params(layout, tag, flat)
+    x = _resolve(held, x)
     start = time.perf_counter()
     y, final = module.forward(params, x, state0=state0)
     return y, final, time.perf_counter() - start
 
 
-def _ping(ref):
-    """Import (and so load) the module on a worker ahead of the first step."""
+def _home(ref, held):
+    """A worker's own key for the module (imported now, ahead of the first step) and
+    the held data (the same objects, or aligned copies). Dask's active memory manager
+    drops extra replicas of a shared key every few seconds; a worker's own key stays,
+    so a shard never waits to fetch them from a worker that computes (whose kernels
+    hold its GIL: it answers no fetch until they end)."""
     _worker_module(ref)
-    return os.getpid()
+    if held is not None:  # this worker's copy, aligned (see _aligned)
+        held = {k: _aligned(v) for k, v in held.items()}
+    return ref, held
 
 
 # -- on the driver --------------------------------------------------------------------
 def _nbytes(obj):
     if isinstance(obj, np.ndarray):
         return obj.nbytes
+    if isinstance(obj, _Held):
+        return obj.rows.nbytes
     if isinstance(obj, dict):
         return sum(_nbytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -187,6 +291,22 @@ def _rows(tree, lo, hi, axis):
     return np.ascontiguousarray(tree[tuple(index)])
 
 
+def _window(a, whole):
+    """(start, stop) when ``a`` is ``whole[start:stop]`` (a view of it along its first
+    axis, as the online algorithms' windows are), else None."""
+    if a is whole:
+        return 0, len(whole)
+    if not (isinstance(a, np.ndarray) and isinstance(whole, np.ndarray)) or \
+            a.dtype != whole.dtype or a.shape[1:] != whole.shape[1:] or \
+            a.strides != whole.strides or whole.strides[0] <= 0:
+        return None
+    offset = a.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
+    start, rest = divmod(offset, whole.strides[0])
+    if rest or start < 0 or start + len(a) > len(whole):
+        return None  # another array, or not on row boundaries
+    return int(start), int(start + len(a))
+
+
 class DataParallel:
     """A generated module whose ``loss_and_grads`` and ``forward`` run split over the
     batch on a Dask cluster; every other attribute is the module's own.
@@ -195,6 +315,9 @@ class DataParallel:
     it is made). The result does not depend on which worker computes which shard,
     only on the shard count. ``trainer``: when given, its update count versions the
     parameters (sent once per update); without it each call hashes them.
+    ``hold(x, targets, mask)`` keeps a fit's data on the workers; ``minibatch`` (the
+    Trainer's call) says which of its sequences a step trains on, and a step then
+    sends their numbers, not their data.
     ``stats`` counts calls, bytes each way and seconds: wall time per call against
     the slowest shard's kernel time (the overhead is the difference).
     """
@@ -218,23 +341,57 @@ class DataParallel:
         ref = (module.__name__, hashlib.sha256(source.encode()).hexdigest(), source)
         # One object on the cluster: tasks name it, so it is not sent again.
         self._ref = self._put(ref)
-        self._params_key, self._params_future = None, None
-        self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0,
+        self._held = self._batch = None
+        self._homes = {}  # worker -> its _home future
+        self._params_key = self._flat = self._layout = None
+        self._id, self._version = uuid.uuid4().hex, 0
+        self._sent = set()  # workers sent the current parameters
+        self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0, bytes_held=0,
                           bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0)
-        # Import on every worker now, so the first step's time is the kernels'
-        # (a lazy Numba compile on first call still lands in the first step).
-        client.gather([client.submit(_ping, self._ref, pure=False, workers=[w],
-                                     allow_other_workers=True) for w in workers])
+        self._workers()
 
     def __getattr__(self, name):
         return getattr(self.module, name)
 
     def close(self):
-        """Release the module and parameters held on the cluster."""
-        self._ref = self._params_future = self._params_key = None
+        """Release the module, data and parameters held on the cluster."""
+        self._ref = self._held = self._batch = self._flat = self._params_key = None
+        self._sent, self._homes = set(), {}
+
+    def hold(self, x, targets, mask=None):
+        """Keep ``x``, ``targets`` and ``mask`` (a fit's data, as its Trainer slices
+        them) on every worker until ``close``: sent once, not once per step."""
+        data = {"x": x, "targets": targets, "mask": mask}
+        self._held = self._put(data)
+        self.stats["bytes_held"] += _nbytes(data)
+        self._homes = {}
+        self._workers()
+
+    def minibatch(self, rows, x, targets, mask):
+        """The Trainer's minibatch is sequences ``rows`` of the held data: calls on
+        these arrays (or windows of their time axis) send ``rows``, not numbers."""
+        self._batch = (np.asarray(rows), {"x": x, "targets": targets, "mask": mask})
+
+    def _workers(self):
+        """The workers now, in a fixed order; each has its home (the module and the
+        held data) before it gets a shard: fetched while no worker computes."""
+        from distributed import wait
+
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        while not workers:  # all dead (kill -9) and their nannies not yet back: wait
+            self.client.wait_for_workers(1)
+            workers = sorted(self.client.scheduler_info().get("workers", {}))
+        new = {w: self.client.submit(_home, self._ref, self._held, pure=False, workers=[w],
+                                     allow_other_workers=True)
+               for w in workers if w not in self._homes}
+        if new:
+            wait(list(new.values()))
+            self._homes.update(new)
+        return workers
 
     # parameters, once per update
     def _params(self, params):
+        """The parameters as one flat buffer, new when they changed."""
         if self.trainer is not None and params is self.trainer.params:
             key = ("update", self.trainer.steps, id(params),
                    tuple(id(a) for a in params.values()))
@@ -245,30 +402,67 @@ class DataParallel:
                 h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
             key = ("hash", h.hexdigest())
         if key != self._params_key:
-            snapshot = {k: np.array(v) for k, v in params.items()}  # later edits stay here
-            self._params_future = self._put(snapshot)
-            self._params_key = key
-            workers = len(self.client.scheduler_info().get("workers", {}))
+            self._layout = tuple((k, v.shape) for k, v in params.items())
+            self._flat = _flatten(params, self._layout)  # a copy: later edits stay here
+            self._params_key, self._sent = key, set()
+            self._version += 1
             self.stats["scatters"] += 1
-            self.stats["bytes_params"] += _nbytes(snapshot) * max(1, workers)
-        return self._params_future
 
     def _put(self, value):
         """``value`` on the cluster as the result of a task that returns it, not as
         scattered data: if every worker holding it dies, the scheduler recomputes it
         from the task (scattered data would be lost, and the tasks needing it fail)."""
-        return self.client.submit(_value, value, pure=False)
+        import dask
+
+        # Dask warns of a graph over 10 MB (the held data): here that is the point.
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 TiB"}):
+            return self.client.submit(_value, value, pure=False)
 
     def _pieces(self, B):
         edges = np.linspace(0, B, min(self.shards, B) + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
+    def _piece(self, field, a, lo, hi, axis=1):
+        """Rows lo:hi of argument ``a``: a ``_Held`` naming them when ``a`` is (a time
+        window of) the minibatch's ``field`` and the workers hold the data; else the
+        numbers."""
+        if a is not None and self._held is not None and self._batch is not None:
+            window = _window(a, self._batch[1][field])
+            if window is not None:
+                return _Held(field, *window, self._batch[0][lo:hi])
+        return _rows(a, lo, hi, axis)
+
     def _run(self, function, calls):
-        """Submit one task per shard; their results in shard order."""
-        futures = [self.client.submit(function, self._ref, *args, pure=False)
-                   for args in calls]
+        """One task per shard, shard i on worker i (mod their number); their results
+        in shard order. The parameters travel inside a worker's first task of an
+        update (a separate task putting them there would cost a round trip through
+        the scheduler before the shard could start); later tasks name them."""
+        workers = self._workers()
+        tag = (self._id, self._version)
+
+        def submit(i, send):
+            w = workers[i % len(workers)]
+            if send:
+                self.stats["bytes_params"] += self._flat.nbytes
+            return self.client.submit(
+                function, self._homes[w], self._layout, tag, self._flat if send else None,
+                *calls[i], pure=False, workers=[w], allow_other_workers=True)
+
+        futures = []
+        for i in range(len(calls)):
+            w = workers[i % len(workers)]
+            futures.append(submit(i, w not in self._sent))
+            self._sent.add(w)
         self.stats["bytes_data"] += _nbytes(calls)
-        results = self.client.gather(futures)
+        while True:
+            try:
+                # From the workers straight, not relayed through the scheduler.
+                results = self.client.gather(futures, direct=True)
+                break
+            except _Stale:  # a task ran where the parameters are not: send them
+                futures = [submit(i, True) if f.status == "error" and
+                           isinstance(f.exception(), _Stale) else f
+                           for i, f in enumerate(futures)]
         self.stats["calls"] += 1
         self.stats["bytes_results"] += _nbytes([r[:-1] for r in results])
         self.stats["compute"] += max(r[-1] for r in results)
@@ -295,23 +489,24 @@ class DataParallel:
             m = None if mask is None else _rows(mask, lo, hi, 1)
             _, w = loss_weights(self.module.SPEC, T, hi - lo, m, dtype, allow_empty=True)
             if w > 0:  # a shard without loss terms adds nothing
-                pieces.append((lo, hi, m))
+                pieces.append((lo, hi))
                 weights.append(w)
-        future = self._params(params)
+        self._params(params)
         results = self._run(_shard_loss_and_grads, [
-            (future, _rows(x, lo, hi, 1), _rows(targets, lo, hi, 1),
-             dict(kw, algorithm=algorithm, mask=m, state0=_rows(state0, lo, hi, 0)))
-            for lo, hi, m in pieces])
+            (self._piece("x", x, lo, hi), self._piece("targets", targets, lo, hi),
+             dict(kw, algorithm=algorithm, mask=self._piece("mask", mask, lo, hi),
+                  state0=_rows(state0, lo, hi, 0)))
+            for lo, hi in pieces])
         total = sum(weights)
-        loss, grads = 0.0, None
-        for w, (loss_s, grads_s, _) in zip(weights, results):  # shard order: deterministic
+        loss, flat = 0.0, None
+        for w, (loss_s, flat_s, _) in zip(weights, results):  # shard order: deterministic
             share = w / total
             loss += share * loss_s
-            if grads is None:
-                grads = {k: g * share for k, g in grads_s.items()}
+            if flat is None:
+                flat = flat_s * share
             else:
-                for k, g in grads_s.items():
-                    grads[k] += g * share
+                flat += flat_s * share
+        grads = _unflatten(self._layout, flat)
         if l2:  # once, not once per shard: the module's penalty on its weight matrices
             for name, role in self.module.SPEC["roles"].items():
                 if role == "weight":
@@ -326,9 +521,9 @@ class DataParallel:
         """As the module's ``forward``, the batch split over the workers."""
         start = time.perf_counter()
         pieces = self._pieces(x.shape[1])
-        future = self._params(params)
+        self._params(params)
         results = self._run(_shard_forward, [
-            (future, _rows(x, lo, hi, 1), _rows(state0, lo, hi, 0)) for lo, hi in pieces])
+            (self._piece("x", x, lo, hi), _rows(state0, lo, hi, 0)) for lo, hi in pieces])
         y = np.concatenate([r[0] for r in results], axis=1)
         final = {s: np.concatenate([r[1][s] for r in results], axis=0)
                  for s in results[0][1]}
@@ -372,6 +567,11 @@ def fit(trainer, client, x, targets, *, callback=None, **kw):
     if trainer.algorithm in REFUSED:
         raise ValueError(REFUSED[trainer.algorithm])
     dp = DataParallel(client, trainer.module, trainer=trainer)
+    # The workers hold the data, cast as the trainer casts each minibatch; a step
+    # sends the numbers of its sequences (Trainer._minibatch tells dp which).
+    trainer._check_data(x, targets, kw.get("mask"))
+    x, targets = trainer._cast(x, targets)
+    dp.hold(x, targets, kw.get("mask"))
     address = getattr(client.scheduler, "address", None) or "its address"
     online = trainer.algorithm in ("tbptt", "artbp")  # they update within a minibatch
     state = {"snap": _snapshot(trainer) if online else None}

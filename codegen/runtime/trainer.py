@@ -260,6 +260,18 @@ class Trainer:
             targets = np.ascontiguousarray(targets, dtype=self.dtype)
         return x, targets
 
+    def _minibatch(self, x, targets, mask, rows):
+        """Sequences ``rows`` of the data, cast and contiguous. A module that holds the
+        data elsewhere (distributed.DataParallel) hears which rows they are, and then
+        sends their numbers rather than the data."""
+        # take: contiguous, and several times faster than the fancy index x[:, rows]
+        xb, tb = self._cast(np.take(x, rows, axis=1), np.take(targets, rows, axis=1))
+        mb = None if mask is None else np.take(mask, rows, axis=1)
+        told = getattr(self.module, "minibatch", None)
+        if told is not None:
+            told(rows, xb, tb, mb)
+        return xb, tb, mb
+
     def _check_data(self, x, targets, mask):
         for name, a in (("x", x), ("targets", targets)):
             if not isinstance(a, np.ndarray):
@@ -322,10 +334,8 @@ class Trainer:
                 part = self._partial or {"total": 0.0, "count": 0, "grads": None}
                 for b in range(batch0 if epoch == epoch0 else 0, batches):
                     idx = np.sort(order[b * batch_size:(b + 1) * batch_size])
-                    xb, tb = x[:, idx], targets[:, idx]
-                    mb = None if mask is None else mask[:, idx]
+                    xb, tb, mb = self._minibatch(x, targets, mask, idx)
                     if self.algorithm == "epochwise":
-                        xb, tb = self._cast(xb, tb)
                         loss, grads = self.loss_and_grads(xb, tb, mask=mb)
                         if not _all_finite(loss, grads):
                             self._diverge(f"the loss of update {self.steps + 1} became "
