@@ -200,7 +200,7 @@ def test_train_streams_a_text(capsys, tmp_path):
     assert len(ppl) == 3 and ppl[1] < ppl[0]  # two epochs, then the summary
     rc, _, err = run(capsys, "train", "elman", "--text", str(text), "--stream",
                      "-o", str(tmp_path / "p.npz"))
-    assert rc == cli.EXIT_USAGE and "--stream trains with --algorithm tbptt or rtrl" in err
+    assert rc == cli.EXIT_USAGE and "--stream trains with --algorithm tbptt, rtrl or artbp" in err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -46,7 +46,23 @@ def test_a_stream_takes_the_updates_of_the_sequence(data, algorithm, kw):
     assert streamed.history["loss"] == [loss] and streamed.stream is None
 
 
-@pytest.mark.parametrize("algorithm, kw", OPTIONS)
+def test_artbp_streams_its_cuts(data):
+    """ARTBP draws each chunk's cuts from (seed, update count): one chunk is step();
+    chunked, the stretches between cuts are held, and their mean length is 1/c."""
+    x, targets, mask, chunks = data
+    whole, one = trainer("artbp", dict(c=0.2)), trainer("artbp", dict(c=0.2))
+    loss = whole.step(x, targets, mask)
+    assert one.fit_stream(iter([(x, targets, mask)]), progress=False) == loss
+    for p in whole.params:
+        np.testing.assert_array_equal(one.params[p], whole.params[p])
+    streamed = trainer("artbp", dict(c=0.2))
+    streamed.fit_stream(iter(chunks), progress=False)
+    assert streamed.steps > 3
+    with pytest.raises(ValueError, match="a stream's ARTBP needs c a number"):
+        trainer("artbp", dict(c=np.full(57, 0.2))).fit_stream(iter(chunks), progress=False)
+
+
+@pytest.mark.parametrize("algorithm, kw", OPTIONS + [("artbp", dict(c=0.2))])
 def test_a_stopped_stream_resumes_exactly(data, tmp_path, algorithm, kw):
     x, targets, mask, chunks = data
     whole = trainer(algorithm, kw)
@@ -67,7 +83,7 @@ def test_a_stopped_stream_resumes_exactly(data, tmp_path, algorithm, kw):
 
 
 def test_a_stream_refuses_what_needs_the_whole_sequence(data):
-    with pytest.raises(ValueError, match="a stream trains with algorithm 'tbptt' or 'rtrl'"):
+    with pytest.raises(ValueError, match="a stream trains with algorithm 'tbptt', 'rtrl' or"):
         trainer("bptt", {}).fit_stream(iter(data[3]), progress=False)
     with pytest.raises(TypeError, match=r"each chunk must be a tuple \(x, targets\)"):
         trainer("tbptt", dict(k1=2, k2=2)).fit_stream(iter([data[0]]), progress=False)

@@ -336,9 +336,9 @@ def _train_stream(args, module):
 
     if not args.text:
         raise UsageError("--stream reads a --text FILE")
-    if args.algorithm not in ("tbptt", "rtrl"):
-        raise UsageError(f"--stream trains with --algorithm tbptt or rtrl (they look back "
-                         f"a bounded number of steps), not {args.algorithm}")
+    if args.algorithm not in ("tbptt", "rtrl", "artbp"):
+        raise UsageError(f"--stream trains with --algorithm tbptt, rtrl or artbp (they "
+                         f"look back a bounded number of steps), not {args.algorithm}")
     if args.workers or args.scheduler:
         raise UsageError("--stream runs in one process (no --workers or --scheduler)")
     text = tasks.TextStream(args.text, args.batch_size, args.chunk,
@@ -350,7 +350,7 @@ def _train_stream(args, module):
         trainer = module.Trainer(
             _sizes(module, text, args.hidden), optimizer=args.optimizer, lr=args.lr,
             l2=args.l2, clip=args.clip, algorithm=args.algorithm, k1=args.k1, k2=args.k2,
-            every=args.every, seed=args.seed, momentum=args.momentum,
+            c=args.c, every=args.every, seed=args.seed, momentum=args.momentum,
             dtype=np.float32 if args.dtype == "float32" else np.float64,
             memory_limit=_memory_limit(args))
         epoch0, resume = 0, False
@@ -528,7 +528,7 @@ def parser():
     data.add_argument("--stream", action="store_true",
                       help="--text read in chunks, never whole (a file larger than "
                            "memory): --batch-size streams side by side, trained with "
-                           "tbptt or rtrl; an epoch is one pass")
+                           "tbptt, rtrl or artbp; an epoch is one pass")
     data.add_argument("--chunk", type=int, default=4096,
                       help="--stream: steps read at a time (default 4096)")
     data.add_argument("--seq-len", type=int, default=None,

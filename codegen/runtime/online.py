@@ -220,32 +220,13 @@ def _online_rtrl(trainer, x, targets, mask):
 
 def _online_artbp(trainer, x, targets, mask):
     """Draw the cuts of the minibatch; at each, backpropagate the stretch since the
-    last cut (reweighted by 1/(1 - c_t) inside it) and update. The state crosses a
-    cut as the forward pass computed it, under the weights then in force."""
-    module = trainer.module
+    last cut (reweighted by 1/(1 - c_t) inside it) and update (the stream engine, fed
+    the minibatch as one chunk)."""
+    from .stream import Artbp
+
     T, B = x.shape[:2]
-    c = truncation_schedule(trainer.c, T)
-    rng = np.random.default_rng([trainer.seed, _ARTBP_STREAM, trainer.steps])
-    cut = rng.random(T) < c
-    cut[0] = True
-    starts = np.flatnonzero(cut).tolist()
-    ends = [s - 1 for s in starts[1:]] + [T - 1]
-    w_all, _ = loss_weights(module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
-    w_all = w_all.reshape(T, B)
-    state = None
-    losses, weights = [], []
-    for a, b in zip(starts, ends):
-        xs, ts, w = x[a:b + 1], targets[a:b + 1], w_all[a:b + 1]
-        if b < T - 1:
-            _, after = module.forward(trainer.params, xs, state0=state)
-        if w.sum() > 0:
-            loss, grads = trainer.loss_and_grads(
-                xs, ts, state0=state, mask=w, algorithm="artbp", c=c[a:b + 1],
-                truncate=np.zeros(b - a + 1, bool))
-            if not trainer._guarded_apply(loss, grads):
-                return loss
-            losses.append(loss)
-            weights.append(float(w.sum()))
-        if b < T - 1:
-            state = after
-    return _mean(losses, weights)
+    w, _ = loss_weights(trainer.module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
+    stream = Artbp(trainer)
+    if stream.feed(x, targets, w.reshape(T, B), c=truncation_schedule(trainer.c, T)):
+        stream.close()
+    return stream.mean_loss()

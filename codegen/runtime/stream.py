@@ -1,10 +1,11 @@
 """Training on a stream: the online algorithms fed a sequence chunk by chunk.
 
-A Trainer's truncated BPTT and RTRL never need the whole sequence: TBPTT(k1, k2)
-looks back k2 steps (seed 003), RTRL carries the states and their sensitivities
-(seed 001). Each algorithm is an engine fed chunks of any lengths, holding what it
-must between them: TBPTT the last k1 + k2 steps of input and the states where a
-window may start, RTRL fewer than ``every`` steps; never O(T). ``Trainer.step`` feeds
+A Trainer's truncated BPTT, RTRL and ARTBP never need the whole sequence: TBPTT(k1,
+k2) looks back k2 steps (seed 003), RTRL carries the states and their sensitivities
+(seed 001), ARTBP backpropagates the stretch since its last random cut. Each
+algorithm is an engine fed chunks of any lengths, holding what it must between them:
+TBPTT the last k1 + k2 steps of input and the states where a window may start, RTRL
+fewer than ``every`` steps, ARTBP its stretch; never O(T). ``Trainer.step`` feeds
 one whole minibatch to the same engines, so a stream and a sequence in memory take
 the same updates, and an engine's state is saved with the Trainer: a stream resumes
 where it stopped.
@@ -152,7 +153,79 @@ class Rtrl:
         return _mean(self.losses, self.weights)
 
 
-ENGINES = {"tbptt": Tbptt, "rtrl": Rtrl}
+class Artbp:
+    """ARTBP over a stream (seed 003): the recurrence cut at each step with probability
+    c, drawn for each chunk from (seed, the trainer's update count); at each cut, the
+    stretch since the last cut backpropagated (the adjoint reweighted by 1/(1 - c_t)
+    inside it) and an update. The state crosses a cut as the forward pass computed it.
+    Holds the stretch since the last cut: 1/c steps on average."""
+
+    def __init__(self, trainer, state0=None):
+        from .online import _ARTBP_STREAM
+
+        self.trainer, self.stream_id = trainer, _ARTBP_STREAM
+        self.state = state0
+        self.x = self.targets = self.mask = self.c = None  # the stretch since the last cut
+        self.pos = 0
+        self.losses, self.weights = [], []
+
+    @property
+    def held_steps(self):
+        return 0 if self.x is None else len(self.x)
+
+    def feed(self, x, targets, mask, c=None):
+        """c: the chunk's cut probabilities (default the trainer's c, a number)."""
+        t = self.trainer
+        T, B = x.shape[:2]
+        if c is None:
+            if np.ndim(t.c) != 0:
+                raise ValueError("a stream's ARTBP needs c a number: a schedule of cut "
+                                 "probabilities has a length, and a stream has none")
+            c = np.full(T, float(t.c))
+        cut = np.random.default_rng([t.seed, self.stream_id, t.steps]).random(T) < c
+        if self.pos == 0:
+            cut[0] = False  # the stream's first step starts the first stretch
+        at = self.held_steps  # where the chunk starts among the held steps
+        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
+        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self.c = _cat(self.c, np.asarray(c, np.float64))
+        self.pos += T
+        for p in np.flatnonzero(cut).tolist():  # a cut before step p of the chunk
+            n = at + p
+            if not self._run(n, last=False):
+                return False
+            at -= n
+        return True
+
+    def close(self):
+        return self._run(self.held_steps, last=True) if self.held_steps else True
+
+    def _run(self, n, last):
+        """Backpropagate the first n held steps, a stretch ending at a cut (last: the
+        stream's end), and drop them."""
+        t = self.trainer
+        xs, ts, w, c = self.x[:n], self.targets[:n], self.mask[:n], self.c[:n]
+        self.x, self.targets, self.mask, self.c = (a[n:] for a in
+                                                   (self.x, self.targets, self.mask, self.c))
+        after = None
+        if not last:
+            _, after = t.module.forward(t.params, xs, state0=self.state)
+        if w.sum() > 0:
+            loss, grads = t.loss_and_grads(xs, ts, state0=self.state, mask=w,
+                                           algorithm="artbp", c=c,
+                                           truncate=np.zeros(n, bool))
+            if not t._guarded_apply(loss, grads):
+                return False
+            self.losses.append(loss)
+            self.weights.append(float(w.sum()))
+        self.state = after
+        return True
+
+    def mean_loss(self):
+        return _mean(self.losses, self.weights)
+
+
+ENGINES = {"tbptt": Tbptt, "rtrl": Rtrl, "artbp": Artbp}
 
 
 def _mean(losses, weights):
@@ -162,8 +235,8 @@ def _mean(losses, weights):
 def engine(trainer, state0=None):
     """The stream engine of the trainer's algorithm; a clear refusal for the others."""
     if trainer.algorithm not in ENGINES:
-        raise ValueError(f"a stream trains with algorithm 'tbptt' or 'rtrl' (they look "
-                         f"back a bounded number of steps), not {trainer.algorithm!r}: "
+        raise ValueError(f"a stream trains with algorithm 'tbptt', 'rtrl' or 'artbp' (they "
+                         f"look back a bounded number of steps), not {trainer.algorithm!r}: "
                          "the others need the whole sequence at once (use fit)")
     if trainer.module.SPEC["loss_at"] == "last":
         raise ValueError(f"{trainer.module.NAME} has its loss at the last step only; a "

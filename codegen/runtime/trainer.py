@@ -208,11 +208,13 @@ class Trainer:
 
     def fit_stream(self, chunks, *, progress=True, callback=None, resume=False,
                    state0=None):
-        """Train with algorithm "tbptt" or "rtrl" on one long sequence (B streams side
-        by side) given as an iterable of chunks (x (t, B, I), targets[, mask]) of any
-        lengths t: a generator, slices of a memory-mapped array. Memory is bounded
-        whatever the length: TBPTT holds its last k1 + k2 steps, RTRL fewer than
-        ``every``. The updates are those of ``step`` on the whole sequence.
+        """Train with algorithm "tbptt", "rtrl" or "artbp" on one long sequence (B
+        streams side by side) given as an iterable of chunks (x (t, B, I), targets[,
+        mask]) of any lengths t: a generator, slices of a memory-mapped array. Memory is
+        bounded whatever the length: TBPTT holds its last k1 + k2 steps, RTRL fewer than
+        ``every``, ARTBP the stretch since its last cut (1/c steps on average). The
+        updates of tbptt and rtrl are those of ``step`` on the whole sequence; ARTBP
+        draws each chunk's cuts from (seed, update count), as step does a minibatch's.
 
         Returns the mean loss of the updates, also appended to ``history["loss"]``.
         ``callback(trainer, info)`` runs after each chunk (info: event "chunk", steps:
