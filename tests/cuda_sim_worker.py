@@ -42,10 +42,9 @@ T, B = 3, 3
 TBPTT = dict(algorithm="tbptt", k1=1, k2=2)  # windows overlap and truncate at T = 3
 #: The checkpointed plans of each "model:checkpoint" case at T = 7, and whether every
 #: argument is a device array: segments of 2 with one snapshot (segments recomputed
-#: from it), the default plan (segments of 3, the last of one step: views of the
-#: workspace's first rows). Few: each segment is dozens of simulated launches.
-CHECKPOINT_PLANS = {"elman": [(dict(segment=2, snapshots=1), False), ({}, True)],
-                    "lstm": [(dict(segment=2, snapshots=1), False)],
+#: from it; two states), the default plan (segments of 3, the last of one step: views
+#: of the workspace's first rows). Few: each segment is dozens of simulated launches.
+CHECKPOINT_PLANS = {"lstm": [(dict(segment=2, snapshots=1), True)],
                     "user": [({}, False)]}
 
 

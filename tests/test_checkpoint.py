@@ -10,7 +10,6 @@ import pytest
 
 from bpttgen.codegen.runtime import checkpoint
 from bpttgen.codegen.runtime.gradcheck import max_relative_error, random_problem
-from bpttgen.derive.models import BUILTIN
 
 
 @lru_cache(maxsize=None)
@@ -75,11 +74,16 @@ PLANS = [dict(), dict(segment=2, snapshots=1), dict(segment=3, snapshots=0),
          dict(segment=1, snapshots=2), dict(segment=100)]
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN))
+#: Built-ins of every kind (one state, two, stacked, a reduction); the fuzzer runs
+#: checkpoint on every cell it draws, and bpttgen check on any model.
+MODELS = ["elman", "lstm", "gru", "deep", "rmsnorm"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_gradient_equals_bptt(problems, name):
-    """Every built-in, float64, mask, initial states and L2: each plan (sqrt, binomial
-    with recomputation, none kept, one step a segment, one segment) gives bptt's loss
-    and gradients to rounding."""
+    """Float64, mask, initial states and L2: each plan (sqrt, binomial with
+    recomputation, none kept, one step a segment, one segment) gives bptt's loss and
+    gradients to rounding."""
     module, (params, x, targets, state0, mask) = problems(name)
     kw = dict(state0=state0, mask=mask, l2=0.01)
     loss, grads = module.loss_and_grads(params, x, targets, **kw)

@@ -27,9 +27,6 @@ ALGORITHMS = ("rtrl", "artbp")
 #: Default bound, in bytes, on the sensitivities RTRL keeps (memory_limit= overrides).
 RTRL_MEMORY_LIMIT = 2 * 1024 ** 3
 
-# The ARTBP draws of a Trainer come from (seed, this stream, update count): a
-# resumed run draws what the uninterrupted one would have.
-_ARTBP_STREAM = 0xA27B
 
 
 # -- options --------------------------------------------------------------------

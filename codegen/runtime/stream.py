@@ -13,6 +13,10 @@ where it stopped.
 
 import numpy as np
 
+# The ARTBP draws of a Trainer come from (seed, this stream, update count): a
+# resumed run draws what the uninterrupted one would have.
+_ARTBP_STREAM = 0xA27B
+
 
 def _cat(a, b):
     return b if a is None else np.concatenate([a, b])
@@ -161,8 +165,6 @@ class Artbp:
     Holds the stretch since the last cut: 1/c steps on average."""
 
     def __init__(self, trainer, state0=None):
-        from .online import _ARTBP_STREAM
-
         self.trainer, self.stream_id = trainer, _ARTBP_STREAM
         self.state = state0
         self.x = self.targets = self.mask = self.c = None  # the stretch since the last cut
