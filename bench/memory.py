@@ -251,6 +251,12 @@ def run_torch(T):
         loss.backward()
         return float(loss)
 
+    # warm-up: one segment forward and backward (PyTorch's first call sets up its
+    # kernels), then fresh gradients
+    part, _, _ = segment(0, torch.zeros(1, B, H), torch.zeros(1, B, H))
+    part.backward()
+    for p_ in list(lstm.parameters()) + list(readout.parameters()):
+        p_.grad = None
     base = rss_now()
     start = time.perf_counter()
     loss = call()
