@@ -199,6 +199,16 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None, l2=None):
                 _fail(ValueError, f"params[{name!r}] has shape {p.shape}: size {size} "
                       "must be at least 1")
         _require_finite(f"params[{name!r}]", p)
+    T, B = check_data(spec, sizes, dtype, x, targets, state0, mask)
+    if l2 is not None and not (isinstance(l2, (int, float, np.floating, np.integer))
+                               and math.isfinite(l2) and l2 >= 0):
+        _fail(ValueError, f"l2 must be a finite number >= 0, got {l2!r}")
+    return sizes, T, B, dtype
+
+
+def check_data(spec, sizes, dtype, x, targets=None, state0=None, mask=None):
+    """check_call's checks of the data, given the sizes and dtype of checked
+    parameters; (T, B). A checkpointed call checks each segment so, as it reads it."""
     x_name, x_size = spec["input"]
     if not isinstance(x, np.ndarray):
         _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
@@ -228,10 +238,7 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None, l2=None):
         _require_finite("mask", mask)
         if np.any(mask < 0):
             _fail(ValueError, f"mask must be non-negative, got minimum {mask.min()}")
-    if l2 is not None and not (isinstance(l2, (int, float, np.floating, np.integer))
-                               and math.isfinite(l2) and l2 >= 0):
-        _fail(ValueError, f"l2 must be a finite number >= 0, got {l2!r}")
-    return sizes, T, B, dtype
+    return T, B
 
 
 def _check_state0(spec, state0, B, sizes, dtype):
@@ -295,6 +302,22 @@ def loss_weights(spec, T, B, mask, dtype, *, allow_empty=False):
     if total <= 0 and not allow_empty:
         raise ValueError("mask selects no loss term (its sum is 0)")
     return np.ascontiguousarray(w.reshape(T * B)), total
+
+
+# -- memory -------------------------------------------------------------------
+def bytes_text(n):
+    """A byte count as people read it: 1.50 MiB."""
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def check_memory_limit(limit):
+    """Refuse a memory_limit that is not a positive number of bytes (None: no limit)."""
+    if limit is not None and not (isinstance(limit, (int, float, np.integer, np.floating))
+                                  and limit > 0):
+        raise ValueError(f"memory_limit must be a positive number of bytes, got {limit!r}")
 
 
 # -- parameters -----------------------------------------------------------------

@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from .calls import bytes_text, check_memory_limit
+
 #: Python's cost of one segment's kernel calls, in steps of the recurrence: the
 #: planner's penalty for segments so short that calls, not steps, dominate.
 CALL_COST_STEPS = 4
@@ -91,13 +93,6 @@ def schedule(n, s):
         yield ("free", a)
 
 
-def bytes_text(n):
-    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
-
-
 class Plan:
     """A checkpointed call's shape: segments of ``segment`` steps, ``snapshots`` kept
     besides the start's, the extra segment forwards it runs and its bytes."""
@@ -164,15 +159,29 @@ def plan(T, step_bytes, state_bytes, fixed_bytes, *, memory_limit=None, snapshot
     return chosen
 
 
+def check_sequence(spec, x, targets, mask):
+    """T, after the checks a checkpointed call makes before reading any segment: each
+    of x, targets, mask an array or read by slices, x (T, B, size), targets and mask
+    starting with x's (T, B). Their values are checked segment by segment."""
+    for name, a in (("x", x), ("targets", targets), ("mask", mask)):
+        if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
+            raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
+                            f"got {type(a).__name__}")
+    if len(x.shape) != 3:
+        raise ValueError(f"x must have shape (T, B, {spec['input'][1]}) (time-major), got "
+                         f"{x.shape}")
+    for name, a in (("targets", targets), ("mask", mask)):
+        if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
+            raise ValueError(f"{name} must start with x's (T, B) = {tuple(x.shape[:2])}, "
+                             f"got shape {tuple(a.shape)}")
+    return x.shape[0]
+
+
 def check_options(memory_limit, snapshots, segment):
     for name, v, least in (("snapshots", snapshots, 0), ("segment", segment, 1)):
         if v is not None and not (isinstance(v, (int, np.integer)) and v >= least):
             raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
-    if memory_limit is not None and not (
-            isinstance(memory_limit, (int, float, np.integer, np.floating))
-            and memory_limit > 0):
-        raise ValueError(f"memory_limit must be a positive number of bytes, got "
-                         f"{memory_limit!r}")
+    check_memory_limit(memory_limit)
 
 
 # -- the run --------------------------------------------------------------------
@@ -216,11 +225,11 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
         xbuf[:hi - lo] = chunk
         for s, array in model.states.items():
             seg[array][:B] = state[s]
-        return seg, lo, hi
+        return seg, lo, hi, ts
 
     def advance(a, m, state):
         for i in range(a, m):
-            seg, lo, hi = load(i, state)
+            seg, lo, hi, _ = load(i, state)
             args = model._tuple(seg)
             for kernel in k["forward_states"]:
                 kernel(args)
@@ -230,7 +239,7 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     def sweep(i, state, delta):
         """Recompute segment i and sweep it backward; its loss, its gradients' terms
         and the adjoint of the state entering it."""
-        seg, lo, hi = load(i, state)
+        seg, lo, hi, ts = load(i, state)
         for name in zeros:
             seg[name].fill(0)
         for name in ones:
@@ -238,7 +247,7 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
         args = model._tuple(seg)
         k["forward"](args)
         steps = hi - lo
-        flat = model._targets(sizes, steps, B, np.asarray(targets[lo:hi]))  # read twice
+        flat = model._targets(sizes, steps, B, ts)
         loss = k["loss_and_adjoints"](flat, weights(lo, hi), 1.0 / total, y[:steps * B], args)
         for s, array in model.adjoints.items():
             if array is not None and delta is not None:

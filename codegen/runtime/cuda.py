@@ -645,20 +645,9 @@ class Model:
         if targets is None:
             raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
                             "predictions")
-        for name, a in (("x", x), ("targets", targets), ("mask", mask)):
-            if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
-                raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
-                                f"got {type(a).__name__}")
-        if len(x.shape) != 3:
-            raise ValueError(f"x must have shape (T, B, {self.spec['input'][1]}) "
-                             f"(time-major), got {x.shape}")
         if mask is not None and is_device_array(mask):
             mask = to_device(mask).copy_to_host()
-        for name, a in (("targets", targets), ("mask", mask)):
-            if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
-                raise ValueError(f"{name} must start with x's (T, B) = {tuple(x.shape[:2])}, "
-                                 f"got shape {tuple(a.shape)}")
-        T = x.shape[0]
+        T = checkpoint.check_sequence(self.spec, x, targets, mask)
 
         def host(a):  # a slice as check_arguments takes it: host or device array
             return a if is_device_array(a) else np.asarray(a)
@@ -689,8 +678,8 @@ class Model:
             if seg is None:
                 seg = views[hi - lo] = self._segment_view(ws, hi - lo)
             xs, ts = x[lo:hi], targets[lo:hi]
-            check_arguments(self.spec, params, host(xs), host(ts), None,
-                            None if mask is None else np.asarray(mask[lo:hi]))
+            calls.check_data(self.spec, sizes, dtype, _standin(host(xs)), _standin(host(ts)),
+                             None, None if mask is None else np.asarray(mask[lo:hi]))
             if xbuf is None:
                 seg[self.input] = to_device(xs).reshape(rows, I)
             else:

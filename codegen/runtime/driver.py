@@ -158,7 +158,7 @@ class Model:
     def _check_memory(self, algorithm, sizes, T, B, dtype, memory_limit):
         """Refuse, before anything is allocated, a call over memory_limit bytes, with
         the figure and the checkpointed plan that fits."""
-        checkpoint.check_options(memory_limit, None, None)
+        calls.check_memory_limit(memory_limit)
         need = self.memory(sizes, T, B, dtype, algorithm)
         if need <= memory_limit:
             return
@@ -169,8 +169,8 @@ class Model:
         except ValueError as e:
             fits = f"no checkpointed schedule fits either ({e})"
         raise ValueError(f"algorithm={algorithm!r} on {self.name} with T={T}, B={B} needs "
-                         f"about {checkpoint.bytes_text(need)}, more than memory_limit="
-                         f"{checkpoint.bytes_text(int(memory_limit))}; {fits}")
+                         f"about {calls.bytes_text(need)}, more than memory_limit="
+                         f"{calls.bytes_text(int(memory_limit))}; {fits}")
 
     # -- results ----------------------------------------------------------------------
     def _gradients(self, ws):
@@ -274,18 +274,7 @@ class Model:
                       segment):
         """Checkpointed BPTT (checkpoint.py). The arguments are checked one segment at a
         time as they are read, the whole of them never being in memory at once."""
-        for name, a in (("x", x), ("targets", targets), ("mask", mask)):
-            if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
-                raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
-                                f"got {type(a).__name__}")
-        if len(x.shape) != 3:
-            raise ValueError(f"x must have shape (T, B, {self.spec['input'][1]}) "
-                             f"(time-major), got {x.shape}")
-        T = x.shape[0]
-        for name, a in (("targets", targets), ("mask", mask)):
-            if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
-                raise ValueError(f"{name} must start with x's (T, B) = {tuple(x.shape[:2])}, "
-                                 f"got shape {tuple(a.shape)}")
+        T = checkpoint.check_sequence(self.spec, x, targets, mask)
         first = slice(0, min(T, 1))
         sizes, _, B, dtype = calls.check_call(
             self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
@@ -295,7 +284,7 @@ class Model:
                                        snapshots, segment)
 
         def check(xs, ts, ms):
-            calls.check_call(self.spec, params, xs, ts, None, ms)
+            calls.check_data(self.spec, sizes, dtype, xs, ts, None, ms)
 
         loss, grads = checkpoint.run(self, params, x, targets, mask, state0, sizes, T, B,
                                      dtype, chosen, check)

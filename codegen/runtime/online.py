@@ -20,7 +20,7 @@ Trainer's online loops for both.
 import numpy as np
 
 from .calls import ALGORITHMS as REVERSE
-from .calls import loss_weights
+from .calls import bytes_text, check_memory_limit, loss_weights
 
 ALGORITHMS = ("rtrl", "artbp")
 
@@ -114,13 +114,6 @@ def artbp_carry(T, c, seed=None, truncate=None, dtype=np.float64):
 
 # -- RTRL -----------------------------------------------------------------------
 
-def _bytes(n):
-    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
-
-
 def rtrl_memory(B, NP, rows, itemsize):
     """Bytes of the RTRL sensitivities and tangents: rows x B*NP, and the gradient."""
     return itemsize * (rows * B * NP + NP)
@@ -130,15 +123,14 @@ def check_rtrl_memory(name, B, NP, rows, dtype, limit=None):
     """Raise ValueError, before anything is allocated, when the tangents RTRL keeps
     would exceed ``limit`` bytes (default RTRL_MEMORY_LIMIT)."""
     limit = RTRL_MEMORY_LIMIT if limit is None else limit
-    if not (isinstance(limit, (int, float, np.integer, np.floating)) and limit > 0):
-        raise ValueError(f"memory_limit must be a positive number of bytes, got {limit!r}")
+    check_memory_limit(limit)
     itemsize = np.dtype(dtype).itemsize
     need = rtrl_memory(B, NP, rows, itemsize)
     if need > limit:
         raise ValueError(
-            f"algorithm='rtrl' on {name} needs about {_bytes(need)} for its sensitivities "
+            f"algorithm='rtrl' on {name} needs about {bytes_text(need)} for its sensitivities "
             f"({rows} tangent rows x B={B} sequences x NP={NP} parameter directions x "
-            f"{itemsize} bytes), more than the limit of {_bytes(int(limit))}. RTRL keeps "
+            f"{itemsize} bytes), more than the limit of {bytes_text(int(limit))}. RTRL keeps "
             "O(B H P) numbers: use a smaller batch or model, 'bptt', 'tbptt' or 'artbp', or "
             "raise the limit (memory_limit=bytes, or "
             "bpttgen.codegen.runtime.online.RTRL_MEMORY_LIMIT)")
@@ -191,39 +183,16 @@ def trainer_options(algorithm, c, every):
 
 
 def trainer_step(trainer, x, targets, mask):
-    """One minibatch of online RTRL or ARTBP; the mean loss of its updates."""
+    """One minibatch of online RTRL or ARTBP: the stream engine (stream.py) fed it as
+    one chunk; the mean loss of its updates. RTRL: every ``every`` steps, the gradient
+    of those steps' losses through the sensitivities carried from the start, an update.
+    ARTBP: the minibatch's cuts drawn; at each, the stretch since the last cut
+    backpropagated (reweighted by 1/(1 - c_t) inside it) and an update."""
+    from .stream import Artbp, Rtrl, run_one
+
+    T, B = x.shape[:2]
+    w, _ = loss_weights(trainer.module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
     if trainer.algorithm == "rtrl":
-        return _online_rtrl(trainer, x, targets, mask)
-    return _online_artbp(trainer, x, targets, mask)
-
-
-def _mean(losses, weights):
-    return float(np.dot(losses, weights) / sum(weights)) if weights else 0.0
-
-
-def _online_rtrl(trainer, x, targets, mask):
-    """Every ``every`` steps, the gradient of those steps' losses through the
-    sensitivities carried from the start of the sequences, and an update at once (the
-    stream engine, fed the minibatch as one chunk)."""
-    from .stream import Rtrl
-
-    T, B = x.shape[:2]
-    w, _ = loss_weights(trainer.module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
-    stream = Rtrl(trainer)
-    if stream.feed(x, targets, w.reshape(T, B)):
-        stream.close()
-    return stream.mean_loss()
-
-
-def _online_artbp(trainer, x, targets, mask):
-    """Draw the cuts of the minibatch; at each, backpropagate the stretch since the
-    last cut (reweighted by 1/(1 - c_t) inside it) and update (the stream engine, fed
-    the minibatch as one chunk)."""
-    from .stream import Artbp
-
-    T, B = x.shape[:2]
-    w, _ = loss_weights(trainer.module.SPEC, T, B, mask, trainer.dtype, allow_empty=True)
-    stream = Artbp(trainer)
-    if stream.feed(x, targets, w.reshape(T, B), c=truncation_schedule(trainer.c, T)):
-        stream.close()
-    return stream.mean_loss()
+        return run_one(Rtrl(trainer), x, targets, w.reshape(T, B))
+    return run_one(Artbp(trainer), x, targets, w.reshape(T, B),
+                   c=truncation_schedule(trainer.c, T))

@@ -22,29 +22,61 @@ def _cat(a, b):
     return b if a is None else np.concatenate([a, b])
 
 
-class Tbptt:
+class _Engine:
+    """What every engine does alike: hold the steps received and not yet used up
+    (x, targets, mask, in step order), apply an update and keep its loss."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.x = self.targets = self.mask = None
+        self.pos = 0  # steps received
+        self.losses, self.weights = [], []
+
+    @property
+    def held_steps(self):
+        return 0 if self.x is None else len(self.x)
+
+    def _hold(self, x, targets, mask):
+        T, B = x.shape[:2]
+        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
+        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self.pos += T
+
+    def _update(self, loss, grads, w):
+        """Apply the update of a stretch with loss weights w; False if training diverged."""
+        if not self.trainer._guarded_apply(loss, grads):
+            return False
+        self.losses.append(loss)
+        self.weights.append(float(w.sum()))
+        return True
+
+    def mean_loss(self):
+        return float(np.dot(self.losses, self.weights) / sum(self.weights)) \
+            if self.weights else 0.0
+
+
+def run_one(engine, x, targets, mask, **options):
+    """Feed an engine one whole minibatch and close it (Trainer.step): its mean loss."""
+    if engine.feed(x, targets, mask, **options):
+        engine.close()
+    return engine.mean_loss()
+
+
+class Tbptt(_Engine):
     """TBPTT(k1, k2) over a stream: each time k1 more steps have arrived, the losses of
     those k1 steps backpropagated over the last k2 steps, and an update. The state
     crosses to the next window as the forward pass computes it under the weights then
     in force. The last window, at the end of the stream, takes the steps left."""
 
     def __init__(self, trainer, state0=None):
-        self.trainer, self.k1, self.k2 = trainer, trainer.k1, trainer.k2
-        self.lo = self.pos = self.first = 0  # buffer start, steps received, next loss step
-        self.x = self.targets = self.mask = None  # steps lo .. pos-1
+        super().__init__(trainer)  # holds steps lo .. pos-1
+        self.k1, self.k2 = trainer.k1, trainer.k2
+        self.lo = self.first = 0  # the first step held, the next loss step
         self.states = {0: state0}  # position -> the state entering it (None: zeros)
-        self.losses, self.weights = [], []
-
-    @property
-    def held_steps(self):
-        return self.pos - self.lo
 
     def feed(self, x, targets, mask):
         """Take a chunk; run the windows it completes. False when training diverged."""
-        T, B = x.shape[:2]
-        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
-        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
-        self.pos += T
+        self._hold(x, targets, mask)
         while self.first + self.k1 <= self.pos:
             if not self._window(self.first + self.k1 - 1, last=False):
                 return False
@@ -78,10 +110,8 @@ class Tbptt:
         if w.sum() > 0:  # a window without loss terms (a masked stretch): no update
             loss, grads = t.loss_and_grads(self.x[rows], self.targets[rows],
                                            state0=self._state_at(start), mask=w)
-            if not t._guarded_apply(loss, grads):
+            if not self._update(loss, grads, w):
                 return False
-            self.losses.append(loss)
-            self.weights.append(float(w.sum()))
         self.first = end + 1
         if last:
             return True
@@ -105,32 +135,20 @@ class Tbptt:
             self.lo = keep
         return True
 
-    def mean_loss(self):
-        return _mean(self.losses, self.weights)
 
-
-class Rtrl:
+class Rtrl(_Engine):
     """RTRL over a stream: every ``every`` steps, the gradient of those steps' losses
     through the sensitivities carried from the stream's start, and an update. Later
     steps run with the new weights while the sensitivities carry on (they hold
     derivatives taken under earlier weights, RTRL's usual approximation)."""
 
     def __init__(self, trainer, state0=None):
-        self.trainer, self.every = trainer, trainer.every
+        super().__init__(trainer)  # holds fewer than every steps, not yet run
+        self.every = trainer.every
         self.state, self.sens = state0, None
-        self.x = self.targets = self.mask = None  # fewer than every steps, not yet run
-        self.pos = 0
-        self.losses, self.weights = [], []
-
-    @property
-    def held_steps(self):
-        return 0 if self.x is None else len(self.x)
 
     def feed(self, x, targets, mask):
-        T, B = x.shape[:2]
-        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
-        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
-        self.pos += T
+        self._hold(x, targets, mask)
         while len(self.x) >= self.every:
             if not self._run(self.every):
                 return False
@@ -146,18 +164,10 @@ class Rtrl:
         loss, grads, self.state, self.sens = t.module.rtrl(
             t.params, x, targets, state0=self.state, sensitivities=self.sens, mask=w,
             l2=t.l2)
-        if w.sum() > 0:
-            if not t._guarded_apply(loss, grads):
-                return False
-            self.losses.append(loss)
-            self.weights.append(float(w.sum()))
-        return True
-
-    def mean_loss(self):
-        return _mean(self.losses, self.weights)
+        return self._update(loss, grads, w) if w.sum() > 0 else True
 
 
-class Artbp:
+class Artbp(_Engine):
     """ARTBP over a stream (seed 003): the recurrence cut at each step with probability
     c, drawn for each chunk from (seed, the trainer's update count); at each cut, the
     stretch since the last cut backpropagated (the adjoint reweighted by 1/(1 - c_t)
@@ -165,20 +175,14 @@ class Artbp:
     Holds the stretch since the last cut: 1/c steps on average."""
 
     def __init__(self, trainer, state0=None):
-        self.trainer, self.stream_id = trainer, _ARTBP_STREAM
-        self.state = state0
-        self.x = self.targets = self.mask = self.c = None  # the stretch since the last cut
-        self.pos = 0
-        self.losses, self.weights = [], []
-
-    @property
-    def held_steps(self):
-        return 0 if self.x is None else len(self.x)
+        super().__init__(trainer)  # holds the stretch since the last cut
+        self.stream_id, self.state = _ARTBP_STREAM, state0
+        self.c = None  # the held steps' cut probabilities
 
     def feed(self, x, targets, mask, c=None):
         """c: the chunk's cut probabilities (default the trainer's c, a number)."""
         t = self.trainer
-        T, B = x.shape[:2]
+        T = x.shape[0]
         if c is None:
             if np.ndim(t.c) != 0:
                 raise ValueError("a stream's ARTBP needs c a number: a schedule of cut "
@@ -188,10 +192,8 @@ class Artbp:
         if self.pos == 0:
             cut[0] = False  # the stream's first step starts the first stretch
         at = self.held_steps  # where the chunk starts among the held steps
-        self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
-        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self._hold(x, targets, mask)
         self.c = _cat(self.c, np.asarray(c, np.float64))
-        self.pos += T
         for p in np.flatnonzero(cut).tolist():  # a cut before step p of the chunk
             n = at + p
             if not self._run(n, last=False):
@@ -216,22 +218,13 @@ class Artbp:
             loss, grads = t.loss_and_grads(xs, ts, state0=self.state, mask=w,
                                            algorithm="artbp", c=c,
                                            truncate=np.zeros(n, bool))
-            if not t._guarded_apply(loss, grads):
+            if not self._update(loss, grads, w):
                 return False
-            self.losses.append(loss)
-            self.weights.append(float(w.sum()))
         self.state = after
         return True
 
-    def mean_loss(self):
-        return _mean(self.losses, self.weights)
-
 
 ENGINES = {"tbptt": Tbptt, "rtrl": Rtrl, "artbp": Artbp}
-
-
-def _mean(losses, weights):
-    return float(np.dot(losses, weights) / sum(weights)) if weights else 0.0
 
 
 def engine(trainer, state0=None):

@@ -199,12 +199,9 @@ class Trainer:
         """Every k1 steps, backpropagate the last k1 losses over the last k2 steps and
         update at once: later steps run with the updated weights (the stream engine,
         fed the minibatch as one chunk)."""
-        from .stream import Tbptt
+        from .stream import Tbptt, run_one
 
-        stream = Tbptt(self)
-        if stream.feed(x, targets, mask):
-            stream.close()
-        return stream.mean_loss()
+        return run_one(Tbptt(self), x, targets, mask)
 
     def fit_stream(self, chunks, *, progress=True, callback=None, resume=False,
                    state0=None):
