@@ -298,19 +298,32 @@ def _train(args, module, client=None):
                   "the same command and --resume", file=sys.stderr)
             return EXIT_FAILED
     seconds = time.perf_counter() - start
+    epoch, batch = trainer.position
+    return _finish(args, trainer, output, checkpoint, meta, seconds, index_loss,
+                   interrupted=interrupt.requested and
+                   f"at epoch {epoch + 1}, minibatch {batch}",
+                   baseline=task.baseline, title=task.name)
+
+
+def _finish(args, trainer, output, checkpoint, meta, seconds, index_loss, *, interrupted,
+            baseline, title):
+    """The end of a training run, its exit status: parameters that diverged saved with
+    the message; an interruption (``interrupted``: where it stopped, or False) pointing
+    at its checkpoint; else the parameters saved, the checkpoint removed (the output
+    holds the same, finished state), a summary and the training curve."""
+    import math
+
     if trainer.diverged:
         trainer.save(output, meta=meta)
         print(f"bpttgen train: {trainer.diverged}; saved them to {output}", file=sys.stderr)
         return EXIT_FAILED
-    if interrupt.requested:
-        epoch, batch = trainer.position
-        print(f"interrupted at epoch {epoch + 1}, minibatch {batch} ({trainer.steps} "
-              f"updates); checkpoint saved to {checkpoint}. Continue with the same "
-              "command and --resume", file=sys.stderr)
+    if interrupted:
+        print(f"interrupted {interrupted} ({trainer.steps} updates); checkpoint saved to "
+              f"{checkpoint}. Continue with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     trainer.save(output, meta=meta)
     if os.path.exists(checkpoint) and os.path.abspath(checkpoint) != os.path.abspath(output):
-        os.remove(checkpoint)  # the output holds the same, finished state
+        os.remove(checkpoint)
     final = trainer.history["loss"][-1] if trainer.history["loss"] else float("nan")
     summary = f"final loss {final:.4f}"
     if index_loss:
@@ -318,7 +331,7 @@ def _train(args, module, client=None):
     summary += f"; {trainer.steps} updates in {seconds:.1f} s; parameters saved to {output}"
     if not args.no_plot and trainer.history["loss"]:
         png = args.plot or os.path.splitext(output)[0] + ".png"
-        trainer.plot(png, baseline=task.baseline, title=task.name)
+        trainer.plot(png, baseline=baseline, title=title)
         summary += f", training curve to {png}"
     print(summary)
     return 0
@@ -395,30 +408,11 @@ def _train_stream(args, module):
                     break
                 say(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  perplexity "
                     f"{math.exp(min(loss, 700)):.3f}")
-        if trainer.diverged:
-            trainer.save(output, meta=meta)
-            print(f"bpttgen train: {trainer.diverged}; saved them to {output}",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        if interrupt.requested:
-            print(f"interrupted in epoch {meta['epoch'] + 1} at step {trainer.stream.pos}; "
-                  f"checkpoint saved to {checkpoint}. Continue with the same command and "
-                  "--resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        trainer.save(output, meta=meta)
-        if os.path.exists(checkpoint) and \
-                os.path.abspath(checkpoint) != os.path.abspath(output):
-            os.remove(checkpoint)
-        final = trainer.history["loss"][-1]
-        summary = (f"final loss {final:.4f}, perplexity {math.exp(min(final, 700)):.3f}; "
-                   f"{trainer.steps} updates in {time.perf_counter() - start:.1f} s; "
-                   f"parameters saved to {output}")
-        if not args.no_plot:
-            png = args.plot or os.path.splitext(output)[0] + ".png"
-            trainer.plot(png, baseline=text.baseline, title="text (streamed)")
-            summary += f", training curve to {png}"
-        print(summary)
-        return 0
+        return _finish(args, trainer, output, checkpoint, meta,
+                       time.perf_counter() - start, True,
+                       interrupted=interrupt.requested and
+                       f"in epoch {meta['epoch'] + 1} at step {trainer.stream.pos}",
+                       baseline=text.baseline, title="text (streamed)")
     finally:
         text.close()
 
