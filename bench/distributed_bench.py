@@ -95,7 +95,7 @@ def main(argv=None):
     sizes = SIZES if not args.sizes else [tuple(int(v) for v in s.split(",")) for s in args.sizes]
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=":0")
-    client = Client(cluster)
+    client = Client(cluster, direct_to_workers=True)  # as bpttgen train --workers
     client.wait_for_workers(2)
     env = client.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS"))
     rows = []

@@ -34,7 +34,7 @@ SPLIT = [("bptt", {}), ("naive", {}), ("tbptt", dict(k1=2, k2=3)), ("epochwise",
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=":0")
-    c = distributed.Client(cluster)
+    c = distributed.Client(cluster, direct_to_workers=True)  # as train --workers
     c.wait_for_workers(2)
     yield c
     c.close()
@@ -129,6 +129,7 @@ def test_module_once_parameters_once_per_update(client):
         dp.loss_and_grads(params, x, targets)
     dp.forward(params, x)
     assert dp.stats["scatters"] == 1 and dp.stats["calls"] == 4
+    assert dp.stats["tasks"] == 0  # every shard by its worker's actor
     flat = sum(p.nbytes for p in params.values())
     assert dp.stats["bytes_params"] == 2 * flat  # one buffer to each worker, once
     params = {k: v * 0.5 for k, v in params.items()}
@@ -153,6 +154,7 @@ def test_a_worker_without_the_parameters_gets_them_again(client):
     sent = dp.stats["bytes_params"]
     y, final = dp.forward(params, x, state0=state0)
     assert dp.stats["bytes_params"] == 2 * sent  # both sent again
+    assert dp.stats["tasks"] == 2  # each as a task, after its actor's call was refused
     y1, final1 = m.forward(params, x, state0=state0)
     assert np.allclose(y, y1, rtol=1e-12, atol=0)
 
@@ -209,19 +211,19 @@ def test_a_step_sends_the_parameters_not_the_data(client, monkeypatch):
     m = _module("elman")
     data = tasks.parity(8, 40, seed=1)
     mask = np.random.default_rng(0).random(data.x.shape[:2])
-    sent, submit = [], client.submit
+    sent, submit = [], dist.DataParallel._submit
 
-    def recording(function, *args, **kw):
-        if function in (dist._shard_loss_and_grads, dist._shard_forward):
-            sent.append(args)
-        return submit(function, *args, **kw)
-    monkeypatch.setattr(client, "submit", recording)
+    def recording(self, worker, function, tag, send, args, actor=False):
+        sent.append((function, self._flat if send else None, *args))
+        return submit(self, worker, function, tag, send, args, actor)
+    monkeypatch.setattr(dist.DataParallel, "_submit", recording)
     tr = _trainer(m)
     tr.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False,
            client=client)
     P = sum(p.size for p in tr.params.values())
     assert tr.steps == 6 and len(sent) == 2 * 6  # 3 minibatches an epoch, 2 shards each
-    for _, layout, _, flat, x, targets, kw in sent:
+    for function, flat, x, targets, kw in sent:
+        assert function is dist._shard_loss_and_grads
         assert flat.dtype == np.float64 and flat.shape == (P,)  # bptt: new every step
         for piece in (x, targets, kw["mask"]):
             assert isinstance(piece, dist._Held) and piece.rows.dtype.kind == "i", piece

@@ -5,7 +5,8 @@
 ``--scheduler`` connects to a running cluster. Either way the run waits for its
 workers before the first step: the number of shards, and so the rounding of the
 summed gradients, is the number of workers at the start (resume with as many to
-continue bit for bit).
+continue bit for bit). The client talks to the workers directly
+(``direct_to_workers``): a shard's call on its worker's actor then skips the scheduler.
 """
 
 import contextlib
@@ -43,13 +44,14 @@ def _client(workers, scheduler, timeout):
             cluster = stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True,
                 dashboard_address=":0"))
-            c = stack.enter_context(Client(cluster, timeout=timeout))
+            c = stack.enter_context(Client(cluster, timeout=timeout,
+                                            direct_to_workers=True))
             c.wait_for_workers(workers, timeout=timeout)
         else:
             try:
                 # dask's connect timeout (distributed.comm.timeouts.connect, 30 s)
                 # is also how long a lost scheduler is waited for before the run stops.
-                c = stack.enter_context(Client(scheduler))
+                c = stack.enter_context(Client(scheduler, direct_to_workers=True))
             except OSError as err:
                 raise ValueError(f"cannot reach a Dask scheduler at {scheduler}: {err}") \
                     from err

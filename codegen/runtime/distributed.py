@@ -29,22 +29,26 @@ replaying its sequences from the start. ``fit`` refuses it and says so.
 What a step sends. ``fit`` puts the data (x, targets, mask, cast as the trainer
 casts them) on the cluster once, and each worker keeps it under a key of its own
 (``_home``, with the module); the Trainer tells the ``DataParallel`` which sequences
-each minibatch holds (``minibatch``), so a step's task names its shard's sequences
-and time window (``_Held``) instead of carrying the numbers. The parameters travel as
-one flat buffer inside a worker's first task of each update (a separate task putting
-them there would cost a round trip through the scheduler before the shard could
-start); the update's later tasks on that worker (the online algorithms' forward
-passes) name them by version, and a task that lands where they are not (a dead
-worker's shard rerun elsewhere, a restarted worker) fails with ``_Stale`` and goes
-again with them. Gradients come back as one flat buffer, fetched from the workers
-straight, not through the scheduler. Everything a worker needs is on it before its
-shard starts: a Numba kernel holds its worker's GIL, so a worker that computes
-answers no other worker's fetch until its kernel ends.
+each minibatch holds (``minibatch``), so a step's call names its shard's sequences
+and time window (``_Held``) instead of carrying the numbers. A shard is a call on
+its worker's actor (``_Shard``, holding the home): one message from the client to
+the worker and one back, where a task is a round trip through the scheduler before
+it starts and another before its result can be fetched (with a client made
+``direct_to_workers=True`` the call skips the scheduler altogether). The parameters
+travel as one flat buffer inside a worker's first call of each update (a separate
+call putting them there would cost a round trip before the shard could start); the
+update's later calls on that worker (the online algorithms' forward passes) name
+them by version, and a call that lands where they are not (a restarted worker)
+fails with ``_Stale`` and goes again with them. Gradients come back as one flat
+buffer. Everything a worker needs is on it before its shard starts: a Numba kernel
+holds its worker's GIL, so a worker that computes answers no other worker's fetch
+until its kernel ends.
 
 Faults. The module and the data are the results of tasks that return them (not
 scattered data, which a dead worker takes with it), so when a worker dies (kill -9)
-the scheduler reruns its tasks on the others, with the same inputs: the shard's
-result is the same numbers, and the driver takes each shard's result exactly once,
+the scheduler reruns its tasks on the others, with the same inputs; a shard whose
+actor call fails goes again as a task, which the scheduler reruns likewise. The
+shard's result is the same numbers, and the driver takes each shard's result exactly once,
 in shard order, so nothing is lost or counted twice and the run equals an
 uninterrupted one bit for bit. When the scheduler dies, ``fit`` puts the trainer
 back to the end of its last finished minibatch (the online algorithms update within
@@ -267,6 +271,20 @@ def _home(ref, held):
     return ref, held
 
 
+class _Shard:
+    """A worker's actor: runs a shard's function on that worker's home. A call on an
+    actor goes from the client to the worker and back (one message each way, not
+    through the scheduler when the client is ``direct_to_workers``); a task is a round
+    trip through the scheduler before it starts and another before its result can be
+    fetched. On a 2-core machine those hops cost elman's step 45 ms of 300."""
+
+    def __init__(self, home):
+        self.home = home
+
+    def run(self, function, *args):
+        return function(self.home, *args)
+
+
 # -- on the driver --------------------------------------------------------------------
 def _nbytes(obj):
     if isinstance(obj, np.ndarray):
@@ -307,6 +325,10 @@ def _window(a, whole):
     return int(start), int(start + len(a))
 
 
+class _Task(NamedTuple):
+    future: object
+
+
 class DataParallel:
     """A generated module whose ``loss_and_grads`` and ``forward`` run split over the
     batch on a Dask cluster; every other attribute is the module's own.
@@ -319,7 +341,8 @@ class DataParallel:
     Trainer's call) says which of its sequences a step trains on, and a step then
     sends their numbers, not their data.
     ``stats`` counts calls, bytes each way and seconds: wall time per call against
-    the slowest shard's kernel time (the overhead is the difference).
+    the slowest shard's kernel time (the overhead is the difference); ``tasks``, the
+    shards that went as tasks rather than by their worker's actor.
     """
 
     def __init__(self, client, module, *, shards=None, trainer=None):
@@ -343,11 +366,13 @@ class DataParallel:
         self._ref = self._put(ref)
         self._held = self._batch = None
         self._homes = {}  # worker -> its _home future
+        self._actors = {}  # worker -> (future, actor) of its _Shard
         self._params_key = self._flat = self._layout = None
         self._id, self._version = uuid.uuid4().hex, 0
         self._sent = set()  # workers sent the current parameters
         self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0, bytes_held=0,
-                          bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0)
+                          bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0,
+                          tasks=0)
         self._workers()
 
     def __getattr__(self, name):
@@ -356,7 +381,7 @@ class DataParallel:
     def close(self):
         """Release the module, data and parameters held on the cluster."""
         self._ref = self._held = self._batch = self._flat = self._params_key = None
-        self._sent, self._homes = set(), {}
+        self._sent, self._homes, self._actors = set(), {}, {}
 
     def hold(self, x, targets, mask=None):
         """Keep ``x``, ``targets`` and ``mask`` (a fit's data, as its Trainer slices
@@ -364,7 +389,7 @@ class DataParallel:
         data = {"x": x, "targets": targets, "mask": mask}
         self._held = self._put(data)
         self.stats["bytes_held"] += _nbytes(data)
-        self._homes = {}
+        self._homes, self._actors = {}, {}
         self._workers()
 
     def minibatch(self, rows, x, targets, mask):
@@ -387,7 +412,27 @@ class DataParallel:
         if new:
             wait(list(new.values()))
             self._homes.update(new)
+        for w in set(self._actors) - set(workers):  # gone: its actor's task goes too
+            del self._actors[w]
+        for w in workers:
+            if w not in self._actors:
+                self._actors[w] = self._actor(w)
         return workers
+
+    def _actor(self, worker):
+        """The actor computing shards on ``worker``, or None where it cannot be made
+        (the worker left meanwhile): its shards then go as tasks."""
+        try:
+            future = self.client.submit(_Shard, self._homes[worker], actor=True,
+                                        workers=[worker], pure=False)
+            actor = future.result()
+        except Exception:  # noqa: BLE001 - a worker gone: tasks do its shards
+            return None
+        # A call to an actor whose worker died would otherwise wait for the actor's
+        # own future, which the scheduler cannot rerun on a worker that is gone: the
+        # call fails at once instead, and the shard goes again as a task (_run).
+        actor._future = None
+        return future, actor
 
     # parameters, once per update
     def _params(self, params):
@@ -433,41 +478,65 @@ class DataParallel:
         return _rows(a, lo, hi, axis)
 
     def _run(self, function, calls):
-        """One task per shard, shard i on worker i (mod their number); their results
-        in shard order. The parameters travel inside a worker's first task of an
-        update (a separate task putting them there would cost a round trip through
-        the scheduler before the shard could start); later tasks name them."""
+        """Shard i on worker i (mod their number), by that worker's actor; their
+        results in shard order. The parameters travel inside a worker's first call of
+        an update (a separate call putting them there would cost a round trip before
+        the shard could start); later calls name them. A shard whose actor call fails
+        (its worker died, or lacks the parameters) goes again as a task, with them:
+        the scheduler reruns a task, and what it needs, on a worker that lives."""
         workers = self._workers()
         tag = (self._id, self._version)
-
-        def submit(i, send):
+        pending = []
+        for i, args in enumerate(calls):
             w = workers[i % len(workers)]
-            if send:
-                self.stats["bytes_params"] += self._flat.nbytes
-            return self.client.submit(
-                function, self._homes[w], self._layout, tag, self._flat if send else None,
-                *calls[i], pure=False, workers=[w], allow_other_workers=True)
-
-        futures = []
-        for i in range(len(calls)):
-            w = workers[i % len(workers)]
-            futures.append(submit(i, w not in self._sent))
+            pending.append(self._submit(w, function, tag, w not in self._sent, args,
+                                        actor=True))
             self._sent.add(w)
         self.stats["bytes_data"] += _nbytes(calls)
-        while True:
+        results, tasks = [None] * len(calls), {}
+        for i, call in enumerate(pending):
+            if isinstance(call, _Task):
+                tasks[i] = call.future
+                continue
+            try:
+                results[i] = call.result()
+            except Exception as err:  # noqa: BLE001 - a real failure raises again below
+                w = workers[i % len(workers)]
+                if not isinstance(err, _Stale):
+                    self._actors.pop(w, None)  # its worker is gone: _workers() remakes it
+                tasks[i] = self._submit(w, function, tag, True, calls[i]).future
+        while tasks:
             try:
                 # From the workers straight, not relayed through the scheduler.
-                results = self.client.gather(futures, direct=True)
-                break
+                done = self.client.gather(list(tasks.values()), direct=True)
             except _Stale:  # a task ran where the parameters are not: send them
-                futures = [submit(i, True) if f.status == "error" and
-                           isinstance(f.exception(), _Stale) else f
-                           for i, f in enumerate(futures)]
+                tasks = {i: self._submit(workers[i % len(workers)], function, tag, True,
+                                         calls[i]).future
+                         if f.status == "error" and isinstance(f.exception(), _Stale) else f
+                         for i, f in tasks.items()}
+                continue
+            for i, r in zip(tasks, done):
+                results[i] = r
+            break
         self.stats["calls"] += 1
         self.stats["bytes_results"] += _nbytes([r[:-1] for r in results])
         self.stats["compute"] += max(r[-1] for r in results)
         self.stats["shard_seconds"] += sum(r[-1] for r in results)
         return results
+
+    def _submit(self, worker, function, tag, send, args, actor=False):
+        """``function(home, layout, tag, flat, *args)`` on ``worker``: an actor's call
+        (something with ``result()``) when ``actor`` and the worker has one, else a
+        ``_Task``. ``flat`` is the parameters when ``send``, else None."""
+        flat = self._flat if send else None
+        if send:
+            self.stats["bytes_params"] += self._flat.nbytes
+        if actor and self._actors.get(worker) is not None:
+            return self._actors[worker][1].run(function, self._layout, tag, flat, *args)
+        self.stats["tasks"] += 1
+        return _Task(self.client.submit(function, self._homes[worker], self._layout, tag,
+                                        flat, *args, pure=False, workers=[worker],
+                                        allow_other_workers=True))
 
     def loss_and_grads(self, params, x, targets, *, state0=None, mask=None, l2=0.0,
                        algorithm="bptt", **kw):
