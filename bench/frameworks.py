@@ -1,11 +1,16 @@
 """bpttgen's generated kernels against PyTorch and JAX: loss + all gradients, float32.
 
 For Elman, LSTM and GRU (PyTorch's gate equations) at four sizes (B, T, I, H, O),
-one process times, interleaved round by round so that load from other processes
-hits every framework alike:
+and the LayerNorm LSTM of PyTorch's fastrnns custom_lstms (``--models
+layernorm_lstm``: LayerNorm over the four gates' input products, over their
+recurrent products, and over the cell; torch.nn has no such cell, so torch-nn is
+left out for it and its float64 check is against torch-cell), one process times,
+interleaved round by round so that load from other processes hits every framework
+alike:
 
     bpttgen      generated/<model>.py loss_and_grads (Numba, accumulated BPTT)
     torch-cell   PyTorch eager, a hand-written cell in a Python loop (a new cell)
+    torch-compile  the same cell under torch.compile (opt-in: --frameworks)
     torch-nn     torch.nn.RNN / LSTM / GRU (fused, oneDNN on CPU)
     jax-scan     jax.jit(jax.value_and_grad(loss)) over lax.scan, the cell as written
     jax-hoisted  the same with the input projection of all steps taken out of the
@@ -35,7 +40,8 @@ SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
 QUICK_SIZES = ((4, 16, 8, 8, 8), (8, 32, 16, 32, 16))
 MODELS = ("elman", "lstm", "gru")
 FRAMEWORKS = ("bpttgen", "torch-cell", "torch-nn", "jax-scan", "jax-hoisted")
-GATES = {"elman": 1, "lstm": 4, "gru": 3}
+GATES = {"elman": 1, "lstm": 4, "gru": 3, "layernorm_lstm": 4}
+NO_TORCH_NN = {"layernorm_lstm"}  # no fused torch.nn module computes these cells
 TOLERANCE_F32 = 1e-4
 TOLERANCE_F64 = 1e-9
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,26 +68,37 @@ STACKED = {
                  b_ih=["b_i", "b_f", "b_g", "b_o"], b_hh=None, W_y="W_y"),
     "gru": dict(W_ih=["W_r", "W_z", "W_n"], W_hh=["U_r", "U_z", "U_n"],
                 b_ih=["b_ir", "b_iz", "b_in"], b_hh=["b_hr", "b_hz", "b_hn"], W_y="W_y"),
+    # the products have no bias (the LayerNorms' biases follow them); ln_x and ln_h
+    # normalise the four gates' products together, with a gain and a bias per gate
+    "layernorm_lstm": dict(
+        W_ih=["W_i", "W_f", "W_g", "W_o"], W_hh=["U_i", "U_f", "U_g", "U_o"], b_ih=None,
+        b_hh=None, W_y="W_y",
+        gain_x=[f"gamma_x{g}" for g in "ifgo"], bias_x=[f"beta_x{g}" for g in "ifgo"],
+        gain_h=[f"gamma_h{g}" for g in "ifgo"], bias_h=[f"beta_h{g}" for g in "ifgo"],
+        gain_c=["gamma_c"], bias_c=["beta_c"]),
 }
 
 
+def _stacks(model):
+    """The stacked parameters of a model: name -> bpttgen's names, gate by gate."""
+    return {k: v for k, v in STACKED[model].items() if k != "W_y" and v is not None}
+
+
 def to_stacked(np, model, params):
-    m = STACKED[model]
-    out = {k: np.ascontiguousarray(np.concatenate([params[n] for n in m[k]]))
-           for k in ("W_ih", "W_hh", "b_ih")}
-    if m["b_hh"] is not None:
-        out["b_hh"] = np.concatenate([params[n] for n in m["b_hh"]])
-    out["W_y"], out["b_y"] = params[m["W_y"]], params["b_y"]
+    out = {k: np.ascontiguousarray(np.concatenate([params[n] for n in names]))
+           for k, names in _stacks(model).items()}
+    out["W_y"], out["b_y"] = params[STACKED[model]["W_y"]], params["b_y"]
     return out
 
 
 def from_stacked(np, model, grads, H):
     """Stacked gradients (numpy) back to bpttgen's names."""
-    m, out = STACKED[model], {}
-    for k in ("W_ih", "W_hh", "b_ih", "b_hh"):
-        for j, name in enumerate(m[k] or ()):
-            out[name] = grads[k][j * H:(j + 1) * H]
-    out[m["W_y"]], out["b_y"] = grads["W_y"], grads["b_y"]
+    out = {}
+    for k, names in _stacks(model).items():
+        if k in grads:
+            for j, name in enumerate(names):
+                out[name] = grads[k][j * H:(j + 1) * H]
+    out[STACKED[model]["W_y"]], out["b_y"] = grads["W_y"], grads["b_y"]
     return out
 
 
@@ -113,8 +130,29 @@ def _split(ops, a, n):
     return [a[..., j * H:(j + 1) * H] for j in range(n)]
 
 
+def layernorm(ops, a, gain, bias, eps=1e-5):
+    """torch.nn.LayerNorm over the last axis (biased variance), then gain and bias."""
+    mu = ops.mean(a)
+    var = ops.mean((a - mu) ** 2)
+    return (a - mu) / ops.sqrt(var + eps) * gain + bias
+
+
+def input_projection(model, ops, P, x):
+    """The input's part of every gate, for one step or all of them at once."""
+    if model == "layernorm_lstm":
+        return layernorm(ops, x @ P["W_ih"].T, P["gain_x"], P["bias_x"])
+    return x @ P["W_ih"].T + P["b_ih"]
+
+
 def cell(model, ops, P, gx, state):
-    """One step from gx = W_ih x_t + b_ih (all gates) and the previous state."""
+    """One step from gx = input_projection(x_t) (all gates) and the previous state."""
+    if model == "layernorm_lstm":
+        h, c = state
+        gh = layernorm(ops, h @ P["W_hh"].T, P["gain_h"], P["bias_h"])
+        i, f, g, o = _split(ops, gx + gh, 4)
+        c = layernorm(ops, ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g), P["gain_c"],
+                      P["bias_c"])
+        return ops.sigmoid(o) * ops.tanh(c), c
     if model == "elman":
         (h,) = state
         return (ops.tanh(gx + h @ P["W_hh"].T),)
@@ -132,7 +170,19 @@ def cell(model, ops, P, gx, state):
 
 
 def n_states(model):
-    return 2 if model == "lstm" else 1
+    return 2 if model in ("lstm", "layernorm_lstm") else 1
+
+
+class TorchOps:
+    """The array functions the cells use, for torch tensors."""
+
+    @staticmethod
+    def mean(a):
+        return a.mean(-1, keepdim=True)
+
+    def __getattr__(self, name):  # tanh, sigmoid, sqrt
+        import torch
+        return getattr(torch, name)
 
 
 # -- runners: each returns (run, grads) where run() does one loss + gradients call and
@@ -171,13 +221,16 @@ def torch_runner(torch, np, model, kind, params, x, targets):
             return rnn(xt)[0]
     else:
         leaves = P
-        ops = torch  # torch.tanh, torch.sigmoid
+        ops = TorchOps()
+        step = (lambda gx, state: cell(model, ops, P, gx, state))
+        if kind == "compile":  # one step compiled; the loop stays Python's
+            step = torch.compile(step, dynamic=False)
 
         def hidden():
             state = tuple(torch.zeros(B, H) for _ in range(n_states(model)))
             hs = []
             for t in range(T):
-                state = cell(model, ops, P, xt[t] @ P["W_ih"].T + P["b_ih"], state)
+                state = step(input_projection(model, ops, P, xt[t]), state)
                 hs.append(state[0])
             return torch.stack(hs)
 
@@ -211,16 +264,18 @@ def jax_runner(jax, np, model, hoisted, params, x, targets):
     class ops:
         tanh = staticmethod(jnp.tanh)
         sigmoid = staticmethod(jax.nn.sigmoid)
+        sqrt = staticmethod(jnp.sqrt)
+        mean = staticmethod(lambda a: jnp.mean(a, axis=-1, keepdims=True))
 
     def loss_fn(P, x, tg):
         state0 = tuple(jnp.zeros((B, H), x.dtype) for _ in range(n_states(model)))
 
         def step(state, inp):
-            gx = inp if hoisted else inp @ P["W_ih"].T + P["b_ih"]
+            gx = inp if hoisted else input_projection(model, ops, P, inp)
             state = cell(model, ops, P, gx, state)
             return state, state[0]
 
-        xs = x @ P["W_ih"].T + P["b_ih"] if hoisted else x
+        xs = input_projection(model, ops, P, x) if hoisted else x
         _, hs = lax.scan(step, state0, xs)
         z = hs @ P["W_y"].T + P["b_y"]
         logp = jax.nn.log_softmax(z, axis=-1)
@@ -368,11 +423,13 @@ def profile_phases(np, module, params, x, targets, repeats=9):
 
 
 def check_float64(np, torch, module, model):
-    """Tiny float64 problem: bpttgen vs torch.nn, exact up to rounding."""
+    """Tiny float64 problem: bpttgen vs torch.nn (the hand-written torch cell where
+    torch.nn has none), exact up to rounding."""
     params, x, targets = problem(np, module, model, 3, 7, 5, 6, 4, np.float64, seed=1)
     torch.set_default_dtype(torch.float64)
     try:
-        run, grads = torch_runner(torch, np, model, "nn", params, x, targets)
+        kind = "cell" if model in NO_TORCH_NN else "nn"
+        run, grads = torch_runner(torch, np, model, kind, params, x, targets)
         run()
         loss_t, g_t = grads()
     finally:
@@ -487,29 +544,32 @@ def main(argv=None):
               f"{err64:.1e} ({'ok' if err64 <= TOLERANCE_F64 else 'FAILED'})"
               + ("" if cold is None else f"; bpttgen cold compile (empty cache) {cold:.1f} s"),
               flush=True)
+        fws = [f for f in frameworks if not (f == "torch-nn" and model in NO_TORCH_NN)]
         for (B, T, I, H, O) in sizes:
             params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
             makers = {
                 "bpttgen": lambda: bpttgen_runner(np, module, model, params, x, targets),
                 "torch-cell": lambda: torch_runner(torch, np, model, "cell", params, x, targets),
+                "torch-compile": lambda: torch_runner(torch, np, model, "compile", params, x,
+                                                      targets),
                 "torch-nn": lambda: torch_runner(torch, np, model, "nn", params, x, targets),
                 "jax-scan": lambda: jax_runner(jax, np, model, False, params, x, targets),
                 "jax-hoisted": lambda: jax_runner(jax, np, model, True, params, x, targets),
             }
             runners, first, errors, load0 = {}, {}, {}, fmt_load()
-            for name in frameworks:
+            for name in fws:
                 run, grads = makers[name]()
                 t = time.perf_counter()
                 run()  # first call: JAX traces and compiles, Numba loads its cache
                 first[name] = time.perf_counter() - t
                 runners[name] = (run, grads)
             loss_ref, g_ref = runners["bpttgen"][1]()
-            for name in frameworks:
+            for name in fws:
                 loss, g = runners[name][1]()
                 errors[name] = max(max_error(np, g, g_ref),
                                    abs(loss - loss_ref) / abs(loss_ref))
             for _ in range(2):  # warm-up
-                for name in frameworks:
+                for name in fws:
                     runners[name][0]()
             if (B, T, I, H, O) == max(sizes, key=lambda s: s[0] * s[1] * s[3]):
                 gemm = gemm_rates(np, torch)
@@ -519,7 +579,7 @@ def main(argv=None):
                                  200, args.min_time)
             ms = {n: 1e3 * sorted(v)[len(v) // 2] for n, v in times.items()}
             fl = flops(model, B, T, I, H, O)
-            for name in frameworks:
+            for name in fws:
                 rows.append(dict(model=model, B=B, T=T, I=I, H=H, O=O, framework=name,
                                  ms=ms[name], first_ms=1e3 * first[name],
                                  gflops=fl / (ms[name] * 1e-3) / 1e9,
@@ -533,7 +593,7 @@ def main(argv=None):
                      f"torch {gemm['torch']:.0f} GFLOP/s"))
             print(f"{'framework':<12} {'ms':>9} {'first ms':>9} {'GFLOP/s':>8} "
                   f"{'x bpttgen':>9} {'grad err':>9}")
-            for r in rows[-len(frameworks):]:
+            for r in rows[-len(fws):]:
                 flag = "" if r["error"] <= TOLERANCE_F32 else "  FAILED check"
                 print(f"{r['framework']:<12} {r['ms']:>9.2f} {r['first_ms']:>9.0f} "
                       f"{r['gflops']:>8.1f} {r['ratio']:>9.2f} {r['error']:>9.1e}{flag}",
@@ -623,8 +683,10 @@ def write_results(folder, stem, header, rows, checks, frameworks):
                    and (r["B"], r["T"], r["I"], r["H"], r["O"]) == size}
             cells = []
             for fw in frameworks:
-                r = sel[fw]
-                if fw == "bpttgen":
+                r = sel.get(fw)
+                if r is None:
+                    cells.append("n/a")
+                elif fw == "bpttgen":
                     cells.append(f"**{r['ms']:.2f} ms** ({r['gflops']:.0f} GF/s)")
                 else:
                     cells.append(f"{r['ms']:.2f} ms ({r['ratio']:.2f}x)")
@@ -637,8 +699,9 @@ def write_results(folder, stem, header, rows, checks, frameworks):
                                   if r["model"] == model):
             sel = [r for r in rows if r["model"] == model
                    and (r["B"], r["T"], r["I"], r["H"], r["O"]) == size]
+            first = {r["framework"]: f"{r['first_ms']:.0f}" for r in sel}
             lines.append(f"| {','.join(map(str, size))} | "
-                         + " | ".join(f"{r['first_ms']:.0f}" for r in sel)
+                         + " | ".join(first.get(fw, "n/a") for fw in frameworks)
                          + f" | {max(r['error'] for r in sel):.1e} | "
                          + " -> ".join(part.split("/")[0] for part in sel[0]["load"].split(" -> "))
                          + " |")
@@ -669,9 +732,10 @@ def plot(path, rows, frameworks):
                                    if r["model"] == model))
         width = 0.8 / len(others)
         for j, fw in enumerate(others):
-            vals = [next(r["ratio"] for r in rows if r["model"] == model
-                         and r["framework"] == fw
-                         and (r["B"], r["T"], r["I"], r["H"], r["O"]) == s) for s in sizes]
+            vals = [next((r["ratio"] for r in rows if r["model"] == model
+                          and r["framework"] == fw
+                          and (r["B"], r["T"], r["I"], r["H"], r["O"]) == s), 0)
+                    for s in sizes]  # 0: the framework has no such cell
             ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=fw)
         ax.axhline(1.0, color="k", lw=1)
         ax.set_yscale("log")
