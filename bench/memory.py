@@ -313,6 +313,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
+    global H, B
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", default="1000,10000,100000,1000000",
                     help="sequence lengths, comma-separated")
@@ -325,8 +326,13 @@ def main(argv=None):
                     help="skip full storage where memory() says it needs more")
     ap.add_argument("--plot", default=None, help="write the log-log plot to this PNG")
     ap.add_argument("--json", default=None, help="write the rows as JSON")
+    ap.add_argument("--hidden", type=int, default=H,
+                    help=f"the LSTM's H (default {H}; a smaller one makes a 10^7-step "
+                    "stream affordable: memory's flatness does not depend on it)")
+    ap.add_argument("--batch", type=int, default=B, help=f"B streams (default {B})")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    H, B = args.hidden, args.batch
     budget = int(args.budget * 2 ** 20)
     if args.child:
         return child(args.child[0], int(float(args.child[1])), budget)
@@ -351,7 +357,8 @@ def main(argv=None):
                     print(f"{method:17} {T:>8} skipped: needs {need / 2 ** 30:.1f} GiB")
                     continue
             proc = subprocess.run([sys.executable, __file__, "--child", method, str(T),
-                                   "--budget", str(args.budget)],
+                                   "--budget", str(args.budget), "--hidden", str(H),
+                                   "--batch", str(B)],
                                   capture_output=True, text=True)
             if proc.returncode:
                 print(f"{method:17} {T:>8} failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -240,13 +240,16 @@ def test_a_worker_killed_mid_epoch_changes_nothing(client):
     data = tasks.parity(12, 64, seed=2)
 
     def run(kills):
-        client.wait_for_workers(2)  # two shards in every run
+        client.wait_for_workers(2, timeout=300)  # two shards in every run
+        # Each kill takes a worker that was there from the start, never one its nanny
+        # is still restarting: a nanny whose worker dies while it starts gives it up.
+        pids = sorted(client.run(os.getpid).values())
         tr = _trainer(m, "tbptt", optimizer="adam", k1=4, k2=6)
 
         def callback(tr, info):
             when = kills.get((info["event"], info["epoch"], info["batch"]))
             if when is not None:
-                pid = next(iter(client.run(os.getpid).values()))
+                pid = pids.pop()
                 if when == 0:
                     os.kill(pid, signal.SIGKILL)
                 else:  # during the next step
@@ -262,7 +265,7 @@ def test_a_worker_killed_mid_epoch_changes_nothing(client):
     for k in clean.params:
         assert np.array_equal(killed.params[k], clean.params[k]), k
     assert killed.history == clean.history
-    client.wait_for_workers(2)
+    client.wait_for_workers(2, timeout=300)  # a failure here, never a hang
 
 
 def _start_scheduler(folder):
