@@ -48,9 +48,9 @@ Faults. The module and the data are the results of tasks that return them (not
 scattered data, which a dead worker takes with it), so when a worker dies (kill -9)
 the scheduler reruns its tasks on the others, with the same inputs; a shard whose
 actor call fails goes again as a task, which the scheduler reruns likewise. The
-shard's result is the same numbers, and the driver takes each shard's result exactly once,
-in shard order, so nothing is lost or counted twice and the run equals an
-uninterrupted one bit for bit. When the scheduler dies, ``fit`` puts the trainer
+shard's result is the same numbers, and the driver takes each shard's result
+exactly once, in shard order, so nothing is lost or counted twice and the run
+equals an uninterrupted one bit for bit. When the scheduler dies, ``fit`` puts the trainer
 back to the end of its last finished minibatch (the online algorithms update within
 one) and raises ``SchedulerLost``: ``save`` then writes a checkpoint that
 ``fit(resume=True)`` continues from.
@@ -425,7 +425,8 @@ class DataParallel:
         try:
             future = self.client.submit(_Shard, self._homes[worker], actor=True,
                                         workers=[worker], pure=False)
-            actor = future.result()
+            # bounded: a worker that died after it was listed never runs it
+            actor = future.result(timeout=60)
         except Exception:  # noqa: BLE001 - a worker gone: tasks do its shards
             return None
         # A call to an actor whose worker died would otherwise wait for the actor's
