@@ -83,9 +83,16 @@ class RtrlPlan:
                 elif block.kind == "reduction" and block.nodes[0] in self.has:
                     self.blocks.append(self._reduction(block))
         self.blocks.append(self._gradient())
+        # Element by element: Numba compiles an array-to-slice assignment with a
+        # formatted shape-mismatch error (str, join, repr of tuples), 5-12 s of
+        # compile for the RTRL kernel alone.
+        carry = []
+        for s in d.states:
+            carry += [f"for _k in range({dot(s.name)}.shape[0]):",
+                      f"    for _p in range({dot(s.name)}.shape[1]):",
+                      f"        {dot(s.prev)}[_k, _p] = {dot(s.name)}[_k, _p]"]
         self.blocks.append(StepBlock(
-            "carry the sensitivities: S_{t-1} of the next step is S_t",
-            [f"{dot(s.prev)}[:, :] = {dot(s.name)}" for s in d.states]))
+            "carry the sensitivities: S_{t-1} of the next step is S_t", carry))
 
     # -- layout ---------------------------------------------------------------
     def _directions(self):
