@@ -117,11 +117,13 @@ class Vec:
 
 
 class State:
-    """A recurrent state s: ``s.prev`` is s_{t-1}; after ``m.update(s, ...)`` the
-    state itself (or ``s.t``) is s_t."""
+    """A recurrent state s: ``s.prev`` is s_{t-1} (s_{t+1} for a reverse state, which
+    runs from the last step down to the first); after ``m.update(s, ...)`` the state
+    itself (or ``s.t``) is s_t."""
 
-    def __init__(self, model, name, size, location):
+    def __init__(self, model, name, size, location, reverse=False):
         self.model, self.name, self.size, self.location = model, name, size, location
+        self.reverse = reverse
         self.prev = Vec(model, model._symbol(f"{name}_prev"), size)
         self.updated = False
 
@@ -130,7 +132,7 @@ class State:
         if not self.updated:
             raise DefinitionError(
                 f"state '{self.name}' used before m.update({self.name}, ...): write "
-                f"{self.name}.prev for its value at t-1")
+                f"{self.name}.prev for its value at {'t+1' if self.reverse else 't-1'}")
         return Vec(self.model, self.model._symbol(self.name), self.size)
 
     def __add__(self, o): return self.t + o
@@ -378,12 +380,20 @@ class Model:
         self.inputs[name] = size
         return Vec(self, self._symbol(name), size)
 
-    def state(self, name, size):
-        """A recurrent state; its initial value is an argument of the trainer."""
+    def state(self, name, size, reverse=False):
+        """A recurrent state; its initial value is an argument of the trainer.
+
+        ``reverse=True``: the backward direction of a bidirectional layer. The state
+        runs from t = T-1 down to 0, ``s.prev`` is s_{t+1}, its initial value is its
+        value at t = T and its final value the one at t = 0. A forward state's update
+        may not read a reverse state, nor the reverse one a forward one (no order
+        computes both); the readout may read both."""
         location = _caller_location()
+        if not isinstance(reverse, bool):
+            raise DefinitionError(f"reverse must be True or False, got {reverse!r}")
         self._declare(name, "state", size)
         self._declare(f"{name}_prev", "prev", size)
-        st = State(self, name, size, location)
+        st = State(self, name, size, location, reverse)
         self.states[name] = st
         return st
 
