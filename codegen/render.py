@@ -298,12 +298,13 @@ def cpu_context(derivation):
                         f"{gradients}")
     groups = [dict(name=g.name, adjoint=plan.group_adjoint(g),
                    source_rows=plan.rows(g.source, lo="0", hi="TB")) for g in plan.groups]
-    rtrl = RtrlPlan(plan).context()
+    # forward mode runs forward in time: none for a reverse state (runtime refuses rtrl)
+    rtrl = None if d.bidirectional else RtrlPlan(plan).context()
     return dict(
         model_context(d, plan),
         args_tuple=repr(tuple(args)),
         args_unpack=unpack(args, "_args"),
-        tangent_unpack=rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
+        tangent_unpack=rtrl and rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
                                                    "_tangents"),
         arrays=arrays,
         groups=groups,

@@ -63,7 +63,10 @@ def case_ids():
     user's last-step loss)."""
     ids = []
     for name in BUILTIN:  # (helpers.COSTLY: tbptt's windows on a cheaper built-in)
-        ids += [f"{name}:bptt"] + ([] if name in COSTLY else [f"{name}:tbptt"]) + \
+        # a reverse state runs no tbptt: naive's windows, mirrored for it, instead
+        reverse = any(st.reverse for st in BUILTIN[name]().states.values())
+        windows = "naive" if reverse else "tbptt"
+        ids += [f"{name}:bptt"] + ([] if name in COSTLY else [f"{name}:{windows}"]) + \
             [f"{name}:forward"]
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]

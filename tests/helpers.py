@@ -33,6 +33,16 @@ COSTLY = {"layernorm_lstm"}
 GENERATED_CASES = [c for c in CASES if not c.startswith("lstm-")]
 
 
+def skip_refused(module, algorithm):
+    """Skip a test of an algorithm the module refuses: a model with a reverse state (a
+    bidirectional layer) runs no online or checkpointed algorithm
+    (tests/test_bidirectional.py checks the refusals)."""
+    import pytest
+
+    if algorithm not in module.ALGORITHMS:
+        pytest.skip(f"{module.NAME} has a reverse state: {algorithm} does not apply")
+
+
 def tiny_sizes(derivation, n=3):
     """Every size n, but a little different so transposes cannot hide."""
     return {s: n + (i % 2) for i, s in enumerate(derivation.sizes)}

@@ -45,7 +45,8 @@ class Model:
     window_local  (adjoint, (T+1)*B rows, summed over windows): private to a window
     l2            l2(w, l2) -> (penalty of w summed, its gradient), as derived
     rtrl          (rtrl_directions, tangents): tangents(*sizes) gives (state or None,
-                  rows) of each tangent of the RTRL kernel, in its order
+                  rows) of each tangent of the RTRL kernel, in its order; None: no
+                  RTRL kernel (a model with a reverse state)
     """
 
     def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, adjoints,
@@ -56,7 +57,7 @@ class Model:
         self.adjoints = adjoints
         self.groups, self.window_local, self.l2 = groups, window_local, l2
         self.carry = carry
-        self.directions, self.tangents = rtrl
+        self.directions, self.tangents = rtrl or (None, None)
         self.cache = calls.ArrayCache(zeros=zeros, ones=ones)
         # Each call runs these in Python before its one kernel call: kept lean.
         self._sizes = spec["sizes"]
@@ -146,6 +147,7 @@ class Model:
         """Bytes a loss_and_grads call of T steps and B sequences will allocate, before it
         runs (the arguments' own arrays not counted). sizes: {name: int}. For
         "checkpoint", the plan it would choose (see checkpoint.plan)."""
+        calls.check_direction(self.name, self.spec, algorithm)
         itemsize = np.dtype(dtype).itemsize
         if algorithm == "checkpoint":
             return self._checkpoint_plan(sizes, T, B, itemsize, memory_limit, snapshots,
