@@ -108,3 +108,80 @@ def test_a_reverse_lstm_like_cell_equals_the_unrolled_derivative():
     for name in params:
         assert np.any(sym_grads[name] != 0), name
         assert max_relative_error(grads[name], sym_grads[name]) < 1e-12, name
+
+
+# -- the generated modules -----------------------------------------------------------
+REFUSED = [("tbptt", dict(k1=2, k2=3)), ("artbp", dict(c=0.3, seed=1)), ("rtrl", {}),
+           ("checkpoint", dict(segment=2))]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    from bpttgen.generated import bielman as module
+
+    D = derive(bielman())
+    params, x, targets, state0 = random_problem(D, tiny_sizes(D), T=5, B=2, seed=3)
+    return module, D, (params, x, targets, state0)
+
+
+def test_the_generated_module_runs_the_reverse_state_backwards(problem):
+    """Predictions and final states against the reference: hb's state0 enters at the
+    last step and its final state is the one at t = 0."""
+    module, D, (params, x, targets, state0) = problem
+    y, final = module.forward(params, x, state0=state0)
+    y_ref, final_ref = reference.forward(D, params, x, state0)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-15)
+    for s in final_ref:
+        np.testing.assert_allclose(final[s], final_ref[s], rtol=1e-12, atol=1e-15)
+    assert set(module.ALGORITHMS) == {"bptt", "naive", "epochwise"}
+    assert not hasattr(module, "_rtrl")  # no forward-mode kernel that could never run
+
+
+@pytest.mark.parametrize("algorithm, kw", REFUSED)
+def test_online_and_checkpointed_algorithms_are_refused_with_the_reason(problem, algorithm, kw):
+    module, _, (params, x, targets, state0) = problem
+    why = rf"algorithm='{algorithm}' cannot train bielman: its state\(s\) \['hb'\] run in reverse"
+    with pytest.raises(ValueError, match=why):
+        module.loss_and_grads(params, x, targets, state0=state0, algorithm=algorithm, **kw)
+    with pytest.raises(ValueError, match=why):
+        module.memory({"I": 3, "H": 4, "O": 3}, 5, 2, algorithm=algorithm)
+    with pytest.raises(ValueError, match=why):
+        module.Trainer({"I": 3, "H": 4, "O": 3}, algorithm=algorithm, **kw)
+
+
+def test_rtrl_itself_and_the_cuda_module_refuse(problem):
+    module, _, (params, x, targets, state0) = problem
+    with pytest.raises(ValueError, match="rtrl learns online, forward in time"):
+        module.rtrl(params, x, targets, state0=state0)
+    from bpttgen.generated import bielman_cuda
+
+    assert set(bielman_cuda.ALGORITHMS) == {"bptt", "naive", "epochwise"}
+    with pytest.raises(ValueError, match="checkpoint recomputes the trajectory forward"):
+        bielman_cuda.loss_and_grads(params, x, targets, algorithm="checkpoint")
+
+
+def test_the_command_line_says_why(capsys):
+    from bpttgen.codegen.app import cli
+
+    rc = cli.main(["train", "bielman", "--task", "parity", "--seq-len", "4", "--samples",
+                   "8", "--hidden", "2", "--epochs", "1", "--algorithm", "tbptt", "--k1", "2",
+                   "--k2", "2"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE
+    assert "algorithm='tbptt' cannot train bielman" in err and "run in reverse" in err
+
+
+def test_naive_and_bptt_agree_with_the_reference(problem):
+    """naive propagates each step's error alone, through earlier steps for hf and
+    later ones for hb (calls.reverse_windows): the same gradient as bptt and the
+    reference, with a mask and L2."""
+    module, D, (params, x, targets, state0) = problem
+    mask = np.ones(x.shape[:2])
+    mask[1, 0] = 0
+    kw = dict(state0=state0, mask=mask, l2=0.05)
+    loss, want = reference.loss_and_grads(D, params, x, targets, **kw)
+    for algorithm in ("bptt", "naive"):
+        got_loss, got = module.loss_and_grads(params, x, targets, algorithm=algorithm, **kw)
+        assert got_loss == pytest.approx(loss, rel=1e-12)
+        for name in want:
+            assert max_relative_error(got[name], want[name]) < 1e-10, (algorithm, name)
