@@ -15,6 +15,11 @@ makes them runs, with that line's file and number.
     m.update(h, tanh(W_xh @ x + W_hh @ h.prev + b_h))
     m.output(m.matrix("W_hy", "O", "H") @ h + m.bias("b_y", "O"), loss=softmax_cross_entropy)
 
+A state declared with ``reverse=True`` is the backward direction of a bidirectional
+layer: it runs from the last step down to the first, its ``prev`` is its value at t+1.
+The readout may read states of both directions; the recurrence of one may not read
+the other's (derivation.py refuses it at the line).
+
 A reduction over the units of a vector (``m.sum``, ``m.mean``, ``m.layernorm``) is a
 node of its own holding one number per sequence and step, a ``Scalar``: arithmetic
 with a vector broadcasts it over the vector's units. Its Jacobian is not diagonal;

@@ -185,3 +185,27 @@ def test_naive_and_bptt_agree_with_the_reference(problem):
         assert got_loss == pytest.approx(loss, rel=1e-12)
         for name in want:
             assert max_relative_error(got[name], want[name]) < 1e-10, (algorithm, name)
+
+
+def test_the_readme_bidirectional_cell_equals_the_unrolled_derivative():
+    """The README's bidirectional cell derives, with a reverse state, and its gradients
+    are the unrolled loss's (B = 1, T = 3)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        source = re.search(r"<!-- readme-test: cell_bi.py -->\n```python\n(.*?)```",
+                           f.read(), re.S).group(1)
+    namespace = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    m = namespace["model"]()
+    D = derive(m)
+    assert [s.reverse for s in D.states] == [False, True]
+    sizes = tiny_sizes(D, 2)
+    params, x, targets, state0 = random_problem(D, sizes, T=3, B=1, seed=5)
+    loss, grads = reference.loss_and_grads(D, params, x, targets, state0=state0)
+    sym_loss, sym_grads = symbolic_loss_and_grads(m, sizes, params, x, targets, state0)
+    assert abs(loss - sym_loss) <= 1e-12 * abs(sym_loss)
+    for name in params:
+        assert max_relative_error(grads[name], sym_grads[name]) < 1e-12, name
