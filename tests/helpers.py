@@ -24,8 +24,11 @@ for _loss_name, _loss in LOSSES.items():
 #: float64 PTX, the CUDA simulator's bptt and forward, LaTeX); the checks of code they
 #: share with a cheaper built-in of the same constructs run on that one only (rmsnorm:
 #: reductions): RTRL, float32 PTX, the simulator's tbptt, the reference's second
-#: variant. Keeps the suite inside its 10-minute budget on 2 cores.
-COSTLY = {"layernorm_lstm"}
+#: variant. Keeps the suite inside its 10-minute budget on 2 cores. bielman (a
+#: bidirectional Elman layer) repeats the Elman net's constructs in its kernels: its
+#: float32 PTX and the reference's second variant are the Elman net's; its own
+#: tiers (the reverse loop, naive's mirrored windows in the simulator) all run.
+COSTLY = {"layernorm_lstm", "bielman"}
 
 #: Cases run through generated Numba modules. Each costs a Numba compilation (the
 #: dominant cost of the suite), so the losses are generated on the Elman net only:
