@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Tier 5 for the reduction cells: PyTorch autograd agrees with the generated modules.
+"""Tier 5 for the reduction cells and the bidirectional layer: PyTorch autograd agrees
+with the generated modules.
 
     python bench/torch_agreement.py            # float64, tiny sizes; exit 1 on disagreement
 
@@ -9,6 +10,9 @@ An independent implementation of each cell, written the way its source writes it
   custom_lstms.py) with ``torch.nn.LayerNorm``'s function over the 4H gate products of the input
   and of the state and over the cell, gates chunked i, f, g, o;
 * rmsnorm: ``torch.nn.RMSNorm``'s function on the Elman pre-activation, then tanh;
+* bielman: ``torch.nn.RNN(bidirectional=True)`` itself, bpttgen's parameters as its
+  weights (its second bias zero), the readout of its output [hf_t, hb_t]; its final
+  states h_n (the reverse direction's at t = 0) against the module's too;
 
 each with the readout z = W_y h + b_y and softmax cross-entropy averaged over T*B
 (the generated modules' loss convention with no mask). Loss and every gradient of
@@ -85,6 +89,22 @@ def rmsnorm(torch, P, x, targets, state0, H):
     return _readout_loss(torch, P, hs, targets, W="W_hy"), {}
 
 
+def bielman(torch, P, x, targets, state0, H):
+    rnn = torch.nn.RNN(x.shape[2], H, bidirectional=True, dtype=torch.float64)
+    zero = torch.zeros(H, dtype=torch.float64)  # b_f is nn.RNN's bias_ih, bias_hh is 0
+    weights = {"weight_ih_l0": P["W_f"], "weight_hh_l0": P["U_f"], "bias_ih_l0": P["b_f"],
+               "bias_hh_l0": zero, "weight_ih_l0_reverse": P["W_b"],
+               "weight_hh_l0_reverse": P["U_b"], "bias_ih_l0_reverse": P["b_b"],
+               "bias_hh_l0_reverse": zero}
+    # h0[1] is the reverse direction's initial state, read at the last step: state0's hb
+    h0 = torch.from_numpy(np.stack([state0["hf"], state0["hb"]]))
+    out, h_n = torch.func.functional_call(rnn, weights, (torch.from_numpy(x), h0))
+    z = out @ torch.cat([P["V_f"], P["V_b"]], dim=1).T + P["b_y"]
+    loss = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]),
+                                             torch.from_numpy(targets).reshape(-1))
+    return loss, {"final": {"hf": h_n[0], "hb": h_n[1]}}
+
+
 def agree(torch, name, cell):
     import importlib
 
@@ -93,13 +113,17 @@ def agree(torch, name, cell):
     params, x, targets, state0 = _problem(module, sizes)
     loss, grads = module.loss_and_grads(params, x, targets, state0=state0)
     P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    torch_loss, _ = cell(torch, P, x, targets, state0, sizes["H"])
+    torch_loss, extra = cell(torch, P, x, targets, state0, sizes["H"])
     torch_loss.backward()
     torch_loss = torch_loss.detach().item()
     worst = abs(torch_loss - loss) / abs(loss)
     for k, g in grads.items():
         t = P[k].grad.numpy()
         worst = max(worst, float(np.max(np.abs(t - g)) / max(np.max(np.abs(t)), 1e-300)))
+    if "final" in extra:  # each state at the end of its run
+        _, final = module.forward(params, x, state0=state0)
+        for s, h in extra["final"].items():
+            worst = max(worst, float(np.max(np.abs(h.detach().numpy() - final[s]))))
     print(f"{name}: loss {loss:.12f}, torch {torch_loss:.12f}; max relative "
           f"error over the loss and {len(grads)} gradients: {worst:.1e}")
     return worst
@@ -114,7 +138,7 @@ def main():
         return 0
     torch.set_num_threads(1)
     worst = max(agree(torch, "layernorm_lstm", layernorm_lstm),
-                agree(torch, "rmsnorm", rmsnorm))
+                agree(torch, "rmsnorm", rmsnorm), agree(torch, "bielman", bielman))
     ok = worst < TOL
     print(f"torch {torch.__version__}: {'agree' if ok else 'DISAGREE'} (tolerance {TOL:g})")
     return 0 if ok else 1

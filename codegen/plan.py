@@ -10,6 +10,13 @@ printer.py after ``sympy.cse``. What is decided here:
   different row ranges. A state s has (T+1)*B rows: s_{t-1} is row t*B + b,
   s_t is row (t+1)*B + b; its adjoint ``delta_s_seq`` has the same layout, so the
   adjoint of s_{t-1} written at step t is the accumulated delta of step t-1.
+  A reverse state (a bidirectional layer's backward direction) mirrors it: s_t is
+  row t*B + b and its previous value s_{t+1} row (t+1)*B + b, state0 (its value at
+  t = T) row T*B + b; the adjoint of s_{t+1} written at step t is the accumulated
+  delta of step t+1.
+* time loops: the loop nodes of the forward states are the phase "loop" (t ascending
+  in the forward pass, descending in the backward); those of the reverse states the
+  phase "reverse" (t descending in the forward pass, ascending in the backward).
 * linear groups: linear nodes of one phase that read the same vector become one
   matrix product with their weights stacked (the four LSTM gates are one GEMM).
 * schedule: within a phase, products are issued as soon as their source exists
@@ -53,6 +60,11 @@ from bpttgen.derive import latex, naming
 from bpttgen.derive.simplify import cse
 
 from bpttgen.codegen.printer import pycode, pycode_factor
+
+
+#: The Plan's phases, in forward order: two time loops, the reverse states' second.
+PHASES = ("pre", "loop", "reverse", "post")
+LOOPS = ("loop", "reverse")
 
 
 class PlanError(ValueError):
@@ -120,7 +132,7 @@ class Plan:
         self._check()
         self.groups = []
         self.member_of = {}  # linear node -> (group, offset code)
-        self.blocks = {phase: self._schedule(phase) for phase in ("pre", "loop", "post")}
+        self.blocks = {phase: self._schedule(phase) for phase in PHASES}
         self.block_of = {n: b for bl in self.blocks.values() for b in bl
                          if b.kind != "linear" for n in b.nodes}
         self.needs_array = self._adjoint_arrays()
@@ -153,17 +165,34 @@ class Plan:
         if name == self.d.input:
             return "input"
         if name in self.prev_of:
-            return "loop"
-        return self.nodes[name].phase
+            return "reverse" if self.prev_of[name].reverse else "loop"
+        return self.node_phase(self.nodes[name])
+
+    @staticmethod
+    def node_phase(node):
+        """The Plan's phase of a node: the Derivation's, a reverse loop node's "reverse"."""
+        return "reverse" if node.phase == "loop" and node.reverse else node.phase
+
+    def _shifts(self, name):
+        """(row shift of a previous state, of the state at t) in its (T+1)*B rows."""
+        reverse = (self.prev_of[name] if name in self.prev_of else
+                   next(s for s in self.d.states if s.name == name)).reverse
+        return ("B", "0") if reverse else ("0", "B")
+
+    def _state_rows(self, name, row):
+        """A state's (or its previous value's) row in its (T+1)*B rows, for row ``row``."""
+        shift = self._shifts(name)[0 if name in self.prev_of else 1]
+        return row if shift == "0" else f"{row} + {shift}"
 
     def value(self, name, row="_r", col="_k"):
         """Code reading element (row, col) of a vector's value."""
         if name == self.d.input:
             return f"{self.input_array}[{row}, {col}]"
         if name in self.prev_of:
-            return f"{naming.code_array(self.prev_of[name].name)}[{row}, {col}]"
+            return (f"{naming.code_array(self.prev_of[name].name)}"
+                    f"[{self._state_rows(name, row)}, {col}]")
         if name in self.state_names:
-            return f"{naming.code_array(name)}[{row} + B, {col}]"
+            return f"{naming.code_array(name)}[{self._state_rows(name, row)}, {col}]"
         if name in self.member_of:
             g, off = self.member_of[name]
             return f"{naming.code_array(g.name)}[{row}, {_plus(off, col)}]"
@@ -175,10 +204,8 @@ class Plan:
         """Code for the adjoint array element of a vector (None: the input)."""
         if name == self.d.input:
             return None
-        if name in self.prev_of:
-            return f"{self._adjoint_array(name)}[{row}, {col}]"
-        if name in self.state_names:
-            return f"{self._adjoint_array(name)}[{row} + B, {col}]"
+        if name in self.prev_of or name in self.state_names:
+            return f"{self._adjoint_array(name)}[{self._state_rows(name, row)}, {col}]"
         if name in self.member_of:
             g, off = self.member_of[name]
             return f"{self.group_adjoint(g)}[{row}, {_plus(off, col)}]"
@@ -210,9 +237,9 @@ class Plan:
             return None if adjoint else (self.input_array, "0", "0")
         array = self._adjoint_array if adjoint else naming.code_array
         if name in self.prev_of:
-            return array(self.prev_of[name].name), "0", "0"
+            return array(self.prev_of[name].name), self._shifts(name)[0], "0"
         if name in self.state_names:
-            return array(name), "B", "0"
+            return array(name), self._shifts(name)[1], "0"
         if name in self.member_of:
             g, off = self.member_of[name]
             return (self.group_adjoint(g) if adjoint else naming.code_array(g.name)), "0", off
@@ -222,10 +249,12 @@ class Plan:
         """Code for the contiguous row slice of a vector's value array."""
         if name == self.d.input:
             return f"{self.input_array}[{lo}:{hi}]"
-        if name in self.prev_of:
-            return f"{naming.code_array(self.prev_of[name].name)}[{lo}:{hi}]"
-        if name in self.state_names:
-            return f"{naming.code_array(name)}[{lo} + B:{hi} + B]"
+        if name in self.prev_of or name in self.state_names:
+            array = naming.code_array(self.prev_of[name].name if name in self.prev_of else name)
+            shift = self._shifts(name)[0 if name in self.prev_of else 1]
+            if shift == "0":
+                return f"{array}[{lo}:{hi}]"
+            return f"{array}[{lo} + {shift}:{hi} + {shift}]"
         return f"{naming.code_array(name)}[{lo}:{hi}]"
 
     def size_of(self, name):
@@ -233,10 +262,10 @@ class Plan:
 
     # -- schedule -------------------------------------------------------------
     def _schedule(self, phase):
-        todo = [n for n in self.d.nodes if n.phase == phase]
+        todo = [n for n in self.d.nodes if self.node_phase(n) == phase]
         ready = {self.d.input, *self.prev_of}
         ready.update(n.name for n in self.d.nodes
-                     if (phase == "loop" and n.phase == "pre")
+                     if (phase in LOOPS and n.phase == "pre")
                      or (phase == "post" and n.phase in ("pre", "loop")))
         ready.update(self.vector_params)
         blocks = []
@@ -312,7 +341,7 @@ class Plan:
         self.single = {name: ts[0] for name, ts in sources.items() if len(ts) == 1
                        and name != self.d.loss.node and name not in self.state_names}
         owners = {}  # what a group's adjoint holds -> the group owning that array
-        for g in sorted(self.groups, key=lambda g: g.phase != "loop"):
+        for g in sorted(self.groups, key=lambda g: g.phase not in LOOPS):
             if any(node not in self.single for node, _, _, _ in g.members):
                 continue
             holds = tuple((self.single[node].via, self.single[node].expr, size, off)
@@ -321,7 +350,7 @@ class Plan:
             # A loop group's array is private to a truncated window, a pre group's
             # is not: a pre group may use a loop group's array, not the reverse.
             if owner is not g and (owner.phase == g.phase or
-                                   (owner.phase, g.phase) == ("loop", "pre")):
+                                   (owner.phase in LOOPS and g.phase == "pre")):
                 self.alias[g.name] = owner.name
         for g in self.groups:
             # z = W h + b: the product's adjoint is z's, already in z's array when
@@ -379,7 +408,7 @@ class Plan:
         g, _ = self.member_of[wrt]
         owner = self.alias.get(g.name, g.name)
         phase = next(h.phase for h in self.groups if h.name == owner)
-        return not (self.nodes[node].phase == "loop" and phase != "loop")
+        return not (self.nodes[node].phase == "loop" and phase not in LOOPS)
 
     def bias_lines(self):
         """Code for the bias gradients taken as column sums of product adjoints,
@@ -559,8 +588,9 @@ class Plan:
 
     def _carried(self, wrt, contribution):
         """A contribution to the adjoint of ``wrt``, times the step's carry factor
-        when ``wrt`` is a previous state (it flows from step t to step t-1)."""
-        if self.carry and wrt in self.prev_of:
+        when ``wrt`` is a forward state's previous value (it flows from step t to step
+        t-1; ARTBP's cuts, which a reverse state does not take)."""
+        if self.carry and wrt in self.prev_of and not self.prev_of[wrt].reverse:
             return f"carry[_t]*{contribution}"
         return contribution
 
@@ -573,7 +603,7 @@ class Plan:
                    if n.kind != "linear" and n.name not in self.state_names]
         arrays += [Array(adjoint(s.name), "TB1", s.size, "adjoint", True)
                    for s in self.d.states]
-        arrays += [Array(adjoint(g.name), "TB", g.width, "adjoint", g.phase == "loop")
+        arrays += [Array(adjoint(g.name), "TB", g.width, "adjoint", g.phase in LOOPS)
                    for g in self.groups
                    if g.name not in self.alias and g.name not in self.node_alias]
         arrays += [Array(adjoint(n.name), "TB", n.size, "adjoint", n.phase == "loop")

@@ -20,7 +20,7 @@ from bpttgen.derive import naming
 from bpttgen.derive.derivation import LAM, W_ELEM
 
 from bpttgen.codegen.runtime.kernel_functions import fingerprint
-from bpttgen.codegen.plan import Plan, PlanError
+from bpttgen.codegen.plan import LOOPS, Plan, PlanError
 from bpttgen.codegen.printer import pycode
 from bpttgen.codegen.rtrl import RtrlPlan
 
@@ -236,6 +236,8 @@ def model_context(derivation, plan):
         targets_doc="(T, B) integer classes" if index else f"(T, B, {d.loss.size}) floats",
         vector_params=plan.vector_params,
         states=d.states,
+        reverse_states=repr(tuple(s.name for s in d.states if s.reverse)) if d.bidirectional
+        else "",
         l2_penalty=pycode(d.l2_penalty.xreplace(l2)),
         l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
     )
@@ -263,7 +265,7 @@ def state_adjoints(plan, derivation):
     out = {}
     for s in derivation.states:
         array, shift, offset = plan.storage(s.name, adjoint=True)
-        if array in names and (shift, offset) != ("B", "0"):
+        if array in names and (shift, offset) != ("0" if s.reverse else "B", "0"):
             raise PlanError(f"state {s.name}'s adjoint lives at {array}[r + {shift}, "
                             f"{offset} + k], not in an array of its own")
         out[s.name] = array if array in names else None
@@ -279,7 +281,7 @@ def cpu_context(derivation):
     rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
             "T": "(T,)"}
     # A loop product's scratch holds one step: B rows, not T*B.
-    step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase == "loop"}
+    step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase in LOOPS}
     arrays = [dict(name=a.name, role=a.role,
                    shape=rows["B" if a.name in step_scratch else a.rows].format(a.cols))
               for a in plan.arrays]
@@ -296,12 +298,13 @@ def cpu_context(derivation):
                         f"{gradients}")
     groups = [dict(name=g.name, adjoint=plan.group_adjoint(g),
                    source_rows=plan.rows(g.source, lo="0", hi="TB")) for g in plan.groups]
-    rtrl = RtrlPlan(plan).context()
+    # forward mode runs forward in time: none for a reverse state (runtime refuses rtrl)
+    rtrl = None if d.bidirectional else RtrlPlan(plan).context()
     return dict(
         model_context(d, plan),
         args_tuple=repr(tuple(args)),
         args_unpack=unpack(args, "_args"),
-        tangent_unpack=rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
+        tangent_unpack=rtrl and rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
                                                    "_tangents"),
         arrays=arrays,
         groups=groups,
@@ -318,6 +321,8 @@ def cpu_context(derivation):
         zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["role"] in ("adjoint", "grad"))),
         ones_arrays=repr(tuple(a["name"] for a in arrays if a["role"] == "carry")),
         kernel_functions=fingerprint(),
+        # a reverse state's model runs only the algorithms that hold the whole sequence
+        algorithms="BIDIRECTIONAL_ALGORITHMS" if d.bidirectional else "CPU_ALGORITHMS",
         rtrl=rtrl,
         bias_lines=plan.bias_lines(),
     )

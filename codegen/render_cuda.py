@@ -67,8 +67,10 @@ class CudaPlan:
                                     [a for a in plan.arrays if a.role == "grad"]))
         self.kernels = []
         self.phases, self.uses = {}, {}
-        for direction, order in (("forward", ("pre", "loop", "post")),
-                                 ("backward", ("post", "loop", "pre"))):
+        # a bidirectional layer's reverse states: a second time loop after the first
+        loops = ("loop", "reverse") if derivation.bidirectional else ("loop",)
+        for direction, order in (("forward", ("pre", *loops, "post")),
+                                 ("backward", ("post", *loops, "pre"))):
             for phase in order:
                 self.uses[(direction, phase)] = set()
                 self.phases[(direction, phase)] = self._phase(direction, phase)
@@ -236,6 +238,7 @@ def cuda_context(derivation):
         window_local=repr(window_local(plan)),
         ints=cp.ints,
         target_kind="t" if index else "m",
+        algorithms="BIDIRECTIONAL_ALGORITHMS" if d.bidirectional else "ALGORITHMS",
     )
 
 

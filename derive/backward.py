@@ -7,7 +7,8 @@ elementwise node (``sympy.diff``). Reverse mode turns them into sums, once, here
                                       + sum over consumers u of v:
                                           bar(u) * du/dv                 ("local")
                                           W^T bar(u)        (u = W v)    ("transpose")
-                                      + bar(v_prev) of step t+1          ("carry", v a state)
+                                      + bar(v_prev) of step t+1          ("carry", v a state;
+                                                              step t-1 for a reverse state)
     gradient of a parameter   bar(W)  = sum over products u = W v: bar(u) v^T    ("outer")
                               bar(p)  = sum over u reading p: bar(u) * du/dp     ("local")
 
@@ -35,7 +36,8 @@ RULES = {
     "error": "w/N * expr, expr = dl/dz",
     "local": "bar(via) * expr (backward) or expr * dot(via) (tangent), expr = d node / d arg",
     "transpose": "W^T bar(via), via = W target",
-    "carry": "bar(via) of step t+1, via = the state's previous value",
+    "carry": "bar(via) of step t+1 (t-1 for a reverse state), via = the state's previous "
+             "value",
     "outer": "bar(via) source^T, via = W source",
     "direction": "expr * unit direction of the vector parameter via",
     "product": "W dot(via), the product of a tangent",

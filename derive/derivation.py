@@ -28,6 +28,12 @@ Nodes are split into three phases so code generators can hoist:
 * ``post``: reads states but feeds no update (the readout and loss): all T steps
             in one batch after the loop.
 
+A reverse state (a bidirectional layer's backward direction) runs from t = T-1 down
+to 0: its previous value is s_{t+1}, so its adjoint at step t is added to the state's
+adjoint at t+1 and its recurrence runs forward in time. The loop nodes of a reverse
+state are marked ``reverse``: they form a second time loop. A loop node may not read
+states of both directions (no order computes it); the post phase may.
+
 Weight gradients are sums over t of outer products, so every one is a single
 matrix product over all T*B rows once the adjoints are stored. backward.py turns the
 partials into these sums once (``Derivation.backward``); the naive O(T^2), truncated
@@ -67,6 +73,7 @@ class Node:
     weight: str = None
     source: str = None
     over: str = None  # a reduction: the size of the units it sums over
+    reverse: bool = False  # a loop node of the reverse direction (t from T-1 down to 0)
 
     @property
     def units(self):
@@ -78,7 +85,8 @@ class Node:
 class StateInfo:
     name: str  # the update node's name, holding s_t
     size: str
-    prev: str  # the symbol of s_{t-1}
+    prev: str  # the symbol of s_{t-1} (s_{t+1} if reverse)
+    reverse: bool = False  # runs from t = T-1 down to 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,11 @@ class Derivation:
 
     def _by_name(self):
         return {n.name: n for n in self.nodes}
+
+    @property
+    def bidirectional(self):
+        """Whether a state runs in reverse (a second time loop, t descending)."""
+        return any(s.reverse for s in self.states)
 
     def phase_nodes(self, phase):
         return tuple(n for n in self.nodes if n.phase == phase)
@@ -175,6 +188,8 @@ def derive(model: Model) -> Derivation:
             feeds.update([n.source] if n.kind == "linear" else
                          [s.name for s in n.expr.free_symbols])
 
+    reverse = _reverse_nodes(model, feeds)
+
     nodes, partials, stored = [], [], []
     rules_tail = [DropZeroSteps()]
     for n in model.nodes:
@@ -186,7 +201,7 @@ def derive(model: Model) -> Derivation:
             phase = "pre"
         if n.kind == "linear":
             nodes.append(Node(n.name, n.size, "linear", phase, weight=n.weight,
-                              source=n.source))
+                              source=n.source, reverse=phase == "loop" and n.name in reverse))
             continue
         # A size in an expression is a number (a mean's divisor), not an argument.
         names = sorted(s.name for s in n.expr.free_symbols if s.name not in model.sizes)
@@ -201,7 +216,8 @@ def derive(model: Model) -> Derivation:
             local = sp.diff(n.expr, sp.Symbol(wrt, real=True))
             partials.append((n.name, wrt, simplify(local, rules)))
         nodes.append(Node(n.name, n.size, n.kind, phase, expr=n.expr, args=args,
-                          params=params, over=n.over))
+                          params=params, over=n.over,
+                          reverse=phase == "loop" and n.name in reverse))
 
     out = model.output_node
     if any(n.name == out and n.phase == "loop" for n in nodes):
@@ -209,7 +225,8 @@ def derive(model: Model) -> Derivation:
                               location=model.states[next(iter(model.states))].location)
     loss = LossInfo(out, model.size_of(out), model.loss, model.loss.error(), model.loss_at)
     penalty = LAM / 2 * W_ELEM ** 2
-    states = tuple(StateInfo(s, st.size, f"{s}_prev") for s, st in model.states.items())
+    states = tuple(StateInfo(s, st.size, f"{s}_prev", st.reverse)
+                   for s, st in model.states.items())
     params = tuple(Param(p.name, p.shape, p.kind, p.role) for p in model.params.values())
     return Derivation(
         name=model.name,
@@ -224,6 +241,31 @@ def derive(model: Model) -> Derivation:
         l2_penalty=penalty,
         l2_gradient=sp.diff(penalty, W_ELEM),
     )
+
+
+def _reverse_nodes(model, feeds):
+    """The loop nodes of the reverse direction: those that read a reverse state. A
+    node on the recurrent path (``feeds``) that reads states of both directions is
+    refused at its line: one direction's step t needs the other's at t, which is
+    computed only after the whole sequence ran the other way."""
+    direction = {f"{s}_prev": {st.reverse} for s, st in model.states.items()}
+    for n in model.nodes:
+        reads = [n.source] if n.kind == "linear" else [s.name for s in n.expr.free_symbols]
+        found = set().union(*(direction.get(r, set()) for r in reads))
+        if n.name in model.states:
+            found.add(model.states[n.name].reverse)
+        direction[n.name] = found
+        if len(found) > 1 and n.name in feeds:
+            fwd = sorted(s for s, st in model.states.items() if not st.reverse)
+            rev = sorted(s for s, st in model.states.items() if st.reverse)
+            what = (f"the update of '{n.name}'" if n.name in model.states
+                    else f"'{n.name}'")
+            raise DefinitionError(
+                f"{what} reads both forward state(s) {fwd} and reverse state(s) {rev} "
+                "and feeds the recurrence: there is no order to compute them in (the "
+                "forward direction runs t = 0..T-1, the reverse T-1..0); only the "
+                "readout may read both", location=n.location)
+    return {name for name, found in direction.items() if found == {True}}
 
 
 def _check_complete(model):

@@ -232,8 +232,10 @@ class _Builder:
                 vectors.add(f"bar:{name}")
             ranks[f"bar:{name}"] = -1000 + i
         for s in d.states:
-            symbols[f"carry:{s.name}"] = (n.adjoint(s.prev, 1) if vector else
-                                          n.adjoint_element(s.prev, offset=1))
+            # the adjoint of s_prev computed at the step that reads it: t+1 (t-1 reverse)
+            later = -n.step(s.name)
+            symbols[f"carry:{s.name}"] = (n.adjoint(s.prev, later) if vector else
+                                          n.adjoint_element(s.prev, offset=later))
             vectors.add(f"carry:{s.name}")
         j, k = n.index, n.sum_index
         for node in n.linear.values():
@@ -343,8 +345,9 @@ class _Builder:
         self.l2()
         self.update()
         self.algorithms()
-        self.rtrl()
-        self.artbp()
+        if not self.d.bidirectional:  # online algorithms: refused for a reverse state
+            self.rtrl()
+            self.artbp()
         if self.index_form:
             self.per_element()
         return self.blocks
@@ -371,7 +374,9 @@ class _Builder:
         for s in d.states:
             rows.append((n.vector(s.name), s.name,
                          f"recurrent state; ${n.initial(s.name)}$ is given", size(s.size)))
-            rows.append((n.vector(s.prev), s.prev, "the state before step $t$",
+            rows.append((n.vector(s.prev), s.prev,
+                         "the state after step $t$ (the reverse direction runs from $t = T-1$ "
+                         "down to 0)" if s.reverse else "the state before step $t$",
                          size(s.size)))
         where = {"pre": "that reads no state (computed for all $t$ before the time loop)",
                  "loop": "of the recurrent step", "post": "of the readout"}
@@ -405,7 +410,7 @@ class _Builder:
             if self.consumers(s.prev):
                 rows.append((n.adjoint(s.prev), code,
                              f"adjoint of ${n.vector(s.prev)}$ through step $t$, added "
-                             f"into ${n.adjoint(s.name, -1)}$", size(s.size)))
+                             f"into ${n.adjoint(s.name, n.step(s.name))}$", size(s.size)))
         group = naming.code_group("<u>")
         rows.append((r"\bar{\mathbf{v}}_{t}", naming.code_adjoint("<v>", ()),
                      r"adjoint $\partial L / \partial \mathbf{v}_t$ of another vector "
@@ -632,7 +637,9 @@ class _Builder:
         self.eqs(self.eq("acc", r"\boldsymbol{\delta}_{t}",
                          [r"\frac{\partial l_{t}}{\partial \mathbf{s}_{t}}",
                           r"+ \mathbf{J}_{t+1}^{\top} \boldsymbol{\delta}_{t+1}"]))
-        carries = [f"${n.adjoint(s.prev, 1)}$" for s in d.states if self.consumers(s.prev)]
+        carries = [f"${n.adjoint(s.prev, -n.step(s.name))}$" for s in d.states
+                   if self.consumers(s.prev) and not s.reverse]
+        reverse = [s for s in d.states if s.reverse and self.consumers(s.prev)]
         self.text(
             "where $l_t$ stands for the weighted term $w_{tb} l_{tb} / N$. One sweep, "
             "$t = T, \\dots, 1$, evaluates it in $O(T)$. At step $t$ the adjoints are "
@@ -652,7 +659,14 @@ class _Builder:
             + ((". The carries " + ", ".join(carries) + " are the blocks of "
                 "$\\mathbf{J}_{t+1}^{\\top}\\boldsymbol{\\delta}_{t+1}$, the adjoints of "
                 "the previous states computed at step $t+1$ (last equations below); they "
-                "are zero at $t = T$") if carries else "") + ".")
+                "are zero at $t = T$") if carries else "") + "."
+            + ((" A reverse state runs from $t = T-1$ down to 0: its previous value is "
+                "the one of step $t+1$, so its recurrence runs the other way, forward in "
+                "time, $t = 1, \\dots, T$: its carries "
+                + ", ".join(f"${n.adjoint(s.prev, -n.step(s.name))}$" for s in reverse)
+                + " are the adjoints of its previous value computed at step $t-1$, zero "
+                "at $t = 1$. The sweeps of the two directions are independent of each "
+                "other; both start from the readout's adjoints.") if reverse else ""))
         eqs = []
         for name in self.d.backward.sweep:
             if name == self.loss_node and not self.adjoint_terms(name):
@@ -732,6 +746,14 @@ class _Builder:
                     rf"\frac{{\partial l_{{t'}}}}{{\partial {s}_{{t'}}}}"),
             self.eq("naive:sum", rf"\frac{{\partial L}}{{\partial {s}_{{t}}}}",
                     r"\sum_{t'=t}^{T} \boldsymbol{\delta}^{(t')}_{t}"))
+        if self.d.bidirectional:
+            self.text("(a reverse state's error goes through all later steps instead). The "
+                      "propagation is linear, so the sum over $t'$ can be taken first: that "
+                      "is the accumulated recurrence @eq{acc}, one sweep per direction, "
+                      "$O(T)$, and the same gradient to rounding. Truncated BPTT, RTRL and "
+                      "ARTBP learn online, forward in time; a reverse state's step $t$ needs "
+                      "the inputs of every later step, so they do not apply to this model.")
+            return
         self.text("The propagation is linear, so the sum over $t'$ can be taken first: "
                   "that is the accumulated recurrence @eq{acc}, one sweep, $O(T)$, and the "
                   "same gradient to rounding. Truncated BPTT($k_1$, $k_2$) runs, every $k_1$ "

@@ -15,6 +15,11 @@ makes them runs, with that line's file and number.
     m.update(h, tanh(W_xh @ x + W_hh @ h.prev + b_h))
     m.output(m.matrix("W_hy", "O", "H") @ h + m.bias("b_y", "O"), loss=softmax_cross_entropy)
 
+A state declared with ``reverse=True`` is the backward direction of a bidirectional
+layer: it runs from the last step down to the first, its ``prev`` is its value at t+1.
+The readout may read states of both directions; the recurrence of one may not read
+the other's (derivation.py refuses it at the line).
+
 A reduction over the units of a vector (``m.sum``, ``m.mean``, ``m.layernorm``) is a
 node of its own holding one number per sequence and step, a ``Scalar``: arithmetic
 with a vector broadcasts it over the vector's units. Its Jacobian is not diagonal;
@@ -117,11 +122,13 @@ class Vec:
 
 
 class State:
-    """A recurrent state s: ``s.prev`` is s_{t-1}; after ``m.update(s, ...)`` the
-    state itself (or ``s.t``) is s_t."""
+    """A recurrent state s: ``s.prev`` is s_{t-1} (s_{t+1} for a reverse state, which
+    runs from the last step down to the first); after ``m.update(s, ...)`` the state
+    itself (or ``s.t``) is s_t."""
 
-    def __init__(self, model, name, size, location):
+    def __init__(self, model, name, size, location, reverse=False):
         self.model, self.name, self.size, self.location = model, name, size, location
+        self.reverse = reverse
         self.prev = Vec(model, model._symbol(f"{name}_prev"), size)
         self.updated = False
 
@@ -130,7 +137,7 @@ class State:
         if not self.updated:
             raise DefinitionError(
                 f"state '{self.name}' used before m.update({self.name}, ...): write "
-                f"{self.name}.prev for its value at t-1")
+                f"{self.name}.prev for its value at {'t+1' if self.reverse else 't-1'}")
         return Vec(self.model, self.model._symbol(self.name), self.size)
 
     def __add__(self, o): return self.t + o
@@ -378,12 +385,20 @@ class Model:
         self.inputs[name] = size
         return Vec(self, self._symbol(name), size)
 
-    def state(self, name, size):
-        """A recurrent state; its initial value is an argument of the trainer."""
+    def state(self, name, size, reverse=False):
+        """A recurrent state; its initial value is an argument of the trainer.
+
+        ``reverse=True``: the backward direction of a bidirectional layer. The state
+        runs from t = T-1 down to 0, ``s.prev`` is s_{t+1}, its initial value is its
+        value at t = T and its final value the one at t = 0. A forward state's update
+        may not read a reverse state, nor the reverse one a forward one (no order
+        computes both); the readout may read both."""
         location = _caller_location()
+        if not isinstance(reverse, bool):
+            raise DefinitionError(f"reverse must be True or False, got {reverse!r}")
         self._declare(name, "state", size)
         self._declare(f"{name}_prev", "prev", size)
-        st = State(self, name, size, location)
+        st = State(self, name, size, location, reverse)
         self.states[name] = st
         return st
 

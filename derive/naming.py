@@ -360,13 +360,15 @@ class LatexNames:
     ``adjoint``, ``matrix``). Index form: one element, index ``j`` (and a summation
     index ``k``) chosen not to clash with the model's own symbols (``element``,
     ``adjoint_element``, ``matrix_element``). ``offset`` shifts time: 0 is step t,
-    +1 is step t+1; a previous state is one step earlier than its step.
+    +1 is step t+1; a previous state is one step earlier than its step (one step
+    later for a reverse state, which runs from the last step down).
     """
 
     def __init__(self, derivation):
         self.d = derivation
         self.states = {s.name for s in derivation.states}
         self.prevs = {s.prev: s.name for s in derivation.states}
+        self.reverse = {s.name for s in derivation.states if s.reverse}
         self.linear = {n.name: n for n in derivation.nodes if n.kind == "linear"}
         # a reduction is one number per sequence and step: a plain symbol in both forms
         self.reductions = {n.name for n in derivation.nodes if n.kind == "reduction"}
@@ -379,9 +381,11 @@ class LatexNames:
         return [d.input, *self.prevs, *(n.name for n in d.nodes), *(p.name for p in d.params)]
 
     def _resolve(self, name, offset):
-        """(identifier of the stored vector, time offset): h_prev is h one step back."""
+        """(identifier of the stored vector, time offset): h_prev is h one step back,
+        a reverse state's one step ahead."""
         if name in self.prevs:
-            return self.prevs[name], offset - 1
+            state = self.prevs[name]
+            return state, offset + (1 if state in self.reverse else -1)
         return name, offset
 
     def is_param(self, name):
@@ -402,8 +406,13 @@ class LatexNames:
         return bold(name, _time(offset))
 
     def initial(self, name):
-        """The initial value s_0 of a state."""
-        return bold(name, "0")
+        """The initial value of a state: s_0, or s_T for a reverse state."""
+        return bold(name, "T" if name in self.reverse else "0")
+
+    def step(self, name):
+        """The time offset of the step a state's previous value is taken at: -1, or
+        +1 for a reverse state."""
+        return 1 if self.prevs.get(name, name) in self.reverse else -1
 
     def matrix(self, name):
         return bold(name)

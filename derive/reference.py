@@ -56,30 +56,60 @@ def loss_weights(derivation, T, B, mask=None):
     return w
 
 
+def _direction_of(derivation, name):
+    """Which pass computes a vector (or its adjoint): "pre", "forward" (the forward
+    time loop), "reverse" (the reverse states' loop) or "post"."""
+    for st in derivation.states:
+        if name == st.prev:
+            return "reverse" if st.reverse else "forward"
+    n = derivation.node(name)
+    if n.phase == "loop":
+        return "reverse" if n.reverse else "forward"
+    return n.phase
+
+
 def _run_forward(derivation, params, x, state0):
+    """The values of every vector at every step: the forward states' loop with t
+    ascending (and the pre nodes), the reverse states' loop with t descending, then
+    the readout at every step."""
     T, B, _ = x.shape
     sizes = resolve_sizes(derivation, params, x)
-    state = {s.prev: (np.zeros((B, sizes[s.size])) if state0 is None else
-                      np.asarray(state0[s.name], dtype=np.float64)) for s in derivation.states}
     vector_params = {p.name: np.asarray(params[p.name], dtype=np.float64)
                      for p in derivation.params if p.kind == "vector"}
-    trajectory = []
-    for t in range(T):
-        # a size in an expression (a mean's divisor) is its value
-        env = {derivation.input: x[t], **state, **vector_params,
-               **{s: sizes[s] for s in derivation.sizes}}
-        for n in derivation.nodes:
-            if n.kind == "linear":
-                env[n.name] = env[n.source] @ np.asarray(params[n.weight], np.float64).T
-            elif n.kind == "reduction":  # (B, 1): the summand summed over the units
-                env[n.name] = np.broadcast_to(evaluate(n.expr, env), (B, sizes[n.over])).sum(
-                    axis=1, keepdims=True)
-            else:
-                env[n.name] = np.broadcast_to(evaluate(n.expr, env),
-                                              (B, sizes[n.size])).astype(np.float64)
-        trajectory.append(env)
-        state = {s.prev: env[s.name] for s in derivation.states}
+    # a size in an expression (a mean's divisor) is its value
+    trajectory = [{derivation.input: x[t], **vector_params,
+                   **{s: sizes[s] for s in derivation.sizes}} for t in range(T)]
+    passes = (("forward", range(T)), ("reverse", range(T - 1, -1, -1)), ("post", range(T)))
+    for direction, steps in passes:
+        states = [s for s in derivation.states if ("reverse" if s.reverse else "forward")
+                  == direction]
+        nodes = [n for n in derivation.nodes if _direction_of(derivation, n.name) ==
+                 direction or (direction == "forward" and n.phase == "pre")]
+        state = {s.prev: (np.zeros((B, sizes[s.size])) if state0 is None else
+                          np.asarray(state0[s.name], dtype=np.float64)) for s in states}
+        for t in steps:
+            env = trajectory[t]
+            env.update(state)
+            for n in nodes:
+                env[n.name] = _value(n, env, params, sizes, B)
+            state = {s.prev: env[s.name] for s in states}
     return trajectory, sizes
+
+
+def _value(n, env, params, sizes, B):
+    """The value (B, size) of node n at one step, its arguments' values in env."""
+    if n.kind == "linear":
+        return env[n.source] @ np.asarray(params[n.weight], np.float64).T
+    if n.kind == "reduction":  # (B, 1): the summand summed over the units
+        return np.broadcast_to(evaluate(n.expr, env), (B, sizes[n.over])).sum(
+            axis=1, keepdims=True)
+    return np.broadcast_to(evaluate(n.expr, env), (B, sizes[n.size])).astype(np.float64)
+
+
+def _final(derivation, trajectory):
+    """Each state's final value: the last step's, or the first step's if reverse."""
+    return {s.name: trajectory[0 if s.reverse else -1][s.name].copy()
+            for s in derivation.states}
 
 
 def _loss_terms(derivation, zt, target, sizes):
@@ -109,8 +139,7 @@ def forward(derivation, params, x, state0=None):
     dummy = (np.zeros(x.shape[1], dtype=np.int64) if derivation.loss.loss.target == "index"
              else np.zeros((x.shape[1], sizes[derivation.loss.size])))
     ys = np.stack([_loss_terms(derivation, env[out], dummy, sizes)[1] for env in trajectory])
-    final = {s.name: trajectory[-1][s.name].copy() for s in derivation.states}
-    return ys, final
+    return ys, _final(derivation, trajectory)
 
 
 def _summand(term, bar, env, P, seed, carried, units):
@@ -153,24 +182,50 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
     def units(term):
         return (B, sizes[derivation.units_of(term.via)]) if term.via else None
 
-    carried = {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states}
-    for t in reversed(range(T)):
-        env = trajectory[t]
-        value, _, error = _loss_terms(derivation, env[derivation.loss.node], targets[t], sizes)
+    if carry is not None and derivation.bidirectional:
+        raise ValueError("carry factors cut a forward recurrence; a reverse state has none")
+    seeds, bar = [], [{} for _ in range(T)]
+    for t in range(T):
+        value, _, error = _loss_terms(derivation, trajectory[t][derivation.loss.node],
+                                      targets[t], sizes)
         loss += float(np.sum(w[t] * value)) / total
-        seed = error * (w[t] / total)[:, None]
-        bar = {}
+        seeds.append(error * (w[t] / total)[:, None])
+
+    def sweep(t, direction, carried):
+        """The adjoints of one pass at step t, in the order of the step's sweep."""
         for name in bw.sweep:
-            bar[name] = np.zeros((B, sizes[derivation.size_of(name)]))
+            if _direction_of(derivation, name) != direction:
+                continue
+            bar[t][name] = np.zeros((B, sizes[derivation.size_of(name)]))
             for term in bw.adjoint(name):
-                bar[name] = bar[name] + _summand(term, bar, env, P, seed, carried,
-                                                 units(term))
+                bar[t][name] = bar[t][name] + _summand(term, bar[t], trajectory[t], P,
+                                                       seeds[t], carried, units(term))
+
+    def zeros(reverse):
+        return {s.prev: np.zeros((B, sizes[s.size])) for s in derivation.states
+                if s.reverse == reverse}
+
+    # The readout first; the forward states' recurrence from the last step down; the
+    # reverse states' from the first step up (their previous value is at t+1); then
+    # the nodes before the loop, which every pass may read.
+    for t in range(T):
+        sweep(t, "post", {})
+    carried = zeros(False)
+    for t in reversed(range(T)):
+        sweep(t, "forward", carried)
+        factor = 1.0 if carry is None else carry[t]
+        carried = {s.prev: factor * bar[t].get(s.prev, 0.0) for s in derivation.states
+                   if not s.reverse}
+    carried = zeros(True)
+    for t in range(T):
+        sweep(t, "reverse", carried)
+        carried = {s.prev: bar[t].get(s.prev, 0.0) for s in derivation.states if s.reverse}
+    for t in range(T):
+        sweep(t, "pre", {})
         for p in derivation.params:
             for term in bw.gradient(p.name):
-                g = _summand(term, bar, env, P, seed, carried, units(term))
+                g = _summand(term, bar[t], trajectory[t], P, seeds[t], {}, units(term))
                 grads[p.name] += g if term.rule == "outer" else g.sum(axis=0)
-        factor = 1.0 if carry is None else carry[t]
-        carried = {s.prev: factor * bar.get(s.prev, 0.0) for s in derivation.states}
     for p in derivation.params:
         if p.role == "weight" and l2:
             loss += float(np.sum(evaluate(derivation.l2_penalty, {"w": P[p.name], "lambda": l2})))

@@ -63,8 +63,11 @@ def case_ids():
     user's last-step loss)."""
     ids = []
     for name in BUILTIN:  # (helpers.COSTLY: tbptt's windows on a cheaper built-in)
-        ids += [f"{name}:bptt"] + ([] if name in COSTLY else [f"{name}:tbptt"]) + \
-            [f"{name}:forward"]
+        # A reverse state runs no tbptt: naive's windows, mirrored for it (no other
+        # built-in has them, so even a COSTLY one keeps this case).
+        reverse = any(st.reverse for st in BUILTIN[name]().states.values())
+        windows = [f"{name}:naive"] if reverse else [] if name in COSTLY else [f"{name}:tbptt"]
+        ids += [f"{name}:bptt"] + windows + [f"{name}:forward"]
     ids += ["elman-sse:bptt"]  # the other branch of the loss kernel: vector targets
     ids += ["user:bptt", "user:tbptt", "user:forward"]
     ids += [f"user-{loss}:bptt" for loss in _user_losses()]

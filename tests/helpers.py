@@ -24,13 +24,26 @@ for _loss_name, _loss in LOSSES.items():
 #: float64 PTX, the CUDA simulator's bptt and forward, LaTeX); the checks of code they
 #: share with a cheaper built-in of the same constructs run on that one only (rmsnorm:
 #: reductions): RTRL, float32 PTX, the simulator's tbptt, the reference's second
-#: variant. Keeps the suite inside its 10-minute budget on 2 cores.
-COSTLY = {"layernorm_lstm"}
+#: variant. Keeps the suite inside its 10-minute budget on 2 cores. bielman (a
+#: bidirectional Elman layer) repeats the Elman net's constructs in its kernels: its
+#: float32 PTX and the reference's second variant are the Elman net's; its own
+#: tiers (the reverse loop, naive's mirrored windows in the simulator) all run.
+COSTLY = {"layernorm_lstm", "bielman"}
 
 #: Cases run through generated Numba modules. Each costs a Numba compilation (the
 #: dominant cost of the suite), so the losses are generated on the Elman net only:
 #: the loss kernel is printed from the Loss alone, the same for every model.
 GENERATED_CASES = [c for c in CASES if not c.startswith("lstm-")]
+
+
+def skip_refused(module, algorithm):
+    """Skip a test of an algorithm the module refuses: a model with a reverse state (a
+    bidirectional layer) runs no online or checkpointed algorithm
+    (tests/test_bidirectional.py checks the refusals)."""
+    import pytest
+
+    if algorithm not in module.ALGORITHMS:
+        pytest.skip(f"{module.NAME} has a reverse state: {algorithm} does not apply")
 
 
 def tiny_sizes(derivation, n=3):

@@ -76,6 +76,8 @@ def test_split_gradients_equal_one_process(client, name):
     dp = dist.DataParallel(client, m)
     assert dp.shards == 2
     for algorithm, kw in SPLIT:
+        if algorithm not in m.ALGORITHMS:  # a reverse state: no online algorithm
+            continue
         want = m.loss_and_grads(params, x, targets, state0=state0, mask=mask, l2=0.1,
                                 algorithm=algorithm, **kw)
         got = dp.loss_and_grads(params, x, targets, state0=state0, mask=mask, l2=0.1,

@@ -139,9 +139,11 @@ def test_user_definition_file_is_printed():
 # -- golden text -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("form, filename", [("markdown", "elman.md"), ("document", "elman.tex"),
-                                            ("document", "rmsnorm.tex")])
+                                            ("document", "rmsnorm.tex"),
+                                            ("document", "bielman.tex")])
 def test_golden(form, filename):
-    # rmsnorm: a reduction over the units (its sums over j, 1^T, scalar symbols)
+    # rmsnorm: a reduction over the units (its sums over j, 1^T, scalar symbols);
+    # bielman: a reverse state (s_{t+1}, its recurrence forward in time)
     text = render(derivation(filename.split(".")[0]), form=form)
     path = os.path.join(GOLDEN, filename)
     if os.environ.get(UPDATE_ENV) == "1":

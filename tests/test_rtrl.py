@@ -12,7 +12,8 @@ from bpttgen.codegen.runtime import online
 from bpttgen.codegen.app import tasks
 from bpttgen.derive import derive
 from bpttgen.derive.models import BUILTIN
-from helpers import CASES, COSTLY, max_relative_error, random_problem, tiny_sizes
+from helpers import (CASES, COSTLY, max_relative_error, random_problem, skip_refused,
+                     tiny_sizes)
 
 
 def _problem(generated_module, name, T=5, B=2, seed=1):
@@ -24,6 +25,7 @@ def _problem(generated_module, name, T=5, B=2, seed=1):
 @pytest.mark.parametrize("name", sorted(set(BUILTIN) - COSTLY))  # (helpers.COSTLY)
 def test_rtrl_equals_bptt(generated_module, name):
     """Every term of the loss: initial states, a mask with a zero, L2 (float64)."""
+    skip_refused(generated_module(name), "rtrl")
     module, D, params, x, targets, state0 = _problem(generated_module, name)
     mask = np.array([[1, 1], [0, 1], [1, 0], [1, 1], [0.5, 1]])
     kw = dict(state0=state0, mask=mask, l2=0.05)

@@ -89,22 +89,39 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
     sums = [(sym, elementary(summand)) for sym, summand in loss.sums]
     value = elementary(loss.value)
 
-    prev = {f"{s}_prev": _numbers(state0[s]) for s in model.states}
+    # Straight from the definition: a node reading a reverse state (through any
+    # chain) belongs to the reverse pass, t from T-1 down to 0, whose previous state
+    # is the one at t+1; every other node to the forward pass. The readout is
+    # evaluated after both, at every step.
+    reverse = {f"{s}_prev" for s, st in model.states.items() if st.reverse}
+    for n in model.nodes:
+        reads = [n.source] if n.kind == "linear" else [s.name for s in n.expr.free_symbols]
+        if any(r in reverse for r in reads) or getattr(model.states.get(n.name), "reverse",
+                                                       False):
+            reverse.add(n.name)
+    feeds = set(model.states)
+    for n in reversed(model.nodes):
+        if n.name in feeds:
+            feeds.update([n.source] if n.kind == "linear" else
+                         [s.name for s in n.expr.free_symbols])
+    readout = {n.name for n in model.nodes if n.name not in feeds}
+    envs = [{next(iter(model.inputs)): _numbers(x[t]), **vector_params} for t in range(T)]
+    for pass_reverse, steps in ((False, range(T)), (True, range(T - 1, -1, -1))):
+        states = [s for s, st in model.states.items() if st.reverse == pass_reverse]
+        prev = {f"{s}_prev": _numbers(state0[s]) for s in states}
+        for t in steps:
+            env = envs[t]
+            env.update(prev)
+            for n in model.nodes:
+                if (n.name in reverse) == pass_reverse and n.name not in readout:
+                    _unrolled_node(n, env, symbols, exprs, numbers, one, sizes)
+            prev = {f"{s}_prev": env[s] for s in states}
     terms = []
     for t in range(T):
-        env = {next(iter(model.inputs)): _numbers(x[t]), **prev, **vector_params}
+        env = envs[t]
         for n in model.nodes:
-            if n.kind == "linear":
-                W, v = symbols[n.weight], env[n.source]
-                env[n.name] = [sp.Add(*[W[k, j] * v[j] for j in range(len(v))])
-                               for k in range(W.shape[0])]
-            else:
-                e = exprs[n.name].xreplace(numbers)
-                free = e.free_symbols
-                units = [e.xreplace({s: env[s.name][0 if s.name in one else k] for s in free})
-                         for k in range(sizes[n.over if n.name in one else n.size])]
-                env[n.name] = [sp.Add(*units)] if n.name in one else units
-        prev = {f"{s}_prev": env[s] for s in model.states}
+            if n.name in readout:
+                _unrolled_node(n, env, symbols, exprs, numbers, one, sizes)
         if w[t, 0] == 0:
             continue
         zs = env[model.output_node]
@@ -122,6 +139,20 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
                    for e in symbols[p.name].ravel()]
         L = L + sp.Float(l2) / 2 * sp.Add(*squares)
     return L, symbols
+
+
+def _unrolled_node(n, env, symbols, exprs, numbers, one, sizes):
+    """env[n.name]: node n's element expressions at one step."""
+    if n.kind == "linear":
+        W, v = symbols[n.weight], env[n.source]
+        env[n.name] = [sp.Add(*[W[k, j] * v[j] for j in range(len(v))])
+                       for k in range(W.shape[0])]
+        return
+    e = exprs[n.name].xreplace(numbers)
+    free = e.free_symbols
+    units = [e.xreplace({s: env[s.name][0 if s.name in one else k] for s in free})
+             for k in range(sizes[n.over if n.name in one else n.size])]
+    env[n.name] = [sp.Add(*units)] if n.name in one else units
 
 
 _HEADS = {}

@@ -23,6 +23,24 @@ def check_fingerprint(module_name, stated):
 
 ALGORITHMS = ("bptt", "naive", "tbptt", "epochwise")
 
+#: What a model with a reverse state (a bidirectional layer) computes. Its reverse
+#: direction's step t reads every later input: the online algorithms (tbptt, artbp,
+#: rtrl), which learn forward in time from what they have seen, cannot run it, nor can
+#: the checkpointed BPTT, whose segments recompute the trajectory forward in time.
+BIDIRECTIONAL_ALGORITHMS = ("bptt", "naive", "epochwise")
+
+
+def check_direction(name, spec, algorithm):
+    """Refuse an algorithm that cannot run a model's reverse states, saying why."""
+    reverse = spec.get("reverse", ())
+    if reverse and algorithm in ("tbptt", "artbp", "rtrl", "checkpoint"):
+        kind = ("recomputes the trajectory forward in time, segment by segment"
+                if algorithm == "checkpoint" else "learns online, forward in time")
+        raise ValueError(
+            f"algorithm={algorithm!r} cannot train {name}: its state(s) {list(reverse)} run "
+            f"in reverse (from the last step down), so step t needs every later input, "
+            f"and {algorithm} {kind}; use one of {BIDIRECTIONAL_ALGORITHMS}")
+
 
 class ArrayCache:
     """The work arrays of a module's last call, per thread, for the next call of the
@@ -116,6 +134,30 @@ def backward_windows(kernel, args, ws, T, B, plan, local):
         kernel(end, start, call)
         for name, arr in total.items():
             arr[start * B:(end + 1) * B] += win[name][start * B:(end + 1) * B]
+    for name, arr in total.items():
+        ws[name][...] = arr
+
+
+def reverse_windows(kernel, args, ws, T, B, plan, local):
+    """The reverse states' backward over the windows of ``plan`` (see backward_windows),
+    mirrored: a reverse state's adjoint flows from step t to step t+1, so each window's
+    losses (steps first..end) propagate from step first up to step T-1.
+
+    ``kernel(t_lo, t_hi, arrays)``. Of the (T+1)*B-row arrays in ``local`` the kernel
+    reads the reverse states' adjoints only, s_t at row t*B and its previous value's at
+    (t+1)*B, hence no shift here. An array the kernel does not touch sums back to what
+    it held (each row is injected by exactly one window), so this runs after
+    backward_windows has summed the forward states' windows."""
+    win = {name: np.zeros_like(ws[name]) for name, _, _ in local}
+    total = {name: np.zeros_like(ws[name]) for name, _, acc in local if acc}
+    call = tuple([win.get(a, ws.get(a)) for a in args])
+    for end, _, first in plan:
+        for name, _, _ in local:
+            win[name][first * B:] = 0
+            win[name][first * B:(end + 1) * B] = ws[name][first * B:(end + 1) * B]
+        kernel(first, T - 1, call)
+        for name, arr in total.items():
+            arr[first * B:] += win[name][first * B:]
     for name, arr in total.items():
         ws[name][...] = arr
 

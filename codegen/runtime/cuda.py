@@ -52,6 +52,7 @@ CHUNKS = 64
 MOVE_GRID = 1024
 #: What a CUDA module computes: the reverse algorithms and checkpointed BPTT.
 ALGORITHMS = calls.ALGORITHMS + ("checkpoint",)
+BIDIRECTIONAL_ALGORITHMS = calls.BIDIRECTIONAL_ALGORITHMS
 
 
 def configure(tile=None, block=None, chunks=None, move_grid=None):
@@ -439,6 +440,27 @@ def backward_windows(loop, ws, T, B, plan, local):
         ws[name] = a
 
 
+def reverse_windows(loop, ws, T, B, plan, local):
+    """calls.reverse_windows on the device: the reverse states' backward ``loop(ws,
+    t_lo, t_hi)`` over each window of ``plan`` mirrored, from its first loss step up
+    to T-1 (None: one full sweep on ws itself)."""
+    if plan is None:
+        loop(ws, 0, T - 1)
+        return
+    win = {name: zeros(ws[name].shape, ws[name].dtype) for name, _, _ in local}
+    acc = {name: zeros(ws[name].shape, ws[name].dtype) for name, _, keep in local if keep}
+    view = dict(ws, **win)
+    for end, _, first in plan.tolist():
+        for name, _, _ in local:
+            zero(win[name], first * B, win[name].shape[0])
+            copy_rows(win[name], first * B, ws[name], first * B, (end + 1 - first) * B)
+        loop(view, first, T - 1)
+        for name, a in acc.items():
+            add_rows(a, first * B, win[name], first * B, a.shape[0] - first * B)
+    for name, a in acc.items():
+        ws[name] = a
+
+
 # -- the driver ------------------------------------------------------------------
 class Model:
     """The driver of one generated CUDA module, the twin of runtime.Model: what a call
@@ -461,12 +483,14 @@ class Model:
     """
 
     def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, input,
-                 output, states, adjoints, vectors, groups, window_local):
+                 output, states, adjoints, vectors, groups, window_local, reverse=None):
         self.name, self.spec, self.shapes, self.zeros = name, spec, shapes, zeros
         self.phases, self.loss_rows, self.l2_kernel = phases, loss_rows, l2_kernel
         self.input, self.output, self.states, self.vectors = input, output, states, vectors
         self.adjoints = adjoints
         self.groups, self.window_local = groups, window_local
+        self.reverse = reverse  # the reverse states' backward loop, or None
+        self._reverse = frozenset(spec.get("reverse", ()))
         self._sizes = spec["sizes"]
 
     def init_params(self, sizes, *, seed=0, dtype=np.float32):
@@ -490,10 +514,12 @@ class Model:
         for name, shape in self.shapes(T, B, *dims).items():
             ws[name] = (zeros if name in self.zeros else empty)(shape, call.dtype)
         for s, array in self.states.items():
+            # a reverse state's initial value is its value at t = T, after the last row
+            row = TB if s in self._reverse else 0
             if call.state0 is not None:
-                copy_rows(ws[array], 0, call.state0[s], 0, B)
+                copy_rows(ws[array], row, call.state0[s], 0, B)
             else:
-                zero(ws[array], 0, B)
+                zero(ws[array], row, row + B)
         return ws
 
     def _segment_view(self, ws, steps):
@@ -529,7 +555,8 @@ class Model:
         targets = cuda.to_device(np.zeros((T * B,) if index else (T * B, O),
                                           np.int64 if index else call.dtype))
         y, _ = self._loss(ws, targets, zeros((T * B, 1), call.dtype).reshape(T * B), 0.0)
-        final = {s: call.output(take_rows(ws[array], T * B, B))
+        # each state at the end of its run: t = T-1, or t = 0 for a reverse state
+        final = {s: call.output(take_rows(ws[array], 0 if s in self._reverse else T * B, B))
                  for s, array in self.states.items()}
         return call.output(y.reshape(T, B, y.shape[1])), final
 
@@ -554,6 +581,7 @@ class Model:
         """
         online.check_options(algorithm, k1=k1, k2=k2, memory_limit=memory_limit,
                              snapshots=snapshots, segment=segment)
+        calls.check_direction(self.name, self.spec, algorithm)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm {algorithm!r} has no CUDA version; choose one of "
                              f"{ALGORITHMS} (or the CPU module)")
@@ -576,6 +604,8 @@ class Model:
         post, loop, pre = self.phases["backward"]
         post(ws)
         backward_windows(loop, ws, T, B, plan, self.window_local)
+        if self.reverse is not None:
+            reverse_windows(self.reverse, ws, T, B, plan, self.window_local)
         pre(ws)
         return self._results(call, loss, self._gradient_terms(ws), l2)
 

@@ -35,7 +35,8 @@ class Model:
                   the kernels that compute the states (forward without the readout)
     input         the kernels' name of the input x, (T*B, size)
     output        (the output z's array, its adjoint's): the loss kernel's
-    states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b
+    states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b (a reverse
+                  state, SPEC["reverse"]: s_(t+1) at row (t+1)*B + b, state0 at T*B)
     adjoints      {state: its adjoint's array (like the state's), or None}
     vectors       {vector parameter: its gradient's array}
     groups        ((stacked weights, their gradient, member weights), ...) per product
@@ -44,7 +45,8 @@ class Model:
     window_local  (adjoint, (T+1)*B rows, summed over windows): private to a window
     l2            l2(w, l2) -> (penalty of w summed, its gradient), as derived
     rtrl          (rtrl_directions, tangents): tangents(*sizes) gives (state or None,
-                  rows) of each tangent of the RTRL kernel, in its order
+                  rows) of each tangent of the RTRL kernel, in its order; None: no
+                  RTRL kernel (a model with a reverse state)
     """
 
     def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, adjoints,
@@ -55,7 +57,7 @@ class Model:
         self.adjoints = adjoints
         self.groups, self.window_local, self.l2 = groups, window_local, l2
         self.carry = carry
-        self.directions, self.tangents = rtrl
+        self.directions, self.tangents = rtrl or (None, None)
         self.cache = calls.ArrayCache(zeros=zeros, ones=ones)
         # Each call runs these in Python before its one kernel call: kept lean.
         self._sizes = spec["sizes"]
@@ -65,6 +67,7 @@ class Model:
                              for stacked, _, weights in groups)
         self._vectors = tuple(vectors)
         self._states = tuple(states.items())
+        self._reverse = frozenset(spec.get("reverse", ()))
 
     # -- the workspace --------------------------------------------------------------
     def _allocate(self, T, B, dtype, *dims):
@@ -97,7 +100,9 @@ class Model:
         for p in self._vectors:
             ws[p] = np.ascontiguousarray(params[p])
         for s, array in self._states:
-            ws[array][:B] = 0 if state0 is None else state0[s]
+            # a reverse state's initial value is its value at t = T, after the last row
+            rows = slice(T * B, None) if s in self._reverse else slice(0, B)
+            ws[array][rows] = 0 if state0 is None else state0[s]
         return ws
 
     def free_workspace(self):
@@ -105,7 +110,9 @@ class Model:
         self.cache.clear()
 
     def _final_states(self, ws, T, B):
-        return {s: ws[array][T * B:].copy() for s, array in self.states.items()}
+        """Each state at the end of its run: t = T-1, or t = 0 for a reverse state."""
+        return {s: ws[array][:B].copy() if s in self._reverse else ws[array][T * B:].copy()
+                for s, array in self.states.items()}
 
     def _targets(self, sizes, T, B, targets=None, dtype=None):
         """Targets as the loss kernel reads them, (T*B,) or (T*B, O); None: zeros (a
@@ -140,6 +147,7 @@ class Model:
         """Bytes a loss_and_grads call of T steps and B sequences will allocate, before it
         runs (the arguments' own arrays not counted). sizes: {name: int}. For
         "checkpoint", the plan it would choose (see checkpoint.plan)."""
+        calls.check_direction(self.name, self.spec, algorithm)
         itemsize = np.dtype(dtype).itemsize
         if algorithm == "checkpoint":
             return self._checkpoint_plan(sizes, T, B, itemsize, memory_limit, snapshots,
@@ -239,6 +247,7 @@ class Model:
                             "predictions")
         online.check_options(algorithm, k1=k1, k2=k2, c=c, seed=seed, truncate=truncate,
                              memory_limit=memory_limit, snapshots=snapshots, segment=segment)
+        calls.check_direction(self.name, self.spec, algorithm)
         if algorithm == "checkpoint":
             return self._checkpointed(params, x, targets, state0, mask, l2, memory_limit,
                                       snapshots, segment)
@@ -266,6 +275,9 @@ class Model:
             loss = k["loss_and_adjoints"](flat_targets, weights, 1.0 / total, y, args) / total
             calls.backward_windows(k["backward_loop"], self.args, ws, T, B, plan,
                                    self.window_local)
+            if "backward_reverse" in k:  # a bidirectional layer's second direction
+                calls.reverse_windows(k["backward_reverse"], self.args, ws, T, B, plan,
+                                      self.window_local)
             k["backward_pre"](args)
             k["weight_gradients"](args)
         return self._with_l2(params, loss, self._gradients(ws), l2)
@@ -306,6 +318,7 @@ class Model:
         """
         if targets is None:
             raise TypeError("rtrl needs targets; use forward(params, x) for predictions")
+        calls.check_direction(self.name, self.spec, "rtrl")
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)
         NP, directions = self.directions(sizes)

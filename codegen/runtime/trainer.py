@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .calls import windows
+from .calls import check_direction, windows
 from .progress import Progress
 
 _NUMBER = (int, float, np.integer, np.floating)
@@ -48,6 +48,7 @@ class Trainer:
         import sys
 
         self.module = sys.modules[self.module_name]
+        check_direction(self.module.NAME, self.module.SPEC, algorithm)
         if optimizer not in self.OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {self.OPTIMIZERS}, got {optimizer!r}")
         if algorithm not in self.module.ALGORITHMS:

@@ -4,6 +4,7 @@
 adding a model here adds it to generation and to every registry-driven test.
 """
 
+from .bidirectional import bielman
 from .deep import deep
 from .elman import elman
 from .gru import gru
@@ -21,6 +22,7 @@ BUILTIN = {
     "lstm2": lambda: lstm(layers=2),
     "layernorm_lstm": layernorm_lstm,
     "rmsnorm": rmsnorm,
+    "bielman": bielman,
 }
 
 
