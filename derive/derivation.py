@@ -67,6 +67,9 @@ class Node:
     weight: str = None
     source: str = None
     over: str = None  # a reduction: the size of the units it sums over
+    # a linear node weight @ onehot(source), the source the token input: an embedding
+    # lookup, which code gathers (forward) and scatter-adds (the weight's gradient)
+    lookup: bool = False
 
     @property
     def units(self):
@@ -103,6 +106,8 @@ class Derivation:
     loss: LossInfo
     l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
     l2_gradient: sp.Expr
+    # the input is integer tokens in [0, input_size), read only by lookup nodes
+    tokens: bool = False
 
     def __repr__(self):
         states = ", ".join(s.name for s in self.states)
@@ -186,7 +191,7 @@ def derive(model: Model) -> Derivation:
             phase = "pre"
         if n.kind == "linear":
             nodes.append(Node(n.name, n.size, "linear", phase, weight=n.weight,
-                              source=n.source))
+                              source=n.source, lookup=n.lookup))
             continue
         # A size in an expression is a number (a mean's divisor), not an argument.
         names = sorted(s.name for s in n.expr.free_symbols if s.name not in model.sizes)
@@ -223,6 +228,7 @@ def derive(model: Model) -> Derivation:
         loss=loss,
         l2_penalty=penalty,
         l2_gradient=sp.diff(penalty, W_ELEM),
+        tokens=model.tokens_input is not None,
     )
 
 

@@ -31,6 +31,18 @@ def evaluate(expr, env):
     return value
 
 
+def _input_vectors(derivation, params, x):
+    """x as float64 vectors (T, B, size). Tokens (T, B) become one-hot vectors: the
+    reference evaluates a lookup E[x] as the product E @ onehot(x) it stands for, so
+    the generated gather and scatter-add are checked against the plain product."""
+    if not derivation.tokens:
+        return np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
+    V = next(np.shape(params[p.name])[1] for p in derivation.params
+             if p.kind == "matrix" and p.shape[1] == derivation.input_size)
+    return np.eye(V)[x]
+
+
 def resolve_sizes(derivation, params, x):
     """Size name -> int, read off the parameter shapes and the input."""
     sizes = {derivation.input_size: x.shape[2]}
@@ -103,7 +115,7 @@ def _loss_terms(derivation, zt, target, sizes):
 
 def forward(derivation, params, x, state0=None):
     """Predictions y (T, B, O) and the final states."""
-    x = np.asarray(x, dtype=np.float64)
+    x = _input_vectors(derivation, params, x)
     trajectory, sizes = _run_forward(derivation, params, x, state0)
     out = derivation.loss.node
     dummy = (np.zeros(x.shape[1], dtype=np.int64) if derivation.loss.loss.target == "index"
@@ -138,7 +150,7 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
 
     ``carry``: per-step factors (T,) of the state adjoints flowing from step t to
     step t-1 (0 cuts the recurrence, ARTBP reweights it); None: all ones, BPTT."""
-    x = np.asarray(x, dtype=np.float64)
+    x = _input_vectors(derivation, params, x)
     T, B, _ = x.shape
     trajectory, sizes = _run_forward(derivation, params, x, state0)
     w = loss_weights(derivation, T, B, mask)

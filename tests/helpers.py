@@ -43,7 +43,10 @@ def random_problem(derivation, sizes, T=4, B=2, seed=0, scale=0.5):
     rng = np.random.default_rng(seed)
     params = {p.name: rng.normal(0, scale, [sizes[s] for s in p.shape])
               for p in derivation.params}
-    x = rng.normal(0, 1, (T, B, sizes[derivation.input_size]))
+    if derivation.tokens:  # (T, B) integer tokens: finite differences never move them
+        x = rng.integers(0, sizes[derivation.input_size], (T, B))
+    else:
+        x = rng.normal(0, 1, (T, B, sizes[derivation.input_size]))
     O = sizes[derivation.loss.size]
     if derivation.loss.loss.target == "index":
         targets = rng.integers(0, O, (T, B))

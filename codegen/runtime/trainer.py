@@ -253,8 +253,15 @@ class Trainer:
             bar.close()
 
     # loops ---------------------------------------------------------------------
+    def _input(self, x):
+        """x as the module takes it: in the parameters' dtype, or integer tokens left
+        as they are (a float cast would let a wrong input through as a token)."""
+        if self.module.SPEC.get("tokens"):
+            return np.ascontiguousarray(x)
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
     def _cast(self, x, targets):
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        x = self._input(x)
         if self.module.SPEC["target"] == "vector":
             targets = np.ascontiguousarray(targets, dtype=self.dtype)
         return x, targets
@@ -373,8 +380,8 @@ class Trainer:
         return self.history
 
     def predict(self, x, state0=None):
-        """Predictions (T, B, O) for x (T, B, I)."""
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        """Predictions (T, B, O) for x (T, B, I), or (T, B) tokens."""
+        x = self._input(x)
         return self.module.forward(self.params, x, state0=state0)[0]
 
     # persistence -----------------------------------------------------------------

@@ -6,6 +6,7 @@ adding a model here adds it to generation and to every registry-driven test.
 
 from .deep import deep
 from .elman import elman
+from .embed import embed_lstm
 from .gru import gru
 from .lstm import lstm
 from .normed import layernorm_lstm, rmsnorm
@@ -21,6 +22,7 @@ BUILTIN = {
     "lstm2": lambda: lstm(layers=2),
     "layernorm_lstm": layernorm_lstm,
     "rmsnorm": rmsnorm,
+    "embed_lstm": embed_lstm,
 }
 
 
