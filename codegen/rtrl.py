@@ -127,7 +127,9 @@ class RtrlPlan:
         weights = "; ".join(w for _, w, _, _ in g.members)
         lines = []
         if src in self.has:
-            lines.append(f"np.dot({naming.code_group_weights(g.name)}, {dot(src)}, {dot(g.name)})")
+            # a lookup's tangent is its group's array, whole (a group of its own)
+            src_dot = dot(plan.member_of[src][0].name) if src in plan.member_of else dot(src)
+            lines.append(f"np.dot({naming.code_group_weights(g.name)}, {src_dot}, {dot(g.name)})")
             comment = f"{g.name} = {src} @ [{weights}]^T: W {dot(src)} + W_dot {src}"
             op = "+="
         else:  # zeroed once before the loop; the same places are set every step
