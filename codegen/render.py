@@ -225,7 +225,7 @@ def model_context(derivation, plan):
         input_tuple=repr((d.input, d.input_size)),
         input_size=d.input_size,
         tokens=repr(d.tokens),
-        input_doc=(f"(T, B) integer tokens in [0, {d.input_size})" if d.tokens
+        input_doc=(f"(T, B) tokens in [0, {d.input_size})" if d.tokens
                    else f"(T, B, {d.input_size})"),
         input_array=plan.input_array,
         output_tuple=repr((d.loss.node, d.loss.size)),
