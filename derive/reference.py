@@ -35,9 +35,9 @@ def _input_vectors(derivation, params, x):
     """x as float64 vectors (T, B, size). Tokens (T, B) become one-hot vectors: the
     reference evaluates a lookup E[x] as the product E @ onehot(x) it stands for, so
     the generated gather and scatter-add are checked against the plain product."""
-    if not derivation.tokens:
-        return np.asarray(x, dtype=np.float64)
     x = np.asarray(x)
+    if not derivation.tokens or x.ndim == 3:  # vectors (or tokens made one-hot already)
+        return np.asarray(x, dtype=np.float64)
     V = next(np.shape(params[p.name])[1] for p in derivation.params
              if p.kind == "matrix" and p.shape[1] == derivation.input_size)
     return np.eye(V)[x]
@@ -69,6 +69,7 @@ def loss_weights(derivation, T, B, mask=None):
 
 
 def _run_forward(derivation, params, x, state0):
+    x = _input_vectors(derivation, params, x)
     T, B, _ = x.shape
     sizes = resolve_sizes(derivation, params, x)
     state = {s.prev: (np.zeros((B, sizes[s.size])) if state0 is None else
