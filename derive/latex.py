@@ -266,9 +266,7 @@ class _Builder:
             if name in n.linear:
                 pieces = [(n.matrix(t.weight) + n.tangent(t.via)) if t.rule == "product"
                           else (n.tangent(t.weight) + n.vector(t.source))
-                          if not n.linear[name].lookup
-                          else n.lookup(n.linear[name], ":").replace(
-                              n.matrix(t.weight), n.tangent(t.weight), 1)
+                          if not n.linear[name].lookup else n.tangent(name)
                           for t in bw.tangent(name)]
                 tex = " + ".join(pieces)
                 if len(pieces) > 1:

@@ -424,15 +424,16 @@ class LatexNames:
     def matrix(self, name):
         return bold(name)
 
-    def lookup(self, node, row, offset=0):
+    def lookup(self, node, row, offset=0, table=None):
         """Element (row, x_t) of a lookup's table: row ":" is its column, the vector
-        E_{:,x_t}; braced when the table's symbol has subscripts of its own."""
+        E_{:,x_t}; ``table`` another symbol of the table (its tangent). Braced when
+        the table's symbol has subscripts of its own."""
         parts = split(node.weight)
         token = self.vector(node.source, offset)
-        table = bold(node.weight) if row == ":" else plain(node.weight)
-        if parts.sub or parts.layer:
-            return f"{{{table}}}_{{{row},{token}}}"
-        return (bold if row == ":" else plain)(node.weight, row, token)
+        if table is None and not (parts.sub or parts.layer):
+            return (bold if row == ":" else plain)(node.weight, row, token)
+        table = table or (bold(node.weight) if row == ":" else plain(node.weight))
+        return f"{{{table}}}_{{{row},{token}}}"
 
     def adjoint(self, name, offset=0):
         """dL/d(vector): delta^s_t for a state, a bar otherwise (h_prev: the part of
@@ -452,6 +453,9 @@ class LatexNames:
     def tangent(self, name, offset=0):
         """d(vector)/d theta, RTRL's sensitivity: a dot over a stored vector or a
         parameter (the unit directions of its elements)."""
+        if name in self.linear and self.linear[name].lookup:  # the column of E's tangent
+            node = self.linear[name]
+            return self.lookup(node, ":", offset, table=self.tangent(node.weight))
         if not self.is_param(name):
             name, offset = self._resolve(name, offset)
         parts = split(name)
