@@ -282,7 +282,11 @@ class Trainer:
         for name, a in (("x", x), ("targets", targets)):
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-        if x.ndim != 3:
+        if self.module.SPEC.get("tokens") and x.ndim != 2:
+            raise ValueError(f"x must have shape (T, N) of integer tokens in [0, "
+                             f"{self.module.SPEC['input'][1]}) (time-major, N sequences), "
+                             f"got {x.shape}")
+        if not self.module.SPEC.get("tokens") and x.ndim != 3:
             raise ValueError(f"x must have shape (T, N, {self.module.SPEC['input'][1]}) "
                              f"(time-major, N sequences), got {x.shape}")
         if targets.shape[:2] != x.shape[:2]:
