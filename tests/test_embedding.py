@@ -187,3 +187,25 @@ def test_memory_counts_a_token_as_an_int64(embed):
     # the checkpointed plan's step holds B tokens of x, not B one-hot rows of V floats
     one = embed.memory(sizes, 64, 4, np.float32, "checkpoint", segment=8)
     assert one < embed.memory(sizes, 64, 4, np.float32, "bptt")
+
+
+def test_readme_token_cell(tmp_path):
+    """The README's token cell derives, and its generated module passes generate's
+    check (every exact algorithm against finite differences, the kernels as Python)."""
+    import os
+    import re
+
+    from bpttgen.derive.loader import load_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", f.read(),
+                                 re.S))
+    path = tmp_path / "cell_embed.py"
+    path.write_text(blocks["cell_embed.py"])
+    model = load_model(str(path))
+    D = derive(model)
+    assert D.tokens and [n.name for n in D.nodes if n.lookup] == ["E_x"]
+    assert r"\mathbf{E}_{:,x_{t}}" in D.render("document")
+    sources = module_sources(model, "pytest", target="cpu", check=True)
+    assert "char_elman.py" in sources
