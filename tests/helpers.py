@@ -24,8 +24,12 @@ for _loss_name, _loss in LOSSES.items():
 #: float64 PTX, the CUDA simulator's bptt and forward, LaTeX); the checks of code they
 #: share with a cheaper built-in of the same constructs run on that one only (rmsnorm:
 #: reductions): RTRL, float32 PTX, the simulator's tbptt, the reference's second
-#: variant. Keeps the suite inside its 10-minute budget on 2 cores.
-COSTLY = {"layernorm_lstm"}
+#: variant. Keeps the suite inside its 10-minute budget on 2 cores. embed_lstm: the
+#: LSTM's gates over an embedding lookup, whose own code (gather, scatter-add, RTRL's
+#: one-hot direction, the CUDA runtime's two kernels in both dtypes) is also checked
+#: by tests/test_embedding.py's cells, generate's verification and the fuzzer's token
+#: cells.
+COSTLY = {"layernorm_lstm", "embed_lstm"}
 
 #: Cases run through generated Numba modules. Each costs a Numba compilation (the
 #: dominant cost of the suite), so the losses are generated on the Elman net only:

@@ -165,8 +165,9 @@ def test_train_a_character_language_model(capsys, tmp_path):
 
 
 def test_train_a_token_language_model(capsys, tmp_path):
-    """A model of token inputs (embed_lstm) reads the characters' codes, in memory and
-    streamed; the synthetic tasks, whose inputs are vectors, are refused."""
+    """A model of token inputs (embed_lstm) reads the characters' codes (streamed:
+    test_a_text_stream_is_the_text_in_streams, Trainer.fit_stream in test_embedding);
+    the synthetic tasks, whose inputs are vectors, are refused."""
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 40)
     rc, out, err = run(capsys, "train", "embed_lstm", "--text", str(text), "--seq-len", "16",
@@ -176,11 +177,6 @@ def test_train_a_token_language_model(capsys, tmp_path):
     assert rc == 0, err
     ppl = [float(p) for p in re.findall(r"perplexity (\d+\.\d+)", out)]
     assert ppl[-1] < ppl[1]
-    rc, out, err = run(capsys, "train", "embed_lstm", "--text", str(text), "--stream",
-                       "--batch-size", "4", "--chunk", "50", "--hidden", "8", "--epochs", "1",
-                       "--algorithm", "tbptt", "--k1", "4", "--k2", "8", "--no-plot",
-                       "-o", str(tmp_path / "s.npz"))
-    assert rc == 0, err
     rc, _, err = run(capsys, "train", "embed_lstm", "--task", "parity", "-o",
                      str(tmp_path / "p.npz"))
     assert rc == cli.EXIT_USAGE and "reads integer tokens: train it on --text" in err
