@@ -164,21 +164,22 @@ def embed_model():
 
 def test_trainer_keeps_tokens_integer(embed):
     """fit, fit_stream and predict take integer tokens as they are: a float cast
-    would let a wrong input through, or round a token."""
+    would let a wrong input through, or round a token. (float64: the kernels the
+    registry tiers compile.)"""
     rng = np.random.default_rng(0)
     text = rng.integers(0, 7, 361)
     x = text[:-1].reshape(-1, 9).T[:, :40].copy()  # (T=9, B=40) sequences
     y = text[1:].reshape(-1, 9).T[:, :40].copy()
     trainer = embed.Trainer({"V": 7, "D": 3, "H": 4}, optimizer="adam", lr=0.05,
-                            dtype=np.float32, seed=0)
+                            dtype=np.float64, seed=0)
     history = trainer.fit(x, y, epochs=3, batch_size=20, progress=False)
     assert np.isfinite(history["loss"]).all()
     assert trainer.predict(x[:, :2]).shape == (9, 2, 7)
     streamed = embed.Trainer({"V": 7, "D": 3, "H": 4}, algorithm="tbptt", k1=2, k2=3,
-                             dtype=np.float32, seed=0)
+                             dtype=np.float64, seed=0)
     streamed.fit_stream([(x[:4], y[:4]), (x[4:], y[4:])], progress=False)
     with pytest.raises(TypeError, match="integer tokens"):
-        trainer.predict(x.astype(np.float32))
+        trainer.predict(x.astype(np.float64))
 
 
 def test_memory_counts_a_token_as_an_int64(embed):
