@@ -4,8 +4,8 @@ gradient.
 ``unrolled_loss`` writes the loss of a sequence (B = 1) as a single SymPy expression
 in one symbol per parameter element, straight from the model's node definitions:
 a linear node is the explicit sum ``sum_j W[k,j] * v[j]`` (a lookup E[x] the symbols
-of column x_t), an elementwise node is
-``Node.expr`` with the element values substituted, a reduction the explicit sum of its
+of column x_t), an elementwise node is ``Node.expr`` with the element values
+substituted, a reduction the explicit sum of its
 summand over the units (one value, read by every unit; a size is its number), and the loss is built from
 ``Loss.sums`` / ``Loss.value`` with a one-hot target d and the shift m = 0 (log-sum-
 exp is shift invariant, so the shift changes no value). Nothing of ``derive()``'s
@@ -92,8 +92,8 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
 
     prev = {f"{s}_prev": _numbers(state0[s]) for s in model.states}
     terms = []
+    tokens = model.tokens_input is not None  # x (T, 1) integers
     for t in range(T):
-        tokens = model.tokens_input is not None  # x (T, 1) integers
         env = {next(iter(model.inputs)): None if tokens else _numbers(x[t]), **prev,
                **vector_params}
         for n in model.nodes:
