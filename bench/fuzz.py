@@ -639,7 +639,23 @@ def _has(e, op):
 
 def generate_spec(seed, index):
     """Cell ``index`` of run ``seed``: a pure function of the two."""
-    return Generator(random.Random(f"bpttgen-fuzz:{seed}:{index}")).cell()
+    spec = Generator(random.Random(f"bpttgen-fuzz:{seed}:{index}")).cell()
+    # Some cells read their input as integer tokens through an embedding table of shape
+    # (size, size), whose column v_in = E[x] stands where the input vector stood. Drawn
+    # from a generator of its own, so that the cells of a seed are otherwise unchanged;
+    # only where the cell reads its input (an unread table would be refused as unused).
+    tokens = random.Random(f"bpttgen-fuzz-tokens:{seed}:{index}")
+    if tokens.random() < 0.2 and _reads_input(spec):
+        taken, name = _all_names(spec), "emb"
+        while name in taken:
+            name += "_"
+        spec["input"]["table"] = name
+    return spec
+
+
+def _reads_input(spec):
+    return any(_contains(st["expr"], ["in"]) for st in spec["body"]) or \
+        _contains(spec["output"]["expr"], ["in"])
 
 
 # -- printing a spec as a definition file ---------------------------------------------
@@ -718,7 +734,13 @@ def cell_source(spec, header=None):
     p = Printer(spec)
     body = []
     body.append(f"m = Model({spec['model']!r}, sizes={tuple(spec['sizes'])!r})")
-    body.append(f"v_in = m.input({spec['input']['name']!r}, {spec['input']['size']!r})")
+    inp = spec["input"]
+    if inp.get("table"):  # tokens, looked up in a (size, size) table: v_in = E[x]
+        body.append(f"t_in = m.tokens({inp['name']!r}, vocab={inp['size']!r})")
+        body.append(f"v_in = m.embedding({inp['table']!r}, {inp['size']!r}, "
+                    f"{inp['size']!r})[t_in]")
+    else:
+        body.append(f"v_in = m.input({inp['name']!r}, {inp['size']!r})")
     for k, s in enumerate(spec["states"]):
         body.append(f"{p.state_vars[k]} = m.state({s['name']!r}, {s['size']!r})")
     for q in spec["params"]:
@@ -892,8 +914,8 @@ def reference_run(model, params, x, targets, state0, mask, l2):
 
     from bpttgen.derive.losses import K, d, m as shift, z
 
-    T, B, _ = x.shape
-    sizes = {model.inputs[next(iter(model.inputs))]: x.shape[2]}
+    T, B = x.shape[:2]
+    sizes = {} if model.tokens_input else {model.inputs[next(iter(model.inputs))]: x.shape[2]}
     for p in model.params.values():
         for s, n in zip(p.shape, params[p.name].shape):
             sizes[s] = n
@@ -915,7 +937,9 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     for t in range(T):
         env = {inp: x[t], **prev, **vec_params, **sizes}  # a size: a mean's divisor
         for n in model.nodes:
-            if n.kind == "linear":
+            if n.kind == "linear" and n.lookup:  # E[x]: column x_t of the table
+                env[n.name] = np.asarray(params[n.weight])[:, np.asarray(x[t])].T
+            elif n.kind == "linear":
                 env[n.name] = env[n.source] @ params[n.weight].T
             elif n.kind == "reduction":  # the summand over the units, one number per row
                 value = np.broadcast_to(_eval(n.expr, env), (B, sizes[n.over]))
@@ -978,7 +1002,10 @@ def _problem(model, seed, scale):
     params = {n: rng.normal(0, scale, [dims[s] for s in p.shape])
               for n, p in model.params.items()}
     inp = next(iter(model.inputs))
-    x = rng.normal(0, 1, (T, B, dims[model.inputs[inp]]))
+    if model.tokens_input:  # integer tokens: what finite differences never move
+        x = rng.integers(0, dims[model.inputs[inp]], (T, B))
+    else:
+        x = rng.normal(0, 1, (T, B, dims[model.inputs[inp]]))
     O = dims[model.size_of(model.output_node)]
     if model.loss.target == "index":
         targets = rng.integers(0, O, (T, B))
@@ -1795,7 +1822,8 @@ def _unshare(spec, var, j):
 
 
 def _all_names(spec):
-    return {spec["input"]["name"]} | {s["name"] for s in spec["states"]} | \
+    return {spec["input"]["name"], spec["input"].get("table")} - {None} | \
+        {s["name"] for s in spec["states"]} | \
         {p["name"] for p in spec["params"]} | \
         {st["name"] for st in spec["body"] if st["op"] == "node"} | set(spec["sizes"]) | \
         {s["name"] + "_prev" for s in spec["states"]}

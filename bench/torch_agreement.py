@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Tier 5 for the reduction cells and the bidirectional layer: PyTorch autograd agrees
-with the generated modules.
+"""Tier 5 for the reduction cells, the bidirectional layer and the embedding:
+PyTorch autograd agrees with the generated modules.
 
     python bench/torch_agreement.py            # float64, tiny sizes; exit 1 on disagreement
 
@@ -13,6 +13,8 @@ An independent implementation of each cell, written the way its source writes it
 * bielman: ``torch.nn.RNN(bidirectional=True)`` itself, bpttgen's parameters as its
   weights (its second bias zero), the readout of its output [hf_t, hb_t]; its final
   states h_n (the reverse direction's at t = 0) against the module's too;
+* embed_lstm: ``torch.nn.Embedding``'s function (bpttgen's (D, V) table transposed as
+  its (V, D) weight) on integer tokens, then ``torch.nn.LSTMCell``'s equations;
 
 each with the readout z = W_y h + b_y and softmax cross-entropy averaged over T*B
 (the generated modules' loss convention with no mask). Loss and every gradient of
@@ -33,8 +35,12 @@ def _problem(module, sizes, T=5, B=3, seed=0):
     params = module.init_params(sizes, seed=seed, dtype=np.float64)
     # gains and biases away from 1 and 0, so a mix-up of them cannot hide
     params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in params.items()}
-    x = rng.normal(0, 1, (T, B, sizes["I"]))
-    targets = rng.integers(0, sizes["O"], (T, B))
+    x_size, out_size = module.SPEC["input"][1], module.SPEC["output"][1]
+    if module.SPEC["tokens"]:  # every token drawn, some twice in a step (B = 3, V = 5)
+        x = rng.integers(0, sizes[x_size], (T, B))
+    else:
+        x = rng.normal(0, 1, (T, B, sizes[x_size]))
+    targets = rng.integers(0, sizes[out_size], (T, B))
     state0 = {s: rng.normal(0, 0.5, (B, sizes["H"])) for s in module.STATES}
     return params, x, targets, state0
 
@@ -105,11 +111,29 @@ def bielman(torch, P, x, targets, state0, H):
     return loss, {"final": {"hf": h_n[0], "hb": h_n[1]}}
 
 
-def agree(torch, name, cell):
+def embed_lstm(torch, P, x, targets, state0, H):
+    gates = "ifgo"
+    W_ih = torch.cat([P[f"W_{g}"] for g in gates])
+    W_hh = torch.cat([P[f"U_{g}"] for g in gates])
+    b = torch.cat([P[f"b_{g}"] for g in gates])
+    hx, cx = torch.from_numpy(state0["h"]), torch.from_numpy(state0["c"])
+    hs = []
+    for t in range(x.shape[0]):
+        # what nn.Embedding(V, D) calls, its weight (V, D) the transposed table
+        e = torch.nn.functional.embedding(torch.from_numpy(x[t]), P["E"].T)
+        gates4 = e @ W_ih.T + hx @ W_hh.T + b  # nn.LSTMCell's, with one bias
+        i, f, g, o = gates4.chunk(4, 1)
+        cx = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
+        hx = torch.sigmoid(o) * torch.tanh(cx)
+        hs.append(hx)
+    return _readout_loss(torch, P, hs, targets), {}
+
+
+def agree(torch, name, cell, sizes=None):
     import importlib
 
     module = importlib.import_module(f"bpttgen.generated.{name}")
-    sizes = {"I": 3, "H": 4, "O": 5}
+    sizes = sizes or {"I": 3, "H": 4, "O": 5}
     params, x, targets, state0 = _problem(module, sizes)
     loss, grads = module.loss_and_grads(params, x, targets, state0=state0)
     P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
@@ -138,7 +162,8 @@ def main():
         return 0
     torch.set_num_threads(1)
     worst = max(agree(torch, "layernorm_lstm", layernorm_lstm),
-                agree(torch, "rmsnorm", rmsnorm), agree(torch, "bielman", bielman))
+                agree(torch, "rmsnorm", rmsnorm), agree(torch, "bielman", bielman),
+                agree(torch, "embed_lstm", embed_lstm, {"V": 5, "D": 3, "H": 4}))
     ok = worst < TOL
     print(f"torch {torch.__version__}: {'agree' if ok else 'DISAGREE'} (tolerance {TOL:g})")
     return 0 if ok else 1

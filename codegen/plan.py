@@ -19,6 +19,10 @@ printer.py after ``sympy.cse``. What is decided here:
   phase "reverse" (t descending in the forward pass, ascending in the backward).
 * linear groups: linear nodes of one phase that read the same vector become one
   matrix product with their weights stacked (the four LSTM gates are one GEMM).
+  An embedding lookup E[x] (a linear node E onehot(x_t) of a token input) is a group
+  of its own: the forward gathers column x_t of the table into its array, and the
+  table's gradient adds each row's adjoint into column x_t (a scatter-add), where a
+  product would multiply by one-hot vectors; a product may read its array whole.
 * schedule: within a phase, products are issued as soon as their source exists
   and the elementwise nodes that are then ready, of one size, fuse into one loop.
 * reductions: a reduction r = sum_k f(v_k) over the units of a vector is an array
@@ -79,6 +83,7 @@ class Group:
     phase: str
     source: str
     members: list = field(default_factory=list)  # (node, weight, size, offset code)
+    lookup: bool = False  # an embedding lookup: one member, source the token input
 
     @property
     def width(self):
@@ -157,7 +162,7 @@ class Plan:
                 raise PlanError(f"the readout node '{n.name}' reads a previous state; "
                                 "read the state at t instead")
             if n.kind == "linear" and n.source in self.nodes and \
-                    self.nodes[n.source].kind == "linear":
+                    self.nodes[n.source].kind == "linear" and not self.nodes[n.source].lookup:
                 raise PlanError(f"'{n.name}' multiplies the product '{n.source}'")
 
     # -- storage --------------------------------------------------------------
@@ -255,6 +260,8 @@ class Plan:
             if shift == "0":
                 return f"{array}[{lo}:{hi}]"
             return f"{array}[{lo} + {shift}:{hi} + {shift}]"
+        if name in self.member_of:  # a lookup's group array holds it alone
+            return f"{naming.code_array(self.member_of[name][0].name)}[{lo}:{hi}]"
         return f"{naming.code_array(name)}[{lo}:{hi}]"
 
     def size_of(self, name):
@@ -271,12 +278,20 @@ class Plan:
         blocks = []
         while todo:
             linear = [n for n in todo if n.kind == "linear" and n.source in ready]
-            sources = list(dict.fromkeys(n.source for n in linear))
+            for n in [n for n in linear if n.lookup]:
+                group = Group(naming.code_lookup_group(n.weight, n.source), phase, n.source,
+                              [(n.name, n.weight, n.size, "0")], lookup=True)
+                self.member_of[n.name] = (group, "0")
+                ready.add(n.name)
+                todo.remove(n)
+                self.groups.append(group)
+                blocks.append(Block("linear", phase, group=group))
+            sources = list(dict.fromkeys(n.source for n in linear if not n.lookup))
             for source in sources:
                 group = Group(self._group_name(source, phase), phase, source)
                 offset = []
                 for n in linear:
-                    if n.source == source:
+                    if n.source == source and not n.lookup:
                         off = str(sum(sp.Symbol(o) for o in offset))
                         group.members.append((n.name, n.weight, n.size, off))
                         self.member_of[n.name] = (group, off)
@@ -338,8 +353,11 @@ class Plan:
         for t in self.d.backward.terms:
             if t.rule == "local" and t.target in self.member_of:
                 sources.setdefault(t.target, []).append(t)
+        # (a lookup may also be read by a product, whose transpose adds to its adjoint)
+        read_by_product = {t.target for t in self.d.backward.terms if t.rule == "transpose"}
         self.single = {name: ts[0] for name, ts in sources.items() if len(ts) == 1
-                       and name != self.d.loss.node and name not in self.state_names}
+                       and name != self.d.loss.node and name not in self.state_names
+                       and name not in read_by_product}
         owners = {}  # what a group's adjoint holds -> the group owning that array
         for g in sorted(self.groups, key=lambda g: g.phase not in LOOPS):
             if any(node not in self.single for node, _, _, _ in g.members):
@@ -452,6 +470,13 @@ class Plan:
     def _print_linear(self, block):
         g = block.group
         weights = naming.code_group_weights(g.name)
+        if g.lookup:  # E onehot(x_t) is column x_t of E; the input has no adjoint
+            block.forward = ["for _r in range(_lo, _hi):",
+                             f"    _c = {self.input_array}[_r]",
+                             f"    for _k in range({g.width}):",
+                             f"        {naming.code_array(g.name)}[_r, _k] = {weights}[_k, _c]"
+                             + self.cite("fwd", g.members[0][0])]
+            return
         block.forward = [f"np.dot({self.rows(g.source)}, {weights}.T, "
                          f"{naming.code_array(g.name)}[_lo:_hi])"]
         target = self.adjoint(g.source, row="_r", col="_k")
@@ -593,6 +618,22 @@ class Plan:
         if self.carry and wrt in self.prev_of and not self.prev_of[wrt].reverse:
             return f"carry[_t]*{contribution}"
         return contribution
+
+    def gradient_lines(self, group):
+        """A group's stacked weight gradient summed over all T*B rows: adjoint^T times
+        the source rows, one product; a lookup's source rows are one-hot, so the
+        product is each row's adjoint added into the column of its token."""
+        gradient = naming.code_group_gradient(group.name)
+        adjoint = self.group_adjoint(group)
+        if not group.lookup:
+            return [f"np.dot({adjoint}.T, {self.rows(group.source, lo='0', hi='TB')}, "
+                    f"{gradient})"]
+        return [f"{gradient}[:, :] = 0.0",
+                "for _r in range(TB):",
+                f"    _c = {self.input_array}[_r]",
+                f"    for _k in range({group.width}):",
+                f"        {gradient}[_k, _c] += {adjoint}[_r, _k]"
+                + self.cite("grad", group.members[0][1])]
 
     # -- arrays and the loss ----------------------------------------------------
     def _arrays(self):

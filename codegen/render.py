@@ -224,6 +224,9 @@ def model_context(derivation, plan):
         states_dict=repr({s.name: s.size for s in d.states}),
         input_tuple=repr((d.input, d.input_size)),
         input_size=d.input_size,
+        tokens=repr(d.tokens),
+        input_doc=(f"(T, B) tokens in [0, {d.input_size})" if d.tokens
+                   else f"(T, B, {d.input_size})"),
         input_array=plan.input_array,
         output_tuple=repr((d.loss.node, d.loss.size)),
         target="index" if index else "vector",
@@ -296,8 +299,7 @@ def cpu_context(derivation):
     if len(gradients) != len(plan.vector_params):
         raise PlanError(f"vector parameters {plan.vector_params} have the gradient arrays "
                         f"{gradients}")
-    groups = [dict(name=g.name, adjoint=plan.group_adjoint(g),
-                   source_rows=plan.rows(g.source, lo="0", hi="TB")) for g in plan.groups]
+    groups = [dict(name=g.name, gradient=plan.gradient_lines(g)) for g in plan.groups]
     # forward mode runs forward in time: none for a reverse state (runtime refuses rtrl)
     rtrl = None if d.bidirectional else RtrlPlan(plan).context()
     return dict(

@@ -13,7 +13,8 @@ functions they call (sigmoid, softplus, ...) are the same @njit functions of
 codegen/runtime.py, which Numba compiles for the device too. What differs:
 
 * a product group is a launch of cuda_runtime's tiled GEMM, with row offsets in
-  place of slices;
+  place of slices; an embedding lookup's group a gather (its table's gradient a
+  scatter-add, cuda_runtime.lookup_gradient_add);
 * a bias gradient line ``d_b[_k] += ...`` (a sum over rows in the CPU loop) writes
   the row's own element: in the kernel ``d_b`` is row _r of a (T*B, n) array,
   summed after the sweep by a race-free reduction (cuda_runtime.column_sums);
@@ -109,6 +110,11 @@ class CudaPlan:
         """(launch line, workspace entries it reads) of a product group."""
         K = self.plan.size_of(group.source)
         weights = naming.code_group_weights(group.name)
+        if group.lookup:  # a gather; the token input has no adjoint
+            out = self.plan.storage(group.members[0][0])[0]
+            x = self.plan.input_array
+            return ((f"crt.lookup({x}, _lo, {weights}, {out}, _lo, _hi - _lo, {group.width})",
+                     {x, weights, out}) if direction == "forward" else None)
         if direction == "forward":
             array, shift, _ = self._source(group, adjoint=False)
             out = self.plan.storage(group.members[0][0])[0]  # the group's value array
@@ -215,7 +221,7 @@ def cuda_context(derivation):
     for g in plan.groups:
         source, shift, _ = cp._source(g, adjoint=False)
         groups.append((naming.code_group_weights(g.name), plan.group_adjoint(g), source,
-                       shift != "0", tuple(w for _, w, _, _ in g.members)))
+                       shift != "0", g.lookup, tuple(w for _, w, _, _ in g.members)))
     functions = []
     for direction, phase in cp.phases:
         functions.append(dict(

@@ -17,7 +17,8 @@ pass, read forwards: the tangent sums of the Derivation's Backward
 * elementwise z = f(a, ..., p):  z_dot = sum_a (df/da) a_dot + (df/dp) p_dot,
   df/da the local derivative; p_dot: the unit direction of each element p_k;
 * linear z = W v:                z_dot = W v_dot + W_dot v, where W_dot v puts v_j
-  in row i of the direction of W_ij;
+  in row i of the direction of W_ij (a lookup E[x], v = onehot(x_t): a one in
+  column x_t);
 * reduction r = sum_k f(a_k, ..): r_dot = sum_k (df/da_k a_dot_k + df/dp_k p_dot_k), one
   row (a reduction is one number per sequence), read by every unit of its consumers.
 
@@ -133,13 +134,25 @@ class RtrlPlan:
         weights = "; ".join(w for _, w, _, _ in g.members)
         lines = []
         if src in self.has:
-            lines.append(f"np.dot({naming.code_group_weights(g.name)}, {dot(src)}, {dot(g.name)})")
+            # a lookup's tangent is its group's array, whole (a group of its own)
+            src_dot = dot(plan.member_of[src][0].name) if src in plan.member_of else dot(src)
+            lines.append(f"np.dot({naming.code_group_weights(g.name)}, {src_dot}, {dot(g.name)})")
             comment = f"{g.name} = {src} @ [{weights}]^T: W {dot(src)} + W_dot {src}"
             op = "+="
         else:  # zeroed once before the loop; the same places are set every step
             comment = f"{g.name} = {src} @ [{weights}]^T: W_dot {src}"
             op = "="
         lines += ["for _b in range(B):", "    _r = _lo + _b", "    _c = _b * NP"]
+        if g.lookup:  # W_dot onehot(x_t): a one in column x_t of each row's direction
+            (node, weight, size, _), = g.members
+            first = f"_c + {naming.code_direction(weight)} + _i*{cols}"
+            comment = f"{g.name} = {weight}[:, {src}]: W_dot onehot({src})"
+            return StepBlock(comment, lines + [
+                f"    _j = {plan.input_array}[_r]",
+                f"    for _i in range({size}):",
+                f"        for _v in range({cols}):",
+                f"            {dot(g.name)}[_i, {first} + _v] = 0.0",
+                f"        {dot(g.name)}[_i, {first} + _j] = 1.0"])
         for node, weight, size, off in g.members:
             if node not in self.has:
                 continue

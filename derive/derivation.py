@@ -74,6 +74,9 @@ class Node:
     source: str = None
     over: str = None  # a reduction: the size of the units it sums over
     reverse: bool = False  # a loop node of the reverse direction (t from T-1 down to 0)
+    # a linear node weight @ onehot(source), the source the token input: an embedding
+    # lookup, which code gathers (forward) and scatter-adds (the weight's gradient)
+    lookup: bool = False
 
     @property
     def units(self):
@@ -111,6 +114,8 @@ class Derivation:
     loss: LossInfo
     l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
     l2_gradient: sp.Expr
+    # the input is integer tokens in [0, input_size), read only by lookup nodes
+    tokens: bool = False
 
     def __repr__(self):
         states = ", ".join(s.name for s in self.states)
@@ -201,7 +206,8 @@ def derive(model: Model) -> Derivation:
             phase = "pre"
         if n.kind == "linear":
             nodes.append(Node(n.name, n.size, "linear", phase, weight=n.weight,
-                              source=n.source, reverse=phase == "loop" and n.name in reverse))
+                              source=n.source, lookup=n.lookup,
+                              reverse=phase == "loop" and n.name in reverse))
             continue
         # A size in an expression is a number (a mean's divisor), not an argument.
         names = sorted(s.name for s in n.expr.free_symbols if s.name not in model.sizes)
@@ -240,6 +246,7 @@ def derive(model: Model) -> Derivation:
         loss=loss,
         l2_penalty=penalty,
         l2_gradient=sp.diff(penalty, W_ELEM),
+        tokens=model.tokens_input is not None,
     )
 
 

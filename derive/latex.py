@@ -223,7 +223,7 @@ class _Builder:
             if name not in n.reductions:  # one number per row: a scalar factor
                 vectors.add(name)
             ranks[name] = i
-            if name in n.linear:
+            if name in n.linear and not n.linear[name].lookup:  # E_{:,x_t} is one symbol
                 compound.add(name)
         adjointed = [x.name for x in d.nodes] + list(self.prevs)
         for i, name in enumerate(adjointed):
@@ -239,7 +239,13 @@ class _Builder:
             vectors.add(f"carry:{s.name}")
         j, k = n.index, n.sum_index
         for node in n.linear.values():
-            if vector:
+            if node.lookup:  # E onehot(x_t): the adjoint goes to column x_t of the table
+                token = n.vector(node.source)
+                symbols[f"outer:{node.name}"] = (
+                    n.adjoint(node.name) + " " + _sup(rf"\operatorname{{onehot}}({token})",
+                                                      r"\top")
+                    if vector else n.adjoint_element(node.name, j) + f" [{k} = {token}]")
+            elif vector:
                 symbols[f"WT:{node.name}"] = (_sup(n.matrix(node.weight), r"\top") + " "
                                               + n.adjoint(node.name))
                 symbols[f"outer:{node.name}"] = (n.adjoint(node.name) + " "
@@ -262,6 +268,7 @@ class _Builder:
             if name in n.linear:
                 pieces = [(n.matrix(t.weight) + n.tangent(t.via)) if t.rule == "product"
                           else (n.tangent(t.weight) + n.vector(t.source))
+                          if not n.linear[name].lookup else n.tangent(name)
                           for t in bw.tangent(name)]
                 tex = " + ".join(pieces)
                 if len(pieces) > 1:
@@ -371,6 +378,9 @@ class _Builder:
         self.section("Notation")
         size = lambda name: f"${naming.size(name)}$"  # noqa: E731
         rows = [(n.vector(d.input), d.input, "input at step $t$", size(d.input_size))]
+        if d.tokens:
+            rows = [(n.vector(d.input), d.input, "input token at step $t$, an integer in "
+                     f"$[0, {naming.size(d.input_size)})$", "integer")]
         for s in d.states:
             rows.append((n.vector(s.name), s.name,
                          f"recurrent state; ${n.initial(s.name)}$ is given", size(s.size)))

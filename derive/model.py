@@ -20,6 +20,14 @@ layer: it runs from the last step down to the first, its ``prev`` is its value a
 The readout may read states of both directions; the recurrence of one may not read
 the other's (derivation.py refuses it at the line).
 
+Token inputs: ``m.tokens("x", vocab="V")`` declares an integer input (x_t in [0, V)),
+``E = m.embedding("E", "D", "V")`` a (D, V) table and ``E[x]`` its column x_t, a vector
+of size D. Mathematically that is the product E @ onehot(x_t), so it is a linear node
+(``lookup`` set) and derives like any product: the generated code gathers the column
+in the forward and adds the adjoint into the columns used in the backward. The table
+is (D, V), not (V, D), so it stacks and initialises like the weight W_x of the one-hot
+model it replaces (uniform in +-1/sqrt(V)).
+
 A reduction over the units of a vector (``m.sum``, ``m.mean``, ``m.layernorm``) is a
 node of its own holding one number per sequence and step, a ``Scalar``: arithmetic
 with a vector broadcasts it over the vector's units. Its Jacobian is not diagonal;
@@ -59,6 +67,7 @@ class NodeDef:
     source: str = None
     location: str = None
     over: str = None  # reduction: the size of the units summed over
+    lookup: bool = False  # linear: weight @ onehot(source), source the token input
 
 
 class Vec:
@@ -219,8 +228,47 @@ class Matrix:
     def __matmul__(self, vec):
         return self.model._linear(self, vec)
 
+    def __getitem__(self, index):
+        raise DefinitionError(
+            f"{self.name}[{index!r}]: only an embedding table is indexed, by a token "
+            f"input; declare it with m.embedding('{self.name}', '{self.rows}', "
+            f"'{self.cols}') and the input with m.tokens(...)")
+
     def __repr__(self):
         return f"Matrix({self.name}, ({self.rows}, {self.cols}))"
+
+
+class Tokens:
+    """The integer input of a token model (``m.tokens``): x_t in [0, vocab). It has no
+    vector value, so no arithmetic: an embedding looks it up, ``E[x]``."""
+
+    def __init__(self, model, name, vocab):
+        self.model, self.name, self.vocab = model, name, vocab
+
+    def _refuse(self, *_):
+        raise DefinitionError(
+            f"the token input '{self.name}' is an integer index, not a vector: look it "
+            f"up in an embedding first (E = m.embedding('E', size, '{self.vocab}'); "
+            f"E[{self.name}])")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __truediv__ = __rtruediv__ = __pow__ = __rpow__ = __neg__ = __abs__ = _refuse
+    __rmatmul__ = apply = _refuse
+
+    def __repr__(self):
+        return f"Tokens({self.name}, vocab={self.vocab})"
+
+
+class Embedding(Matrix):
+    """A (rows, vocab) table whose column ``E[x]`` is looked up by a token input: the
+    product E @ onehot(x_t), a linear node of the step. It is still a matrix
+    (``E @ v`` of a vector of size vocab is the plain product)."""
+
+    def __getitem__(self, tokens):
+        return self.model._lookup(self, tokens)
+
+    def __repr__(self):
+        return f"Embedding({self.name}, ({self.rows}, {self.cols}))"
 
 
 def _elementwise(sympy_function):
@@ -229,6 +277,8 @@ def _elementwise(sympy_function):
     def lifted(v):
         if isinstance(v, State):
             v = v.t
+        if isinstance(v, Tokens):
+            v.apply(sympy_function)  # refused, with the reason
         if isinstance(v, (Vec, Scalar)):
             return v.apply(sympy_function)
         return sympy_function(v)
@@ -254,6 +304,9 @@ def _elementwise_pair(sympy_function, name):
 
     def lifted(a, b):
         a, b = (v.t if isinstance(v, State) else v for v in (a, b))
+        for v in (a, b):
+            if isinstance(v, Tokens):
+                v.apply(sympy_function)  # refused, with the reason
         if not isinstance(a, Vec) and not isinstance(b, Vec):
             return sympy_function(a, b)
         vec = a if isinstance(a, Vec) else b
@@ -341,6 +394,7 @@ class Model:
         if len(set(self.sizes)) != len(self.sizes):
             raise DefinitionError(f"size names repeat: {self.sizes}")
         self.inputs = {}  # name -> size
+        self.tokens_input = None  # the input's name when it is integer tokens (m.tokens)
         self.states = {}  # name -> State
         self.params = {}  # name -> ParamDef
         self.nodes = []  # NodeDef, in the order of the step
@@ -384,6 +438,22 @@ class Model:
         self._declare(name, "input", size)
         self.inputs[name] = size
         return Vec(self, self._symbol(name), size)
+
+    def tokens(self, name, vocab):
+        """The input as integer tokens x_t in [0, vocab) (x: (T, B) integers), read
+        only through an embedding table: ``E[x]`` (see ``embedding``)."""
+        if self.inputs:
+            raise DefinitionError("a model has one input vector; concatenate inputs")
+        self._declare(name, "input", vocab)
+        self.inputs[name] = vocab
+        self.tokens_input = name
+        return Tokens(self, name, vocab)
+
+    def embedding(self, name, rows, vocab):
+        """An embedding table of shape (rows, vocab): ``E[x]`` is its column x_t, a
+        vector of size ``rows``. Initialised and penalised (L2) as a weight matrix."""
+        self.matrix(name, rows, vocab)
+        return Embedding(self, name, rows, vocab)
 
     def state(self, name, size, reverse=False):
         """A recurrent state; its initial value is an argument of the trainer.
@@ -459,6 +529,8 @@ class Model:
         a named symbol, otherwise a new elementwise node."""
         if isinstance(vec, State):
             vec = vec.t
+        if isinstance(vec, Tokens):
+            vec._refuse()
         if not isinstance(vec, Vec):
             raise DefinitionError(f"expected a vector, got {vec!r}")
         if name is None and isinstance(vec.expr, sp.Symbol):
@@ -475,9 +547,35 @@ class Model:
                                   location=_caller_location()))
         return name
 
+    def _lookup(self, table, tokens):
+        """E[x]: the linear node E @ onehot(x_t), a gather in generated code."""
+        if not isinstance(tokens, Tokens) or tokens.model is not self:
+            raise DefinitionError(
+                f"{table.name}[{getattr(tokens, 'expr', tokens)!r}]: an embedding is "
+                "indexed by the model's token input (x = m.tokens('x', vocab=...)), "
+                "not by a vector or a number")
+        if tokens.vocab != table.cols:
+            raise DefinitionError(
+                f"shape mismatch in '{table.name}[{tokens.name}]': {table.name} has shape "
+                f"({table.rows}, {table.cols}), so it looks up tokens in [0, {table.cols}), "
+                f"but '{tokens.name}' has vocab {tokens.vocab}")
+        for n in self.nodes:  # the same lookup written twice is one vector
+            if n.kind == "linear" and (n.weight, n.source) == (table.name, tokens.name):
+                return Vec(self, self._symbol(n.name), table.rows)
+        # Not in _linear_nodes: a product may read a lookup's array as it is (a group
+        # of its own, plan.py), so W @ E[x] needs no copy of it.
+        name = self._minted(f"{table.name}_{tokens.name}")
+        self._declare(name, "node", table.rows, minted=True)
+        self.nodes.append(NodeDef(name, table.rows, "linear", weight=table.name,
+                                  source=tokens.name, location=_caller_location(),
+                                  lookup=True))
+        return Vec(self, self._symbol(name), table.rows)
+
     def _linear(self, matrix, vec):
         if isinstance(vec, State):
             vec = vec.t
+        if isinstance(vec, Tokens):
+            vec._refuse()
         if not isinstance(vec, Vec):
             raise DefinitionError(f"{matrix.name} @ {vec!r}: the right side must be a vector")
         if vec.size != matrix.cols:
@@ -597,6 +695,9 @@ class Model:
         to a Vec of one common size: ``m.expr(log(exp(a) + exp(b)), a=u, b=v)``."""
         expression = sp.sympify(expression)
         vectors = {k: (v.t if isinstance(v, State) else v) for k, v in vectors.items()}
+        for v in vectors.values():
+            if isinstance(v, Tokens):
+                v._refuse()
         unknown = sorted(s.name for s in expression.free_symbols if s.name not in vectors)
         if unknown:
             raise DefinitionError(f"expression {expression} uses undefined symbol(s) "
@@ -620,6 +721,8 @@ class Model:
             raise DefinitionError(f"state '{state.name}' is updated twice")
         if isinstance(vec, State):
             vec = vec.t
+        if isinstance(vec, Tokens):
+            vec._refuse()
         if not isinstance(vec, Vec):
             raise DefinitionError(f"update({state.name}, ...) needs a vector, got {vec!r}")
         if vec.size != state.size:

@@ -225,6 +225,17 @@ def code_group(source, phase=None):
     return f"P_{source}" if phase is None else f"P_{source}__{phase}"
 
 
+def code_lookup_group(weight, tokens):
+    """Code name of an embedding lookup's group: one table gathered by the tokens, a
+    group of its own (never stacked with another table), so that a product reading
+    the looked-up vector reads a whole array.
+
+    >>> code_lookup_group("E", "x")
+    'P_E__x'
+    """
+    return f"P_{weight}__{tokens}"
+
+
 def code_group_weights(group):
     """The stacked weights of a product group.
 
@@ -394,10 +405,15 @@ class LatexNames:
     # -- vector form -------------------------------------------------------------
     def vector(self, name, offset=0):
         """A vector of the step: x_t, h_{t-1}, a node, a bias (no time), or a product
-        node written as the matrix-vector product it is."""
+        node written as the matrix-vector product it is (a lookup as the column of its
+        table, E_{:,x_t}); a token input is an integer, x_t."""
         if name in self.linear:
             node = self.linear[name]
+            if node.lookup:
+                return self.lookup(node, ":", offset)
             return self.matrix(node.weight) + self.vector(node.source, offset)
+        if self.d.tokens and name == self.d.input:
+            return plain(name, _time(offset))
         if self.is_param(name):
             return bold(name)
         if name in self.reductions:
@@ -417,6 +433,17 @@ class LatexNames:
     def matrix(self, name):
         return bold(name)
 
+    def lookup(self, node, row, offset=0, table=None):
+        """Element (row, x_t) of a lookup's table: row ":" is its column, the vector
+        E_{:,x_t}; ``table`` another symbol of the table (its tangent). Braced when
+        the table's symbol has subscripts of its own."""
+        parts = split(node.weight)
+        token = self.vector(node.source, offset)
+        if table is None and not (parts.sub or parts.layer):
+            return (bold if row == ":" else plain)(node.weight, row, token)
+        table = table or (bold(node.weight) if row == ":" else plain(node.weight))
+        return f"{{{table}}}_{{{row},{token}}}"
+
     def adjoint(self, name, offset=0):
         """dL/d(vector): delta^s_t for a state, a bar otherwise (h_prev: the part of
         the adjoint of h_{t-1} that flows through step t)."""
@@ -435,6 +462,9 @@ class LatexNames:
     def tangent(self, name, offset=0):
         """d(vector)/d theta, RTRL's sensitivity: a dot over a stored vector or a
         parameter (the unit directions of its elements)."""
+        if name in self.linear and self.linear[name].lookup:  # the column of E's tangent
+            node = self.linear[name]
+            return self.lookup(node, ":", offset, table=self.tangent(node.weight))
         if not self.is_param(name):
             name, offset = self._resolve(name, offset)
         parts = split(name)
@@ -456,6 +486,8 @@ class LatexNames:
         index = index or self.index
         if name in self.linear:
             node = self.linear[name]
+            if node.lookup:
+                return self.lookup(node, index, offset)
             k = self.sum_index
             return (rf"\sum_{{{k}}} {self.matrix_element(node.weight, index, k)} "
                     + self.element(node.source, k, offset))

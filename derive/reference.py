@@ -31,6 +31,18 @@ def evaluate(expr, env):
     return value
 
 
+def _input_vectors(derivation, params, x):
+    """x as float64 vectors (T, B, size). Tokens (T, B) become one-hot vectors: the
+    reference evaluates a lookup E[x] as the product E @ onehot(x) it stands for, so
+    the generated gather and scatter-add are checked against the plain product."""
+    x = np.asarray(x)
+    if not derivation.tokens or x.ndim == 3:  # vectors (or tokens made one-hot already)
+        return np.asarray(x, dtype=np.float64)
+    V = next(np.shape(params[p.name])[1] for p in derivation.params
+             if p.kind == "matrix" and p.shape[1] == derivation.input_size)
+    return np.eye(V)[x]
+
+
 def resolve_sizes(derivation, params, x):
     """Size name -> int, read off the parameter shapes and the input."""
     sizes = {derivation.input_size: x.shape[2]}
@@ -72,6 +84,7 @@ def _run_forward(derivation, params, x, state0):
     """The values of every vector at every step: the forward states' loop with t
     ascending (and the pre nodes), the reverse states' loop with t descending, then
     the readout at every step."""
+    x = _input_vectors(derivation, params, x)
     T, B, _ = x.shape
     sizes = resolve_sizes(derivation, params, x)
     vector_params = {p.name: np.asarray(params[p.name], dtype=np.float64)
@@ -133,7 +146,7 @@ def _loss_terms(derivation, zt, target, sizes):
 
 def forward(derivation, params, x, state0=None):
     """Predictions y (T, B, O) and the final states."""
-    x = np.asarray(x, dtype=np.float64)
+    x = _input_vectors(derivation, params, x)
     trajectory, sizes = _run_forward(derivation, params, x, state0)
     out = derivation.loss.node
     dummy = (np.zeros(x.shape[1], dtype=np.int64) if derivation.loss.loss.target == "index"
@@ -167,7 +180,7 @@ def loss_and_grads(derivation, params, x, targets, *, state0=None, mask=None, l2
 
     ``carry``: per-step factors (T,) of the state adjoints flowing from step t to
     step t-1 (0 cuts the recurrence, ARTBP reweights it); None: all ones, BPTT."""
-    x = np.asarray(x, dtype=np.float64)
+    x = _input_vectors(derivation, params, x)
     T, B, _ = x.shape
     trajectory, sizes = _run_forward(derivation, params, x, state0)
     w = loss_weights(derivation, T, B, mask)

@@ -10,6 +10,8 @@ Runs, on one text file (e.g. shared/data/tinyshakespeare.txt):
     Elman  truncated BPTT(k1, k2) for a few (k1, k2)  | (online updates every k1 steps)
     LSTM   accumulated BPTT                           |
     GRU    accumulated BPTT                           |
+    LSTM over a learned embedding (embed_lstm)        | (--runs ...,embed: the
+                                                      | characters as tokens)
 
 and reports validation perplexity, bits per character and wall time as the table
 "Model | BPTT | PPL | time". Split: the first 90% of the file is training text,
@@ -60,11 +62,12 @@ def load(path, train_chars, val_chars):
 
 
 def sequences(codes, seq_len, V):
-    """One-hot inputs (T, N, V) float32 and next-character targets (T, N)."""
+    """One-hot inputs (T, N, V) float32, the same as tokens (T, N) int64 (for a model
+    of token inputs) and next-character targets (T, N)."""
     n = (len(codes) - 1) // seq_len
-    inputs = codes[:n * seq_len].reshape(n, seq_len).T
+    inputs = np.ascontiguousarray(codes[:n * seq_len].reshape(n, seq_len).T)
     targets = np.ascontiguousarray(codes[1:n * seq_len + 1].reshape(n, seq_len).T)
-    return np.eye(V, dtype=np.float32)[inputs], targets
+    return np.eye(V, dtype=np.float32)[inputs], inputs, targets
 
 
 def evaluate(module, params, codes, V, streams, chunk=256):
@@ -74,9 +77,10 @@ def evaluate(module, params, codes, V, streams, chunk=256):
     inputs = codes[:streams * L].reshape(streams, L).T
     targets = codes[1:streams * L + 1].reshape(streams, L).T
     eye = np.eye(V, dtype=next(iter(params.values())).dtype)
+    tokens = module.SPEC.get("tokens")
     state, total = None, 0.0
     for lo in range(0, L, chunk):
-        x = np.ascontiguousarray(eye[inputs[lo:lo + chunk]])
+        x = np.ascontiguousarray(inputs[lo:lo + chunk] if tokens else eye[inputs[lo:lo + chunk]])
         y, state = module.forward(params, x, state0=state)
         p = np.take_along_axis(y, targets[lo:lo + chunk, :, None], axis=2)
         total -= float(np.sum(np.log(np.maximum(p.astype(np.float64), 1e-30))))
@@ -91,21 +95,24 @@ def unigram_nats(train, val, V):
 
 def run(name, algorithm, args, data, k1=None, k2=None, n=None, dtype=None):
     """Train one model (on the first n sequences if n); returns a result row (dict)."""
-    vocabulary, x, targets, val = data
-    if n is not None:
-        x, targets = x[:, :n], targets[:, :n]
-    V = len(vocabulary)
+    vocabulary, x, tokens, targets, val = data
     module = importlib.import_module(f"bpttgen.generated.{name}")
     dtype = dtype or (np.float64 if args.float64 else np.float32)
-    x = x.astype(dtype, copy=False)
-    trainer = module.Trainer({"I": V, "H": args.hidden, "O": V}, optimizer="adam", lr=args.lr,
+    V = len(vocabulary)
+    if module.SPEC["tokens"]:  # the characters' codes, looked up in its embedding
+        x, sizes = tokens, {"V": V, "D": args.embed, "H": args.hidden}
+    else:
+        x, sizes = x.astype(dtype, copy=False), {"I": V, "H": args.hidden, "O": V}
+    if n is not None:
+        x, targets = x[:, :n], targets[:, :n]
+    trainer = module.Trainer(sizes, optimizer="adam", lr=args.lr,
                              clip=args.clip, algorithm=algorithm, k1=k1, k2=k2,
                              seed=args.seed, dtype=dtype)
     # Compile or load the kernels outside the timed region.
-    module.loss_and_grads(trainer.params, x[:4, :2].astype(dtype), targets[:4, :2],
+    module.loss_and_grads(trainer.params, x[:4, :2], targets[:4, :2],
                           algorithm=algorithm, k1=min(k1 or 1, 4) if k1 else None,
                           k2=min(k2 or 1, 4) if k2 else None)
-    module.forward(trainer.params, x[:4, :2].astype(dtype))
+    module.forward(trainer.params, x[:4, :2])
     start = time.perf_counter()
     history = trainer.fit(x, targets, epochs=args.epochs, batch_size=args.batch_size,
                           progress=False)
@@ -113,7 +120,8 @@ def run(name, algorithm, args, data, k1=None, k2=None, n=None, dtype=None):
     nats = evaluate(module, trainer.params, val, V, args.val_streams)
     label = {"bptt": "accumulated", "naive": "naive (old)"}.get(
         algorithm, f"truncated({k1},{k2})")
-    row = dict(model={"elman": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU"}[name]
+    row = dict(model={"elman": "RNN (Elman)", "lstm": "LSTM", "gru": "GRU",
+                      "embed_lstm": f"LSTM, embedding D = {args.embed}"}[name]
                + ("" if n is None else f", {n * args.seq_len // 1024}k chars, "
                   f"{np.dtype(dtype).name}"),
                bptt=label, ppl=math.exp(nats), bpc=nats / math.log(2), seconds=seconds,
@@ -134,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--val-chars", type=int, default=65536)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--embed", type=int, default=32,
+                    help="embedding size D of the embed run (embed_lstm)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -146,7 +156,8 @@ def main(argv=None):
                     help="train the naive/accumulated pair in float32 (default float64: in "
                     "float32 Adam amplifies the rounding differences of the two sums)")
     ap.add_argument("--runs", default="naive,bptt,tbptt,lstm,gru",
-                    help="which rows: naive, bptt, tbptt, lstm, gru")
+                    help="which rows: naive, bptt, tbptt, lstm, gru, embed (an LSTM over "
+                    "token inputs and a learned embedding: no one-hot product)")
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (tests)")
     ap.add_argument("--out", default=RESULTS, help="folder for charlm.md ('' for none)")
     args = ap.parse_args(argv)
@@ -154,11 +165,12 @@ def main(argv=None):
         args.train_chars, args.val_chars, args.seq_len = 4096, 1024, 16
         args.naive_chars = 2048
         args.hidden, args.epochs, args.batch_size, args.val_streams = 16, 1, 16, 4
+        args.embed = 8
 
     vocabulary, train, val = load(args.text, args.train_chars, args.val_chars)
     V = len(vocabulary)
-    x, targets = sequences(train, args.seq_len, V)
-    data = (vocabulary, x, targets, val)
+    x, tokens, targets = sequences(train, args.seq_len, V)
+    data = (vocabulary, x, tokens, targets, val)
     command = "python experiments/charlm.py " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     setup = (f"{os.path.basename(args.text)}: {len(train)} training characters (first 90% of "
@@ -190,6 +202,8 @@ def main(argv=None):
     for name in ("lstm", "gru"):
         if name in runs:
             rows.append(run(name, "bptt", args, data))
+    if "embed" in runs:
+        rows.append(run("embed_lstm", "bptt", args, data))
     load_end = load_average()
     table = format_table(rows, base, args.seq_len)
     print("\n" + table + f"\n\nload average at end: {load_end}")

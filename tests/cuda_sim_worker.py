@@ -44,8 +44,11 @@ TBPTT = dict(algorithm="tbptt", k1=1, k2=2)  # windows overlap and truncate at T
 #: argument is a device array: segments of 2 with one snapshot (segments recomputed
 #: from it; two states), the default plan (segments of 3, the last of one step: views
 #: of the workspace's first rows). Few: each segment is dozens of simulated launches.
+#: embed_lstm: host tokens copied segment by segment into an int64 buffer, the table's
+#: gradient scatter-added into the sums.
 CHECKPOINT_PLANS = {"lstm": [(dict(segment=2, snapshots=1), True)],
-                    "user": [({}, False)]}
+                    "user": [({}, False)],
+                    "embed_lstm": [(dict(segment=3), False)]}
 
 
 def user_cell_path():

@@ -28,7 +28,11 @@ for _loss_name, _loss in LOSSES.items():
 #: bidirectional Elman layer) repeats the Elman net's constructs in its kernels: its
 #: float32 PTX and the reference's second variant are the Elman net's; its own
 #: tiers (the reverse loop, naive's mirrored windows in the simulator) all run.
-COSTLY = {"layernorm_lstm", "bielman"}
+#: embed_lstm: the LSTM's gates over an embedding lookup, whose own code (gather,
+#: scatter-add, RTRL's one-hot direction, the CUDA runtime's two kernels in both
+#: dtypes) is also checked by tests/test_embedding.py's cells, generate's verification
+#: and the fuzzer's token cells.
+COSTLY = {"layernorm_lstm", "bielman", "embed_lstm"}
 
 #: Cases run through generated Numba modules. Each costs a Numba compilation (the
 #: dominant cost of the suite), so the losses are generated on the Elman net only:
@@ -56,7 +60,10 @@ def random_problem(derivation, sizes, T=4, B=2, seed=0, scale=0.5):
     rng = np.random.default_rng(seed)
     params = {p.name: rng.normal(0, scale, [sizes[s] for s in p.shape])
               for p in derivation.params}
-    x = rng.normal(0, 1, (T, B, sizes[derivation.input_size]))
+    if derivation.tokens:  # (T, B) integer tokens: finite differences never move them
+        x = rng.integers(0, sizes[derivation.input_size], (T, B))
+    else:
+        x = rng.normal(0, 1, (T, B, sizes[derivation.input_size]))
     O = sizes[derivation.loss.size]
     if derivation.loss.loss.target == "index":
         targets = rng.integers(0, O, (T, B))

@@ -164,6 +164,24 @@ def test_train_a_character_language_model(capsys, tmp_path):
     assert trainer.load(out_file).meta["vocabulary"] == " .acehmnost"
 
 
+def test_train_a_token_language_model(capsys, tmp_path):
+    """A model of token inputs (embed_lstm) reads the characters' codes (streamed:
+    test_a_text_stream_is_the_text_in_streams, Trainer.fit_stream in test_embedding);
+    the synthetic tasks, whose inputs are vectors, are refused."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    rc, out, err = run(capsys, "train", "embed_lstm", "--text", str(text), "--seq-len", "16",
+                       "--hidden", "16", "--epochs", "4", "--lr", "0.03", "--no-plot",
+                       "-o", str(tmp_path / "lm.npz"), "--algorithm", "tbptt", "--k1", "4",
+                       "--k2", "8", "--dtype", "float64")  # the kernels other tests compile
+    assert rc == 0, err
+    ppl = [float(p) for p in re.findall(r"perplexity (\d+\.\d+)", out)]
+    assert ppl[-1] < ppl[1]
+    rc, _, err = run(capsys, "train", "embed_lstm", "--task", "parity", "-o",
+                     str(tmp_path / "p.npz"))
+    assert rc == cli.EXIT_USAGE and "reads integer tokens: train it on --text" in err
+
+
 def test_a_text_stream_is_the_text_in_streams(tmp_path):
     """TextStream's chunks hold, at step t of stream b, character b * steps + t of the
     text (its target the next), whatever the chunk size."""
@@ -182,6 +200,9 @@ def test_a_text_stream_is_the_text_in_streams(tmp_path):
             np.testing.assert_array_equal(t[:, b], codes[b * n + 1:(b + 1) * n + 1])
         later = np.concatenate([c[1] for c in stream.chunks(10)])
         np.testing.assert_array_equal(later, t[10:])
+        stream.tokens = True  # the codes themselves, for a model of token inputs
+        np.testing.assert_array_equal(np.concatenate([c[0] for c in stream.chunks()]),
+                                      x.argmax(2))
     finally:
         stream.close()
     assert not os.path.exists(stream._codes)

@@ -42,13 +42,14 @@ def text_file(tmp_path):
 def test_charlm_naive_equals_accumulated(text_file):
     charlm = _script("experiments", "charlm")
 
-    rows = charlm.main([text_file, "--quick", "--runs", "naive,bptt,tbptt", "--out", ""])
+    rows = charlm.main([text_file, "--quick", "--runs", "naive,bptt,tbptt,embed", "--out", ""])
     naive, accumulated = [r for r in rows if "chars" in r["model"]]
     assert (naive["bptt"], accumulated["bptt"]) == ("naive (old)", "accumulated")
     # Same gradients (up to float32 rounding), same training: the printed digits agree.
     assert f"{naive['ppl']:.3f}" == f"{accumulated['ppl']:.3f}"
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rows)
     assert any(r["bptt"].startswith("truncated") for r in rows)
+    assert rows[-1]["model"] == "LSTM, embedding D = 8"  # the characters as tokens
 
 
 def test_ab_compares_a_revision_with_the_working_tree():

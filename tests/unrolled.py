@@ -3,8 +3,9 @@ gradient.
 
 ``unrolled_loss`` writes the loss of a sequence (B = 1) as a single SymPy expression
 in one symbol per parameter element, straight from the model's node definitions:
-a linear node is the explicit sum ``sum_j W[k,j] * v[j]``, an elementwise node is
-``Node.expr`` with the element values substituted, a reduction the explicit sum of its
+a linear node is the explicit sum ``sum_j W[k,j] * v[j]`` (a lookup E[x] the symbols
+of column x_t), an elementwise node is ``Node.expr`` with the element values
+substituted, a reduction the explicit sum of its
 summand over the units (one value, read by every unit; a size is its number), and the loss is built from
 ``Loss.sums`` / ``Loss.value`` with a one-hot target d and the shift m = 0 (log-sum-
 exp is shift invariant, so the shift changes no value). Nothing of ``derive()``'s
@@ -74,7 +75,7 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
     The convention of derive/reference.py: L = sum_t w_t l_t / sum_t w_t +
     l2/2 * sum of squares of every weight matrix, w the mask, zero before the last
     step when the loss is at the last step only."""
-    T, B, _ = np.shape(x)
+    T, B = np.shape(x)[:2]
     assert B == 1, "the unrolled loss is written for one sequence"
     symbols = parameter_symbols(model, sizes)
     vector_params = {n: list(symbols[n]) for n, p in model.params.items() if p.kind == "vector"}
@@ -105,7 +106,9 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
             feeds.update([n.source] if n.kind == "linear" else
                          [s.name for s in n.expr.free_symbols])
     readout = {n.name for n in model.nodes if n.name not in feeds}
-    envs = [{next(iter(model.inputs)): _numbers(x[t]), **vector_params} for t in range(T)]
+    tokens = model.tokens_input is not None  # x (T, 1) integers: a lookup reads x_t
+    envs = [{next(iter(model.inputs)): int(np.ravel(x[t])[0]) if tokens else _numbers(x[t]),
+             **vector_params} for t in range(T)]
     for pass_reverse, steps in ((False, range(T)), (True, range(T - 1, -1, -1))):
         states = [s for s, st in model.states.items() if st.reverse == pass_reverse]
         prev = {f"{s}_prev": _numbers(state0[s]) for s in states}
@@ -143,6 +146,10 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
 
 def _unrolled_node(n, env, symbols, exprs, numbers, one, sizes):
     """env[n.name]: node n's element expressions at one step."""
+    if n.kind == "linear" and n.lookup:  # E[x]: column x_t of the table
+        W = symbols[n.weight]
+        env[n.name] = [W[k, env[n.source]] for k in range(W.shape[0])]
+        return
     if n.kind == "linear":
         W, v = symbols[n.weight], env[n.source]
         env[n.name] = [sp.Add(*[W[k, j] * v[j] for j in range(len(v))])

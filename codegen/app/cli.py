@@ -156,7 +156,11 @@ def _load_task(args, module):
 
     target = module.SPEC["target"]
     if args.text:
-        return tasks.text(args.text, args.seq_len or 50, target=target)
+        return tasks.text(args.text, args.seq_len or 50, target=target,
+                          tokens=module.SPEC.get("tokens", False))
+    if module.SPEC.get("tokens"):
+        raise UsageError(f"{module.NAME} reads integer tokens: train it on --text FILE "
+                         "(the tasks give vectors)")
     return tasks.make(args.task, args.seq_len or 30, args.samples, target=target,
                       seed=args.seed)
 
@@ -357,7 +361,8 @@ def _train_stream(args, module):
     if args.workers or args.scheduler:
         raise UsageError("--stream runs in one process (no --workers or --scheduler)")
     text = tasks.TextStream(args.text, args.batch_size, args.chunk,
-                            target=module.SPEC["target"])
+                            target=module.SPEC["target"],
+                            tokens=module.SPEC.get("tokens", False))
     try:
         output = args.output or f"{module.NAME}-text.npz"
         checkpoint = args.checkpoint or os.path.splitext(output)[0] + ".ckpt.npz"
@@ -520,7 +525,9 @@ def parser():
                       help="adding: sum of two marked numbers (long dependency); copy: "
                            "repeat symbols after a delay; parity: running XOR of bits")
     data.add_argument("--text", metavar="FILE",
-                      help="a UTF-8 text file: character-level language model")
+                      help="a UTF-8 text file: character-level language model (one-hot "
+                           "characters, or tokens for a model of token inputs: "
+                           "--model embed_lstm)")
     data.add_argument("--stream", action="store_true",
                       help="--text read in chunks, never whole (a file larger than "
                            "memory): --batch-size streams side by side, trained with "

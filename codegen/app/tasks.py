@@ -141,9 +141,11 @@ def parity(seq_len=20, n=1000, *, target="index", seed=0):
                 None)
 
 
-def text(path, seq_len=50, *, max_chars=None, target="index"):
+def text(path, seq_len=50, *, max_chars=None, target="index", tokens=False):
     """A character-level language model of a UTF-8 text file: at each step, the
-    next character. The text is cut into N = (len - 1) // seq_len sequences."""
+    next character. The text is cut into N = (len - 1) // seq_len sequences. x is
+    one-hot (T, N, V) float32, or with ``tokens`` the character codes (T, N) int64
+    for a model whose input is tokens (an embedding, as embed_lstm)."""
     if target != "index":
         raise ValueError("a character-level language model needs a model with a "
                          "softmax cross-entropy loss (integer targets)")
@@ -165,7 +167,7 @@ def text(path, seq_len=50, *, max_chars=None, target="index"):
     inputs = codes[:-1].reshape(n, seq_len).T
     targets = np.ascontiguousarray(codes[1:].reshape(n, seq_len).T)
     V = len(vocabulary)
-    x = np.eye(V, dtype=np.float32)[inputs]
+    x = np.ascontiguousarray(inputs) if tokens else np.eye(V, dtype=np.float32)[inputs]
     baseline = _entropy(np.bincount(targets.ravel(), minlength=V))  # unigram model
     return Task("text", x, targets, None, {"I": V, "O": V}, baseline, vocabulary)
 
@@ -192,12 +194,14 @@ class TextStream:
     """A UTF-8 text file as ``streams`` sequences side by side, read in chunks and never
     held whole (``bpttgen train --text FILE --stream``): stream b is the b-th of equal
     parts of the text, and step t asks each for its next character. ``chunks(start)``
-    yields (x (t, B, V) one-hot float32, targets (t, B) int64) from step ``start`` on.
+    yields (x (t, B, V) one-hot float32, targets (t, B) int64) from step ``start`` on;
+    with ``tokens``, x is the codes (t, B) int64 (a model whose input is tokens).
 
     One pass finds the vocabulary and counts; a second writes the character codes to
     a temporary file (``close()`` removes it), which the chunks read by offset."""
 
-    def __init__(self, path, streams, chunk=4096, *, target="index", block=1 << 20):
+    def __init__(self, path, streams, chunk=4096, *, target="index", block=1 << 20,
+                 tokens=False):
         import codecs
         import tempfile
 
@@ -240,7 +244,7 @@ class TextStream:
                 counts += np.bincount(codes, minlength=V)
                 out.write(codes.tobytes())
                 length += len(text)
-        self.streams, self.chunk = streams, chunk
+        self.streams, self.chunk, self.tokens = streams, chunk, tokens
         self.steps = (length - 1) // streams  # each stream: steps inputs, one more target
         if self.steps < 1:
             self.close()
@@ -260,6 +264,9 @@ class TextStream:
         for a in range(start, self.steps, self.chunk):
             t = min(self.chunk, self.steps - a)
             codes = np.stack([self._read(b, a, t + 1) for b in range(self.streams)], axis=1)
+            if self.tokens:
+                yield np.ascontiguousarray(codes[:-1]), codes[1:]
+                continue
             x = np.zeros((t, self.streams, V), np.float32)
             np.put_along_axis(x, codes[:-1, :, None], 1.0, axis=2)
             yield x, codes[1:]

@@ -251,20 +251,7 @@ def check_call(spec, params, x, targets=None, state0=None, mask=None, l2=None):
 def check_data(spec, sizes, dtype, x, targets=None, state0=None, mask=None):
     """check_call's checks of the data, given the sizes and dtype of checked
     parameters; (T, B). A checkpointed call checks each segment so, as it reads it."""
-    x_name, x_size = spec["input"]
-    if not isinstance(x, np.ndarray):
-        _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
-              f"{type(x).__name__}")
-    if x.ndim != 3:
-        _fail(ValueError, f"x must have shape (T, B, {x_size}) (time-major), got {x.shape}")
-    if x.dtype != dtype:
-        _fail(TypeError, f"x has dtype {x.dtype}, expected {dtype} (the parameters' dtype)")
-    if sizes.setdefault(x_size, x.shape[2]) != x.shape[2]:
-        _fail(ValueError, f"x has shape {x.shape}, expected (T, B, {x_size}={sizes[x_size]})")
-    T, B = x.shape[0], x.shape[1]
-    if T < 1 or B < 1:
-        _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
-    _require_finite("x", x)
+    T, B = (_check_tokens if spec.get("tokens") else _check_vectors)(spec, sizes, dtype, x)
     out_size = spec["output"][1]
     if targets is not None:
         _check_targets(spec, targets, T, B, sizes[out_size], dtype)
@@ -281,6 +268,60 @@ def check_data(spec, sizes, dtype, x, targets=None, state0=None, mask=None):
         if np.any(mask < 0):
             _fail(ValueError, f"mask must be non-negative, got minimum {mask.min()}")
     return T, B
+
+
+def _check_vectors(spec, sizes, dtype, x):
+    """(T, B) of an input of vectors, x: (T, B, size) in the parameters' dtype."""
+    x_size = spec["input"][1]
+    if not isinstance(x, np.ndarray):
+        _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
+              f"{type(x).__name__}")
+    if x.ndim != 3:
+        _fail(ValueError, f"x must have shape (T, B, {x_size}) (time-major), got {x.shape}")
+    if x.dtype != dtype:
+        _fail(TypeError, f"x has dtype {x.dtype}, expected {dtype} (the parameters' dtype)")
+    if sizes.setdefault(x_size, x.shape[2]) != x.shape[2]:
+        _fail(ValueError, f"x has shape {x.shape}, expected (T, B, {x_size}={sizes[x_size]})")
+    T, B = x.shape[0], x.shape[1]
+    if T < 1 or B < 1:
+        _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
+    _require_finite("x", x)
+    return T, B
+
+
+def _check_tokens(spec, sizes, dtype, x):
+    """(T, B) of a token input, x: (T, B) integers in [0, vocab), the vocabulary size
+    read off the embedding table (a kernel indexing past it would read other memory)."""
+    V = spec["input"][1]
+    if not isinstance(x, np.ndarray):
+        _fail(TypeError, f"x must be a numpy array of shape (T, B) of integer tokens, got "
+              f"{type(x).__name__}")
+    if x.ndim != 2:
+        _fail(ValueError, f"x must have shape (T, B) of integer tokens in [0, {V}) "
+              f"(time-major), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.integer):
+        _fail(TypeError, f"x must hold integer tokens in [0, {V}), got dtype {x.dtype}")
+    T, B = x.shape
+    if T < 1 or B < 1:
+        _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
+    if x.min() < 0 or x.max() >= sizes[V]:
+        where = np.argwhere((x < 0) | (x >= sizes[V]))[0]
+        _fail(ValueError, f"x contains token {x[tuple(where)]} at (t, b) = "
+              f"{tuple(where.tolist())}, outside [0, {sizes[V]}) ({V} = {sizes[V]}, from "
+              "the embedding's shape)")
+    return T, B
+
+
+def input_bytes(spec, sizes, itemsize):
+    """Bytes of one (t, b) of the input as the kernels read it: a token is an int64."""
+    return 8 if spec.get("tokens") else itemsize * sizes[spec["input"][1]]
+
+
+def input_rows(spec, x):
+    """x as the kernels read it, one row per (t, b): (T*B,) int64 tokens or (T*B, size)."""
+    if spec.get("tokens"):
+        return np.ascontiguousarray(x.reshape(-1), dtype=np.int64)
+    return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
 
 
 def _check_state0(spec, state0, B, sizes, dtype):

@@ -167,7 +167,10 @@ def check_sequence(spec, x, targets, mask):
         if a is not None and not (hasattr(a, "shape") and hasattr(a, "__getitem__")):
             raise TypeError(f"{name} must be an array (or read by slices, as np.memmap), "
                             f"got {type(a).__name__}")
-    if len(x.shape) != 3:
+    if spec.get("tokens") and len(x.shape) != 2:
+        raise ValueError(f"x must have shape (T, B) of integer tokens (time-major), got "
+                         f"{x.shape}")
+    if not spec.get("tokens") and len(x.shape) != 3:
         raise ValueError(f"x must have shape (T, B, {spec['input'][1]}) (time-major), got "
                          f"{x.shape}")
     for name, a in (("targets", targets), ("mask", mask)):
@@ -205,7 +208,9 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     schedule; x, targets, mask are read one segment at a time (x[a:b]) and each read
     passes check(x, targets, mask) first."""
     L = chosen.segment
-    xbuf = np.empty((L, B, x.shape[2]), dtype)
+    # tokens stay integers: the buffer is what the kernels read (calls.input_rows)
+    xbuf = (np.empty((L, B), np.int64) if model.spec.get("tokens") else
+            np.empty((L, B, x.shape[2]), dtype))
     ws = model.workspace(sizes, L, B, dtype, params, xbuf, state0)
     views = {L: ws}
     O = sizes[model.spec["output"][1]]

@@ -26,6 +26,12 @@ here are the kernels every model needs, written once:
   result is deterministic (the same bits on every run with the same settings).
 * ``move``: zero, copy or add a range of rows (workspace set-up, truncated-BPTT
   windows, stacking weights), a grid-stride loop.
+* ``gather`` and ``scatter_add``: an embedding lookup E[x] (the product E onehot(x_t)
+  of a token input) without a product: the forward copies column x_t of the table,
+  a thread per (row, unit); the table's gradient adds each row's adjoint into the
+  column of its token, atomically (rows with one token add to the same elements).
+  Atomic float sums are not in a fixed order: the gradient of a table is the one
+  result whose bits may differ between runs.
 
 Arguments may be NumPy arrays (copied to the device once per call) or CUDA device
 arrays (used in place). ``configure`` changes tile and block sizes (the CUDA
@@ -220,6 +226,30 @@ def move(dst, d0, src, s0, rows, op):
         i += stride
 
 
+@cuda.jit
+def gather(x, x0, W, C, c0, rows, n):
+    """C[c0+r, k] = W[k, x[x0+r]] for r < rows, k < n: column x_t of a table."""
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < rows * n:
+        r = i // n
+        k = i - r * n
+        C[c0 + r, k] = W[k, x[x0 + r]]
+        i += stride
+
+
+@cuda.jit
+def scatter_add(A, x, C, rows, n):
+    """C[k, x[r]] += A[r, k] for r < rows, k < n: a lookup's table gradient."""
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < rows * n:
+        r = i // n
+        k = i - r * n
+        cuda.atomic.add(C, (k, x[r]), A[r, k])
+        i += stride
+
+
 def ptx_kernels(dtype):
     """(name, Python function, argument kinds) of every kernel here for one float
     dtype, for tests that compile them to PTX. Kinds: "i" int64, "m" 2-D array."""
@@ -228,6 +258,8 @@ def ptx_kernels(dtype):
         ("gemm", k["gemm"].py_func, "miimiimiiiii"),
         ("colsum", k["colsum"].py_func, "miiim"),
         ("move", move.py_func, "mimiii"),
+        ("gather", gather.py_func, "timmiii"),
+        ("scatter_add", scatter_add.py_func, "mtmii"),
     ]
 
 
@@ -252,6 +284,19 @@ def gemm_nt(A, a0, W, C, c0, M, N, K):
 def gemm_nn_add(A, a0, W, C, c0, M, N, K):
     """C[c0:c0+M] += A[a0:a0+M] @ W, W (K, N): the adjoint W^T z_bar, accumulated."""
     _gemm(A, a0, 0, W, 0, 0, C, c0, M, N, K, 1)
+
+
+def lookup(x, x0, W, C, c0, M, N):
+    """C[c0:c0+M] = W[:, x[x0:x0+M]].T, W (N, V): the lookups E[x] of M rows."""
+    if M > 0:
+        launch(gather, M * N)(x, x0, W, C, c0, M, N)
+
+
+def lookup_gradient_add(A, x, C, M):
+    """C[:, x[r]] += A[r] for the first M rows: the lookups' sum of outer products
+    A^T onehot(x), C (N, V)."""
+    if M > 0:
+        launch(scatter_add, M * C.shape[0])(A, x, C, M, C.shape[0])
 
 
 def gemm_tn(A, a0, Bm, b0, M, N, K):
@@ -380,6 +425,14 @@ def check_arguments(spec, params, x, targets=None, state0=None, mask=None, l2=No
                             l2=l2)
 
 
+def _tokens_to_device(x):
+    """Integer tokens as the kernels read them, int64 on the device."""
+    if is_device_array(x):
+        x = to_device(x)
+        return x if x.dtype == np.int64 else cuda.to_device(x.copy_to_host().astype(np.int64))
+    return cuda.to_device(np.ascontiguousarray(x, np.int64))
+
+
 class Call:
     """The arguments of one call, checked and on the device.
 
@@ -393,7 +446,7 @@ class Call:
                                                                  state0, mask)
         self.on_device = is_device_array(next(iter(params.values())))
         self.params = {k: to_device(v) for k, v in params.items()}
-        self.x = to_device(x)
+        self.x = _tokens_to_device(x) if spec.get("tokens") else to_device(x)
         self.state0 = None if state0 is None else {k: to_device(v) for k, v in state0.items()}
         self.mask = mask
         TB = self.T * self.B
@@ -479,7 +532,8 @@ class Model:
                   (vectors: each vector parameter's per-row gradient, summed after the
                   sweep)
     groups        ((stacked weights, the product's adjoint, its source, the source is
-                  a state read at t (rows shifted by B), member weights), ...)
+                  a state read at t (rows shifted by B), an embedding lookup (gathered,
+                  its gradient scatter-added), member weights), ...)
     """
 
     def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, input,
@@ -506,8 +560,8 @@ class Model:
         TB = T * B
         ws = dict(T=T, B=B, TB=TB, **dict(zip(self.spec["sizes"], dims)))
         if T == call.T:
-            ws[self.input] = call.x.reshape(TB, call.x.shape[2])
-        for stacked, _, _, _, weights in self.groups:
+            ws[self.input] = call.x.reshape((TB,) + call.x.shape[2:])
+        for stacked, _, _, _, _, weights in self.groups:
             ws[stacked] = stack_rows([call.params[w] for w in weights])
         for p in self.vectors:
             ws[p] = call.params[p]
@@ -539,8 +593,9 @@ class Model:
     def _loss(self, ws, targets, weights, scale):
         """Predictions y (T*B, O) and the per-row weighted losses, on the device."""
         TB, O = ws["TB"], ws[self.spec["output"][1]]
-        y = empty((TB, O), ws[self.input].dtype)
-        loss_rows = empty((TB, 1), ws[self.input].dtype)
+        dtype = ws[self.output[0]].dtype  # the input may be integer tokens
+        y = empty((TB, O), dtype)
+        loss_rows = empty((TB, 1), dtype)
         launch(self.loss_rows, TB)(TB, O, ws[self.output[0]], targets, weights, scale, y,
                                    ws[self.output[1]], loss_rows)
         return y, loss_rows
@@ -614,8 +669,12 @@ class Model:
         workspace's T*B rows) and each vector parameter's (its rows summed)."""
         TB, B = ws["TB"], ws["B"]
         terms = {}
-        for stacked, adjoint, source, shifted, _ in self.groups:
+        for stacked, adjoint, source, shifted, lookup_group, _ in self.groups:
             rows, K = ws[stacked].shape
+            if lookup_group:
+                terms[stacked] = zeros((rows, K), ws[adjoint].dtype)
+                lookup_gradient_add(ws[adjoint], ws[source], terms[stacked], TB)
+                continue
             terms[stacked] = gemm_tn(ws[adjoint], 0, ws[source], B if shifted else 0, rows,
                                      K, TB)
         for p, rows in self.vectors.items():
@@ -693,11 +752,14 @@ class Model:
         call = Call(self.spec, params, first[0], first[1], state0, first[2])
         L = chosen.segment
         index = self.spec["target"] == "index"
-        I, O = x.shape[2], sizes[self.spec["output"][1]]
+        # one row of the input: (I,) floats, or a token (an int64)
+        tokens = self.spec.get("tokens")
+        I, O = (() if tokens else tuple(x.shape[2:])), sizes[self.spec["output"][1]]
         weights, total_weight = checkpoint._weights(self.spec, T, B, mask, dtype)
         ws = self.workspace(call, L)
         views = {L: ws}
-        xbuf = None if is_device_array(x) else empty((L * B, I), dtype)
+        xbuf = None if is_device_array(x) else empty((L * B,) + I,
+                                                     np.int64 if tokens else dtype)
 
         def load(i, state):
             """The workspace of segment i, its input and entering state set, and its
@@ -711,10 +773,11 @@ class Model:
             calls.check_data(self.spec, sizes, dtype, _standin(host(xs)), _standin(host(ts)),
                              None, None if mask is None else np.asarray(mask[lo:hi]))
             if xbuf is None:
-                seg[self.input] = to_device(xs).reshape(rows, I)
+                seg[self.input] = to_device(xs).reshape((rows,) + I)
             else:
                 seg[self.input] = xbuf[:rows]
-                xbuf[:rows].copy_to_device(np.ascontiguousarray(np.asarray(xs).reshape(rows, I)))
+                xbuf[:rows].copy_to_device(np.ascontiguousarray(
+                    np.asarray(xs).reshape((rows,) + I), xbuf.dtype))
             if is_device_array(ts):
                 ts = to_device(ts).reshape((rows,) if index else (rows, O))
             else:
@@ -759,8 +822,11 @@ class Model:
                     add_rows(seg[array], steps * B, delta[s], 0, B)
             loop(seg, steps - 1, 0)
             pre(seg)
-            for stacked, adjoint, source, shifted, _ in self.groups:
+            for stacked, adjoint, source, shifted, lookup_group, _ in self.groups:
                 rows, K = sums[stacked].shape
+                if lookup_group:
+                    lookup_gradient_add(seg[adjoint], seg[source], sums[stacked], steps * B)
+                    continue
                 _gemm(seg[adjoint], 0, 1, seg[source], B if shifted else 0, 0, sums[stacked],
                       0, rows, K, steps * B, 1)
             delta = {s: None if array is None else take_rows(seg[array], 0, B)

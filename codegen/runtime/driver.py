@@ -93,7 +93,7 @@ class Model:
         dims = tuple(map(sizes.__getitem__, self._sizes))
         # A copy: the cache keeps no reference to this call's arguments.
         ws = dict(self.cache.get((T, B, np.dtype(dtype), *dims), self._allocate))
-        ws[self.input] = x.reshape(T * B, x.shape[2])
+        ws[self.input] = calls.input_rows(self.spec, x)
         for stacked, weights in self._stacks:
             ws[stacked] = np.ascontiguousarray(params[weights]) if type(weights) is str \
                 else np.concatenate([params[w] for w in weights])
@@ -137,7 +137,7 @@ class Model:
     def _checkpoint_plan(self, sizes, T, B, itemsize, memory_limit=None, snapshots=None,
                          segment=None):
         one, two = (self._call_bytes(sizes, t, B, itemsize) for t in (1, 2))
-        step = two - one + itemsize * B * sizes[self.spec["input"][1]]  # + x's buffer
+        step = two - one + B * calls.input_bytes(self.spec, sizes, itemsize)  # + x's buffer
         state = itemsize * B * sum(sizes[size] for size in self.spec["states"].values())
         return checkpoint.plan(T, step, state, one - (two - one), memory_limit=memory_limit,
                                snapshots=snapshots, segment=segment)

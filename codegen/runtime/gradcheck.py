@@ -49,7 +49,10 @@ def random_problem(module, size=3, T=5, B=2, seed=0):
     spec = module.SPEC
     params = {name: rng.normal(0, 0.5, [sizes[s] for s in shape])
               for name, shape in spec["params"].items()}
-    x = rng.normal(0, 1, (T, B, sizes[spec["input"][1]]))
+    if spec.get("tokens"):  # integer tokens: nothing to perturb, every token drawn
+        x = rng.integers(0, sizes[spec["input"][1]], (T, B))
+    else:
+        x = rng.normal(0, 1, (T, B, sizes[spec["input"][1]]))
     O = sizes[spec["output"][1]]
     if spec["target"] == "index":
         targets = rng.integers(0, O, (T, B))

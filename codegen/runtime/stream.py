@@ -39,7 +39,7 @@ class _Engine:
     def _hold(self, x, targets, mask):
         T, B = x.shape[:2]
         self.x, self.targets = _cat(self.x, x), _cat(self.targets, targets)
-        self.mask = _cat(self.mask, np.ones((T, B), x.dtype) if mask is None else mask)
+        self.mask = _cat(self.mask, np.ones((T, B), self.trainer.dtype) if mask is None else mask)
         self.pos += T
 
     def _update(self, loss, grads, w):
@@ -105,7 +105,8 @@ class Tbptt(_Engine):
         t, k1, k2, first = self.trainer, self.k1, self.k2, self.first
         start = max(0, end - k2 + 1)
         rows = self._rows(start, end + 1)
-        w = np.zeros((end - start + 1, self.x.shape[1]), self.x.dtype)
+        # the loss weights' dtype is the parameters' (x may be integer tokens)
+        w = np.zeros((end - start + 1, self.x.shape[1]), t.dtype)
         w[first - start:] = self.mask[self._rows(first, end + 1)]
         if w.sum() > 0:  # a window without loss terms (a masked stretch): no update
             loss, grads = t.loss_and_grads(self.x[rows], self.targets[rows],

@@ -254,8 +254,15 @@ class Trainer:
             bar.close()
 
     # loops ---------------------------------------------------------------------
+    def _input(self, x):
+        """x as the module takes it: in the parameters' dtype, or integer tokens left
+        as they are (a float cast would let a wrong input through as a token)."""
+        if self.module.SPEC.get("tokens"):
+            return np.ascontiguousarray(x)
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
     def _cast(self, x, targets):
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        x = self._input(x)
         if self.module.SPEC["target"] == "vector":
             targets = np.ascontiguousarray(targets, dtype=self.dtype)
         return x, targets
@@ -276,7 +283,11 @@ class Trainer:
         for name, a in (("x", x), ("targets", targets)):
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-        if x.ndim != 3:
+        if self.module.SPEC.get("tokens") and x.ndim != 2:
+            raise ValueError(f"x must have shape (T, N) of integer tokens in [0, "
+                             f"{self.module.SPEC['input'][1]}) (time-major, N sequences), "
+                             f"got {x.shape}")
+        if not self.module.SPEC.get("tokens") and x.ndim != 3:
             raise ValueError(f"x must have shape (T, N, {self.module.SPEC['input'][1]}) "
                              f"(time-major, N sequences), got {x.shape}")
         if targets.shape[:2] != x.shape[:2]:
@@ -374,8 +385,8 @@ class Trainer:
         return self.history
 
     def predict(self, x, state0=None):
-        """Predictions (T, B, O) for x (T, B, I)."""
-        x = np.ascontiguousarray(x, dtype=self.dtype)
+        """Predictions (T, B, O) for x (T, B, I), or (T, B) tokens."""
+        x = self._input(x)
         return self.module.forward(self.params, x, state0=state0)[0]
 
     # persistence -----------------------------------------------------------------

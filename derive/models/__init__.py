@@ -7,6 +7,7 @@ adding a model here adds it to generation and to every registry-driven test.
 from .bidirectional import bielman
 from .deep import deep
 from .elman import elman
+from .embed import embed_lstm
 from .gru import gru
 from .lstm import lstm
 from .normed import layernorm_lstm, rmsnorm
@@ -23,6 +24,7 @@ BUILTIN = {
     "layernorm_lstm": layernorm_lstm,
     "rmsnorm": rmsnorm,
     "bielman": bielman,
+    "embed_lstm": embed_lstm,
 }
 
 
