@@ -9,6 +9,7 @@ edited file can be told from a generated one.
 import ast
 import hashlib
 import io
+import re
 import os
 import textwrap
 import tokenize
@@ -332,6 +333,38 @@ def cpu_context(derivation):
 
 def render_cpu(derivation, command):
     """Source text of the CPU module for a Derivation."""
-    body = wrap_long_lines(environment().get_template("cpu_module.py.j2").render(
-        header="", **cpu_context(derivation)).lstrip("\n"))
+    context = cpu_context(derivation)
+    text = environment().get_template("cpu_module.py.j2").render(header="", **context)
+    body = wrap_long_lines(bind_used(text.lstrip("\n"), context["args_unpack"]))
     return header(command, body) + body
+
+
+_IDENTIFIER = re.compile(r"[^\W\d]\w*")  # Python identifiers, Unicode ones too
+
+
+def bind_used(source, unpack_line, tuple_name="_args"):
+    """``source`` with each line ``unpack_line`` (every argument bound from the tuple)
+    binding only the names the rest of its function reads, by index: Numba builds
+    the IR of every element a statement unpacks (with its reference counting) in every
+    kernel, about a sixth of a cold compile of the LSTM's module (20.7 -> 16.9 s)."""
+    names = [n.strip() for n in unpack_line.split("=")[0].strip("() ").split(",")]
+    lines = source.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip() != unpack_line:
+            out.append(line)
+            continue
+        indent = line[:len(line) - len(line.lstrip())]
+        body = []
+        for later in lines[i + 1:]:
+            if later.strip() and not later.startswith(indent):
+                break  # the function ended
+            body.append(later)
+        used = set(_IDENTIFIER.findall("\n".join(body)))
+        bound = [(k, n) for k, n in enumerate(names) if n in used]
+        if bound:
+            left = ", ".join(n for _, n in bound)
+            right = ", ".join(f"{tuple_name}[{k}]" for k, _ in bound)
+            line = f"{indent}{left} = {right}"
+            out.append(line if len(line) <= WIDTH else f"{indent}({left}) = ({right})")
+    return "\n".join(out)
