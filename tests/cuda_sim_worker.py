@@ -1,4 +1,6 @@
-"""The CUDA modules under Numba's CUDA simulator, against the CPU modules.
+"""The CUDA modules under Numba's CUDA simulator, against the CPU modules: through the
+NumPy reference, which tests/test_codegen.py holds every CPU module against (the
+Trainer case runs the CPU module itself).
 
 tests/test_cuda.py runs this file in a subprocess with NUMBA_ENABLE_CUDASIM=1: the
 simulator must be chosen before numba.cuda is first imported, which the main test
@@ -131,28 +133,41 @@ def _modules(case, folder, cache={}):
         paths = generate(model, os.path.join(folder, model.name), "pytest", target="all")
         cpu, gpu = (import_path(p, f"bpttgen_sim_{os.path.basename(p)[:-3]}")
                     for p in paths)
-    D = derive(model)
-    if case.startswith("user-"):
-        # The user's cell with another loss differs from "user" in its loss kernel
-        # only: its bptt is held against the NumPy reference, which the "user" case's
-        # CPU module is held against in turn, rather than compiling a CPU module for
-        # each loss (20-25 s each of a cold suite).
-        cpu = _Reference(D)
-    cache[case] = (cpu, gpu, D)
+    cache[case] = (cpu, gpu, derive(model))
     return cache[case]
 
 
 class _Reference:
-    """derive/reference.py behind a generated module's loss_and_grads."""
+    """derive/reference.py behind a CPU module's loss_and_grads and forward: what the
+    CUDA results are held against. tests/test_codegen.py holds every CPU module
+    against the same reference (1e-12), so CUDA = reference = CPU; and this process,
+    which runs beside the tests that compile the CPU modules, compiles none of them
+    again (it did, for every built-in and each of the user's losses: 20-40 s each of a
+    cold suite)."""
 
     def __init__(self, derivation):
         self.derivation = derivation
 
-    def loss_and_grads(self, params, x, targets, *, state0=None, mask=None, l2=0.0):
+    def loss_and_grads(self, params, x, targets, *, state0=None, mask=None, l2=0.0,
+                       algorithm="bptt", k1=None, k2=None):
+        from bpttgen.derive import reference
+        from helpers import tbptt_reference
+
+        D = self.derivation
+        # naive and epochwise compute bptt's gradient (tests/test_codegen.py)
+        loss, grads = reference.loss_and_grads(D, params, x, targets, state0=state0,
+                                               mask=mask, l2=l2)
+        if algorithm == "tbptt":  # the same loss, the windows' gradient
+            assert mask is None and not l2, "tbptt_reference takes neither"
+            grads = tbptt_reference(D, params, x, targets, state0, k1, k2)
+        elif algorithm not in ("bptt", "naive", "epochwise"):
+            raise ValueError(f"no reference for {algorithm!r}")
+        return loss, grads
+
+    def forward(self, params, x, state0=None):
         from bpttgen.derive import reference
 
-        return reference.loss_and_grads(self.derivation, params, x, targets,
-                                        state0=state0, mask=mask, l2=l2)
+        return reference.forward(self.derivation, params, x, state0=state0)
 
 
 def _problem(derivation, seed=1):
@@ -184,6 +199,8 @@ def run_case(case_id, folder):
 
     case, check = case_id.split(":")
     cpu, gpu, D = _modules(case, folder)
+    if check != "trainer":  # the Trainer's loop runs around the CPU module itself
+        cpu = _Reference(D)
     params, x, targets, state0 = _problem(D)
     crt.configure(**SIM_LAUNCH)
     if check == "bptt":
@@ -255,7 +272,7 @@ def run_case(case_id, folder):
 
 
 def _checkpoint(case, cpu, gpu, D):
-    """algorithm="checkpoint" against the CPU module's bptt (mask, L2, initial states),
+    """algorithm="checkpoint" against bptt's reference (mask, L2, initial states),
     T = 7, the plans of CHECKPOINT_PLANS."""
     import numpy as np
     from numba import cuda
