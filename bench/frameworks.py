@@ -670,7 +670,8 @@ def write_results(folder, stem, header, rows, checks, frameworks):
         w.writeheader()
         w.writerows(rows)
     lines = [f"- {h}" for h in header]
-    lines.append("- float64 check vs torch.nn (tiny size): " + ", ".join(
+    lines.append("- float64 check vs torch.nn, or the torch cell where torch.nn has none "
+                 "(tiny size): " + ", ".join(
         f"{m} {e:.0e}" for m, e in checks))
     gemm_lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
