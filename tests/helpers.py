@@ -21,10 +21,10 @@ for _loss_name, _loss in LOSSES.items():
 #: Built-ins whose tests cost the most (layernorm_lstm compiles about twice the LSTM's
 #: kernels: 2-3 minutes of a cold suite). They run every tier that needs their own
 #: kernels (the unrolled check, gradients against finite differences, every algorithm,
-#: float64 PTX, the CUDA simulator's bptt and forward, LaTeX); the checks of code they
-#: share with a cheaper built-in of the same constructs run on that one only (rmsnorm:
-#: reductions): RTRL, float32 PTX, the simulator's tbptt, the reference's second
-#: variant. Keeps the suite inside its 10-minute budget on 2 cores. bielman (a
+#: the CUDA simulator's bptt and forward, LaTeX); the checks of code they share with a
+#: cheaper built-in of the same constructs run on that one only (rmsnorm: reductions):
+#: RTRL, float32 PTX (layernorm_lstm's float64 PTX too: test_cuda.PTX_COVERED), the
+#: simulator's tbptt, the reference's second variant. Keeps the suite inside its 10-minute budget on 2 cores. bielman (a
 #: bidirectional Elman layer) repeats the Elman net's constructs in its kernels: its
 #: float32 PTX and the reference's second variant are the Elman net's; its own
 #: tiers (the reverse loop, naive's mirrored windows in the simulator) all run.
