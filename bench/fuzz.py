@@ -10,9 +10,9 @@ Design
 ------
 *Cells.* ``generate_spec(seed, i)`` draws cell i of a run from ``random.Random("seed:i")``
 alone, so a cell is reproducible without the rest of its run. A spec is plain JSON
-(sizes, one input, 1 to 3 states of 1 or 2 sizes, parameters, a body of named nodes
-and state updates, an output and a loss); ``cell_source(spec)`` prints it as a
-definition file (``def model(): ...``) and that source is what is tested, so a
+(sizes, one input, 1 to 3 states of 1 or 2 sizes, forward or reverse, parameters, a
+body of named nodes and state updates, an output and a loss); ``cell_source(spec)``
+prints it as a definition file (``def model(): ...``) and that source is what is tested, so a
 failure's shrunk cell is printed exactly as it ran. Expressions mix matrix products,
 biases, diagonals, tanh/sigmoid/softplus/exp/log/sqrt/erf/atan, relu/Abs/Max/Min,
 sums, products, quotients ``a / (1 + g*g)``, reductions over the units of a vector
@@ -33,6 +33,18 @@ such as ``d_x``, ``h_seq``, ``P_x``, ``W_P_x``); the other two thirds use plain 
 would end an awkward cell early. A few cells on purpose keep a named node that feeds
 nothing (8%), write the same product twice (8%) or declare a size nothing uses (3%).
 One input: ``Model.input`` allows one today (MAX_INPUTS).
+
+*Reverse states.* In ~15% of the cells with two or three states some states (now and
+then all) run in reverse (``m.state(..., reverse=True)``: t from T-1 down to 0,
+``s.prev`` the value at t+1), and in 4% of the one-state cells the one; which ones is
+drawn from a generator of its own, so that a cell without one is drawn exactly as
+before. The engine refuses a node on the recurrent path that reads both directions,
+so each update and the nodes drawn for it read vectors of its own direction only (or
+of none: the input, and nodes of the input alone), and a node that would feed nothing
+joins the next update of its direction; the readout reads both. For such a cell the
+algorithms that run forward in time only (tbptt, artbp, rtrl, checkpoint) must be
+missing from ``module.ALGORITHMS`` and refused with a ValueError that names the
+reverse state.
 
 *Conditioning.* log and sqrt only see positive arguments (``1 + u*u``, ``2 + tanh u``,
 ``softplus u + 1/2``, ``exp(tanh u)``...), exp only bounded ones, parameters are
@@ -57,7 +69,10 @@ the module's loss value against an evaluation of the Model object that does not 
 through ``derive()`` or the generator: each NodeDef's expression through
 ``sympy.lambdify`` with this file's own NumPy functions, linear nodes as ``W @ v``,
 the Loss's sums, value and prediction evaluated per step, the loss convention
-sum w l / sum w + l2/2 sum ||W||^2. It shares only the definition API (model.py:
+sum w l / sum w + l2/2 sum ||W||^2. A reverse state's previous value at step t is its
+value at t+1 (state0 at t = T) and its final value the one at t = 0: the reference
+first runs the reverse states from the last step down (the nodes of that direction),
+then every node from the first step up. It shares only the definition API (model.py:
 how a line of the definition becomes a NodeDef) with the code under test.
 
 *Outcomes.* ok; refused (DefinitionError or LossError while running the definition
@@ -91,16 +106,19 @@ function of (seed, index) so ``--cell`` and the suite can pin it. The shrinker w
 on the spec's structure, greedily (after a success the next pass resumes where the
 last one succeeded), accepting only a smaller cell (spec_measure) that fails with the
 same signature (class; the call and exception type of a crash; the algorithms
-involved): all names plain + sse + every at once, drop a state, inline or drop a
-named node, replace a subexpression by one of its operands or by a plain vector,
-unwrap ``m.node``/``m.expr`` forms, plain names for awkward ones, merge sizes, a
-built-in loss, ``at="every"``, give one use of a shared parameter its own copy, drop
-unused sizes; parameters no longer used are dropped from every candidate (an unused
-parameter is refused). A failure of a compiled cell is shrunk with JIT off whenever
-the cell fails there too (with the JIT-off signature: a Numba typing error is often
-a Python-level error of the same kernels), else compiled, with a twentieth of the
-budget. ``--shrink-refusal REGEX`` shrinks refusals too (for a refusal of a valid
-cell). Shrunk cells are printed, and written with ``--save-cases DIR``.
+involved): all names plain + sse + every at once, drop a state, every state forward,
+inline or drop a named node, replace a subexpression by one of its operands or by a
+plain vector, unwrap ``m.node``/``m.expr`` forms, plain names for awkward ones, merge
+sizes, a built-in loss, ``at="every"``, give one use of a shared parameter its own
+copy, drop unused sizes; parameters no longer used are dropped from every candidate
+(an unused parameter is refused). A plain vector put in place of a subexpression reads
+a state only of a direction its place accepts (an update's own, a node's own), so a
+candidate stays a valid bidirectional cell. A failure of a compiled cell is shrunk
+with JIT off whenever the cell fails there too (with the JIT-off signature: a Numba
+typing error is often a Python-level error of the same kernels), else compiled, with
+a twentieth of the budget. ``--shrink-refusal REGEX`` shrinks refusals too (for a
+refusal of a valid cell). Shrunk cells are printed, and written with ``--save-cases
+DIR``.
 
 Known limit: sums inside a custom loss use z, d, the shift and K only (no kinks), and
 targets of index losses are drawn uniformly.
@@ -130,6 +148,8 @@ THIS = os.path.abspath(__file__)
 
 FD_TOL = 1e-6  # max relative error of a gradient against finite differences
 AGREE_TOL = 1e-10  # between algorithms, and forward against the reference
+#: The algorithms that run forward in time only: refused for a model with a reverse state.
+FORWARD_ONLY = ("tbptt", "artbp", "rtrl", "checkpoint")
 KINK_MARGIN = 1e-3  # closest a kink argument may come to its kink for the FD check
 FAILURE_CLASSES = ("definition-crash", "generate-crash", "import-crash", "numba-typing",
                    "wrong-gradient", "algorithms-disagree", "wrong-forward", "other",
@@ -283,8 +303,12 @@ MAX_INPUTS = 1  # Model.input allows one input today; see generate_spec
 
 
 class Generator:
-    def __init__(self, rng):
+    def __init__(self, rng, directions=None):
         self.rng = rng
+        # Which states run in reverse is drawn from a generator of its own, so that a
+        # cell with none draws exactly what it drew before reverse states were fuzzed.
+        self.directions = directions or random.Random(0)
+        self.reverse = []  # per state: runs from t = T-1 down to 0
         self.awkward = rng.random() < 0.35
         self.names = Namer(rng, self.awkward)
         self.params = []  # dicts var, name, kind, shape
@@ -495,6 +519,10 @@ class Generator:
             size = state_sizes[k] if k < len(state_sizes) else rng.choice(state_sizes)
             states.append({"name": names.pick("s", plain_first=["h", "c", "q"][k]),
                            "size": size})
+        self.reverse = self.draw_reverse(n_states)
+        for k, rev in enumerate(self.reverse):
+            if rev:
+                states[k]["reverse"] = True
         input_name = names.pick("x", plain_first=rng.choice(["x", "x", "x", "u", "inp", "xt"]))
         bare = self.bare = rng.random() < 0.2
 
@@ -506,6 +534,13 @@ class Generator:
             rng.shuffle(order)
         for k in order:
             size = states[k]["size"]
+            # A state's update, and the nodes drawn for it, read only vectors of its own
+            # direction (or of none: the input and what reads only the input).
+            everything = self.available
+            if any(self.reverse):
+                self.available = [(v, sz) for v, sz in everything
+                                  if self.direction(v) <= {self.reverse[k]}]
+            first_new = len(self.available)
             for _ in range(rng.choice([0, 0, 1, 1, 2])):
                 nsize = rng.choice(self.sizes_with_vectors() + [size])
                 var = f"n{sum(1 for s in body if s['op'] == 'node')}"
@@ -514,6 +549,9 @@ class Generator:
                 self.available.append((["node", var], nsize))
             body.append({"op": "update", "state": k, "expr": self.update_expr(k, size)})
             self.available.append((["cur", k], size))
+            if self.available is not everything:
+                everything.extend(self.available[first_new:])
+                self.available = everything
         if rng.random() < 0.9:  # readout nodes read no previous state (refused today)
             self.available = [(v, sz) for v, sz in self.available if v[0] != "prev"]
         for _ in range(rng.choice([0, 0, 1, 2])):  # post nodes, after every update
@@ -528,7 +566,8 @@ class Generator:
             for j, st in enumerate(body):
                 if st["op"] == "node" and not self.referenced(st["var"], body, output):
                     size = self.node_size(st["var"])
-                    later = [u for u in body[j + 1:] if u["op"] == "update"]
+                    later = [u for u in body[j + 1:] if u["op"] == "update" and
+                             self.direction(["node", st["var"]]) <= {self.reverse[u["state"]]}]
                     if later:  # into the next update: a node of the recurrence
                         u = later[0]
                         u["expr"] = ["add", u["expr"], self.product(
@@ -542,6 +581,30 @@ class Generator:
                 "states": states, "params": self.params, "body": body,
                 "output": {"expr": output, "at": "last" if rng.random() < 0.3 else "every"},
                 "loss": loss, "bare": bare}
+
+    def draw_reverse(self, n_states):
+        """Which states run in reverse: in ~15% of the cells with two or three states
+        some of them (now and then all), in a few one-state cells the one."""
+        d = self.directions
+        if n_states == 1:
+            return [d.random() < 0.04]
+        if d.random() >= 0.15:
+            return [False] * n_states
+        if d.random() < 0.15:
+            return [True] * n_states
+        flags = [False] * n_states
+        for k in d.sample(range(n_states), d.randint(1, n_states - 1)):
+            flags[k] = True
+        return flags
+
+    def direction(self, v):
+        """The directions (False forward, True reverse) of the states a vector reads."""
+        if v[0] in ("prev", "cur"):
+            return {self.reverse[v[1]]}
+        if v[0] == "node":
+            st = next(st for st in self.body if st["op"] == "node" and st["var"] == v[1])
+            return _expr_directions(st["expr"], self.reverse, self.body)
+        return set()
 
     def node_size(self, var):
         return next(s for v, s in self.available if v == ["node", var])
@@ -581,7 +644,7 @@ class Generator:
     def output_expr(self, states, output_size, body):
         rng = self.rng
         same = [k for k, s in enumerate(states) if s["size"] == output_size]
-        if same and rng.random() < 0.15:
+        if same and rng.random() < 0.15 and len(set(self.reverse)) == 1:
             k = rng.choice(same)
             return ["cur", k] if rng.random() < 0.5 else ["f", "tanh", ["cur", k]]
         last_update = max(k for k, st in enumerate(body) if st["op"] == "update")
@@ -595,6 +658,12 @@ class Generator:
                 if rng.random() < 0.2:
                     src = ["f", rng.choice(["softplus", "tanh"]), src]
                 terms.append(self.product(output_size, src, s["size"]))
+        for rev in sorted(set(self.reverse)):  # a bidirectional readout reads both
+            if len(set(self.reverse)) > 1 and not any(
+                    t[2] == ["cur", k] or t[2][2:] == [["cur", k]] for t in terms
+                    for k in range(len(states)) if self.reverse[k] == rev):
+                k = rng.choice([k for k in range(len(states)) if self.reverse[k] == rev])
+                terms.append(self.product(output_size, ["cur", k], states[k]["size"]))
         if post and rng.random() < 0.3:
             var = rng.choice(post)
             size = next(s for v, s in self.available if v == ["node", var])
@@ -629,6 +698,18 @@ class Generator:
         return {"kind": "custom", "template": template, "name": name, "sums": sums}
 
 
+def _expr_directions(e, reverse, body):
+    """The directions of the states expression e reads, through the body's nodes."""
+    if e[0] in ("prev", "cur"):
+        return {reverse[e[1]]}
+    if e[0] == "node":
+        st = next(st for st in body if st["op"] == "node" and st["var"] == e[1])
+        return _expr_directions(st["expr"], reverse, body)
+    if e[0] in ("in", "param"):
+        return set()
+    return set().union(*[_expr_directions(e[i], reverse, body) for i in _children(e)])
+
+
 def _contains(e, sub):
     return e == sub or (isinstance(e, list) and any(_contains(c, sub) for c in e[1:]))
 
@@ -639,7 +720,8 @@ def _has(e, op):
 
 def generate_spec(seed, index):
     """Cell ``index`` of run ``seed``: a pure function of the two."""
-    spec = Generator(random.Random(f"bpttgen-fuzz:{seed}:{index}")).cell()
+    spec = Generator(random.Random(f"bpttgen-fuzz:{seed}:{index}"),
+                     random.Random(f"bpttgen-fuzz-reverse:{seed}:{index}")).cell()
     # Some cells read their input as integer tokens through an embedding table of shape
     # (size, size), whose column v_in = E[x] stands where the input vector stood. Drawn
     # from a generator of its own, so that the cells of a seed are otherwise unchanged;
@@ -742,7 +824,8 @@ def cell_source(spec, header=None):
     else:
         body.append(f"v_in = m.input({inp['name']!r}, {inp['size']!r})")
     for k, s in enumerate(spec["states"]):
-        body.append(f"{p.state_vars[k]} = m.state({s['name']!r}, {s['size']!r})")
+        rev = ", reverse=True" if s.get("reverse") else ""
+        body.append(f"{p.state_vars[k]} = m.state({s['name']!r}, {s['size']!r}{rev})")
     for q in spec["params"]:
         shape = ", ".join(repr(s) for s in q["shape"])
         body.append(f"{q['var']} = m.{q['kind']}({q['name']!r}, {shape})")
@@ -907,6 +990,12 @@ def _kink_arguments(expr):
 def reference_run(model, params, x, targets, state0, mask, l2):
     """Forward, predictions, per-step loss of the Model object, without derive().
 
+    A reverse state runs from t = T-1 down to 0: its previous value at step t is its
+    value at t+1 (state0 at t = T) and its final value the one at t = 0. Its trajectory
+    comes first, from a pass with t descending that evaluates only the nodes whose
+    arguments it has (those of the reverse direction, or of none); the pass with t
+    ascending then evaluates every node, the forward states' previous values its own.
+
     Returns dict: y (T, B, O), final {state: (B, n)}, loss, kink (closest distance of a
     kink argument to its kink, inf if none), biggest (max |value| of any vector)."""
     import numpy as np
@@ -922,21 +1011,28 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     for name, st in model.states.items():
         sizes[st.size] = np.shape(state0[name])[1]
     inp = next(iter(model.inputs))
-    prev = {st.prev.expr.name: np.asarray(state0[name], np.float64)
-            for name, st in model.states.items()}
+    prev_of = {name: st.prev.expr.name for name, st in model.states.items()}
+    start = {name: np.asarray(state0[name], np.float64) for name in model.states}
+    reverse = [name for name, st in model.states.items() if st.reverse]
     vec_params = {n: params[n] for n, p in model.params.items() if p.kind == "vector"}
     kinks = {n.name: _kink_arguments(n.expr) for n in model.nodes if n.kind != "linear"}
+    reads = {n.name: [] if n.kind == "linear" and n.lookup else [n.source]
+             if n.kind == "linear" else [s.name for s in n.expr.free_symbols]
+             for n in model.nodes}
     loss = model.loss
     loss_kinks = [k for _, s in loss.sums for k in _kink_arguments(s)] + \
         _kink_arguments(loss.value)
     w = np.asarray(mask, np.float64).copy()
     if model.loss_at == "last":
         w[:-1] = 0
-    kink, biggest = np.inf, 0.0
-    ys, total_loss = [], 0.0
-    for t in range(T):
-        env = {inp: x[t], **prev, **vec_params, **sizes}  # a size: a mean's divisor
+    far = {"kink": np.inf, "biggest": 0.0}
+
+    def step(t, prevs, partial):
+        """The nodes at step t; partial: only those whose arguments are known."""
+        env = {inp: x[t], **prevs, **vec_params, **sizes}  # a size: a mean's divisor
         for n in model.nodes:
+            if partial and any(r not in env for r in reads[n.name]):
+                continue
             if n.kind == "linear" and n.lookup:  # E[x]: column x_t of the table
                 env[n.name] = np.asarray(params[n.weight])[:, np.asarray(x[t])].T
             elif n.kind == "linear":
@@ -947,10 +1043,24 @@ def reference_run(model, params, x, targets, state0, mask, l2):
             else:
                 value = np.broadcast_to(_eval(n.expr, env), (B, sizes[n.size]))
                 env[n.name] = np.array(value, dtype=np.float64)
+                if partial:  # (measured by the full pass)
+                    continue
                 for a in kinks[n.name]:
-                    kink = min(kink, float(np.min(np.abs(_eval(a, env)))))
-            biggest = max(biggest, float(np.max(np.abs(env[n.name]))))
-        prev = {st.prev.expr.name: env[name] for name, st in model.states.items()}
+                    far["kink"] = min(far["kink"], float(np.min(np.abs(_eval(a, env)))))
+            far["biggest"] = max(far["biggest"], float(np.max(np.abs(env[n.name]))))
+        return env
+
+    # the reverse states, from the last step down
+    later = {T: {s: start[s] for s in reverse}}  # t: the reverse states at t
+    for t in reversed(range(T) if reverse else ()):
+        env = step(t, {prev_of[s]: later[t + 1][s] for s in reverse}, partial=True)
+        later[t] = {s: env[s] for s in reverse}
+    current = {s: start[s] for s in model.states if s not in reverse}
+    ys, total_loss = [], 0.0
+    for t in range(T):
+        env = step(t, {**{prev_of[s]: v for s, v in current.items()},
+                       **{prev_of[s]: later[t + 1][s] for s in reverse}}, partial=False)
+        current = {s: env[s] for s in current}
         zt = env[model.output_node]
         O = zt.shape[1]
         if loss.target == "index":
@@ -963,7 +1073,7 @@ def reference_run(model, params, x, targets, state0, mask, l2):
             lenv[sym.name] = np.sum(np.broadcast_to(_eval(summand, lenv), zt.shape), axis=1,
                                     keepdims=True)
         for a in loss_kinks:
-            kink = min(kink, float(np.min(np.abs(_eval(a, lenv)))))
+            far["kink"] = min(far["kink"], float(np.min(np.abs(_eval(a, lenv)))))
         value = np.broadcast_to(_eval(loss.value, lenv), (B, 1))[:, 0]
         total_loss += float(np.sum(w[t] * value))
         ys.append(np.array(np.broadcast_to(_eval(loss.prediction, lenv), zt.shape)))
@@ -971,9 +1081,11 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     for n, p in model.params.items():
         if p.role == "weight":
             L += l2 / 2 * float(np.sum(params[n] ** 2))
-    final = {name: prev[st.prev.expr.name] for name, st in model.states.items()}
+    final = {name: current[name] if name in current else later[0][name]
+             for name in model.states}
     del sp
-    return {"y": np.stack(ys), "final": final, "loss": L, "kink": kink, "biggest": biggest}
+    return {"y": np.stack(ys), "final": final, "loss": L, "kink": far["kink"],
+            "biggest": far["biggest"]}
 
 
 # -- comparisons ----------------------------------------------------------------------
@@ -1074,10 +1186,30 @@ def check_module(module, model, seed):
 
     # (b) every algorithm, against bptt
     algorithms = list(module.ALGORITHMS)
+    extras = {"tbptt": dict(k1=T, k2=T), "artbp": dict(c=0.0, seed=0),
+              "checkpoint": dict(segment=2, snapshots=1)}
+    reverse = [name for name, st in model.states.items() if st.reverse]
+    for alg in FORWARD_ONLY if reverse else ():  # what cannot run a reverse state
+        if alg in algorithms:
+            raise CellFailure("other", f"ALGORITHMS offers {alg} for reverse state(s) "
+                              f"{reverse}", key=f"{alg} offered")
+        try:
+            module.loss_and_grads(params, x, targets, algorithm=alg, **kw,
+                                  **extras.get(alg, {}))
+        except ValueError as exc:
+            if "reverse" not in str(exc):
+                raise CellFailure("other", f"{alg} refused without naming the reverse "
+                                  f"state: {_short(exc)}", key=f"{alg} refusal") from None
+        except Exception as exc:  # noqa: BLE001
+            raise CellFailure("other", f"{alg} for reverse state(s) {reverse}: "
+                              f"{_short(exc)}", traceback.format_exc()[-6000:],
+                              key=f"{alg} {type(exc).__name__}") from None
+        else:
+            raise CellFailure("other", f"{alg} ran a model with reverse state(s) {reverse}",
+                              key=f"{alg} ran")
     results = {}
     for alg in algorithms:
-        extra = {"tbptt": dict(k1=T, k2=T), "artbp": dict(c=0.0, seed=0),
-                 "checkpoint": dict(segment=2, snapshots=1)}.get(alg, {})
+        extra = extras.get(alg, {})
         results[alg] = _call(f"loss_and_grads(algorithm={alg!r})", module.loss_and_grads,
                              params, x, targets, algorithm=alg, **kw, **extra)
     base_loss, base = results.get("bptt") or next(iter(results.values()))
@@ -1547,10 +1679,11 @@ def _copy(spec):
     return json.loads(json.dumps(spec))
 
 
-def _plain_leaf(spec, size, before_stmt=None):
-    """A simple vector of this size valid anywhere: a state's prev, the input, or a new bias."""
+def _plain_leaf(spec, size, directions=(False, True)):
+    """A simple vector of this size: the prev of a state of one of these directions (True
+    reverse), the input, or a new bias."""
     for k, s in enumerate(spec["states"]):
-        if s["size"] == size:
+        if s["size"] == size and s.get("reverse", False) in directions:
             return spec, ["prev", k]
     if spec["input"]["size"] == size:
         return spec, ["in"]
@@ -1560,6 +1693,23 @@ def _plain_leaf(spec, size, before_stmt=None):
     name = next(f"bs{k}" for k in range(1000) if f"bs{k}" not in taken)
     spec["params"].append({"var": var, "name": name, "kind": "bias", "shape": [size]})
     return spec, ["param", var]
+
+
+def _reverse_flags(spec):
+    return [s.get("reverse", False) for s in spec["states"]]
+
+
+def _directions_at(spec, slot):
+    """The directions of the states an expression in this slot may read and stay valid:
+    an update's own, a node's (those it reads already: its readers accept them), both
+    in the readout or where no state runs in reverse."""
+    flags = _reverse_flags(spec)
+    if slot[0] == "output" or not any(flags):
+        return (False, True)
+    st = spec["body"][slot[1]]
+    if st["op"] == "update":
+        return (flags[st["state"]],)
+    return tuple(_expr_directions(st["expr"], flags, spec["body"]))
 
 
 def _used_params(spec):
@@ -1599,7 +1749,7 @@ def spec_measure(spec):
     return (len(spec["states"]) * 20 + len(spec["body"]) * 5 + n + len(spec["params"]) * 2
             + shared * 3
             + len(spec["sizes"]) * 2 + awk * 3 + lossw * 2 + (spec["output"]["at"] != "every")
-            + bool(spec.get("bare")))
+            + bool(spec.get("bare")) + sum(_reverse_flags(spec)))
 
 
 def _all_plain(spec):
@@ -1664,8 +1814,9 @@ def shrink_candidates(spec):
             s = _copy(spec)
             size = s["states"][k]["size"]
             s["body"] = [st for st in s["body"] if not (st["op"] == "update" and st["state"] == k)]
+            direction = s["states"][k].get("reverse", False)  # its readers accept it
             del s["states"][k]
-            s, leaf = _plain_leaf(s, size)
+            s, leaf = _plain_leaf(s, size, (direction,))
 
             def fix(e, k=k, leaf=leaf):
                 if e[0] in ("prev", "cur"):
@@ -1683,6 +1834,12 @@ def shrink_candidates(spec):
                     st["state"] -= 1
             s["output"]["expr"] = _map_refs(s["output"]["expr"], fix)
             yield s
+    # 1b. every state forward
+    if any(_reverse_flags(spec)):
+        s = _copy(spec)
+        for st in s["states"]:
+            st.pop("reverse", None)
+        yield s
     # 2. inline / drop a named node
     for k, st in enumerate(spec["body"]):
         if st["op"] != "node":
@@ -1692,7 +1849,7 @@ def shrink_candidates(spec):
             del s["body"][k]
             repl = st["expr"]
             if how == "leaf":
-                s, repl = _plain_leaf(s, node_sizes[st["var"]])
+                s, repl = _plain_leaf(s, node_sizes[st["var"]], _directions_at(spec, ("body", k)))
             if how == "inline" and _has(repl, "named"):
                 continue
             s_fixed = s
@@ -1707,6 +1864,7 @@ def shrink_candidates(spec):
     # 3. subexpressions: an operand, or a plain vector
     for slot in _expr_slots(spec):
         e = _get_slot(spec, slot)
+        directions = _directions_at(spec, slot)
         for path in _paths(e):
             sub = _get(e, path)
             if sub[0] in ("in", "prev", "param", "red"):  # (a reduction has no size)
@@ -1719,9 +1877,9 @@ def shrink_candidates(spec):
                 if _size_of(spec, child, node_sizes) == size:
                     yield _set_slot(spec, slot, _replace(e, path, child))
             if sub[0] == "mm" and sub[2][0] not in ("in", "prev"):
-                s, leaf = _plain_leaf(spec, _size_of(spec, sub[2], node_sizes))
+                s, leaf = _plain_leaf(spec, _size_of(spec, sub[2], node_sizes), directions)
                 yield _set_slot(s, slot, _replace(e, path, ["mm", sub[1], leaf]))
-            s, leaf = _plain_leaf(spec, size)
+            s, leaf = _plain_leaf(spec, size, directions)
             if leaf != sub:
                 yield _set_slot(s, slot, _replace(e, path, leaf))
             if sub[0] in ("f", "apply", "mexpr", "api") and sub[:2] not in (["f", "tanh"],):
