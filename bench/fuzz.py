@@ -299,15 +299,20 @@ CUSTOM_LOSSES = [
     ("sympy.log(R1) + shift - R2", {"R1": "sympy.exp(z - shift)", "R2": "d * z"}, "index",
      "sympy.exp(z - shift) / R1"),
 ]
-MAX_INPUTS = 1  # Model.input allows one input today; see generate_spec
+MAX_INPUTS = 1  # Model.input allows one input today; see Generator.draw_inputs
+#: Extra input names tried first (a cell's first input is x, u, inp or xt).
+EXTRA_INPUT_NAMES = ["x2", "u2", "v", "w_in", "cond", "x"]
+EXTRA_INPUT_SIZES = ["I2", "J", "In2", "P", "A"]
 
 
 class Generator:
-    def __init__(self, rng, directions=None):
+    def __init__(self, rng, directions=None, inputs=None):
         self.rng = rng
-        # Which states run in reverse is drawn from a generator of its own, so that a
-        # cell with none draws exactly what it drew before reverse states were fuzzed.
+        # Which states run in reverse and how many inputs there are is drawn from
+        # generators of their own, so that a cell with one input and no reverse state
+        # draws exactly what it drew before either was fuzzed.
         self.directions = directions or random.Random(0)
+        self.input_draws = inputs or random.Random(0)
         self.reverse = []  # per state: runs from t = T-1 down to 0
         self.awkward = rng.random() < 0.35
         self.names = Namer(rng, self.awkward)
@@ -524,9 +529,11 @@ class Generator:
             if rev:
                 states[k]["reverse"] = True
         input_name = names.pick("x", plain_first=rng.choice(["x", "x", "x", "u", "inp", "xt"]))
+        inputs = [{"name": input_name, "size": input_size}] + \
+            self.draw_inputs(state_sizes, input_size, sizes)
         bare = self.bare = rng.random() < 0.2
 
-        self.available = [(["in"], input_size)] + \
+        self.available = [(["in", j], inp["size"]) for j, inp in enumerate(inputs)] + \
             [(["prev", k], s["size"]) for k, s in enumerate(states)]
         body = self.body
         order = list(range(n_states))
@@ -575,12 +582,59 @@ class Generator:
                     else:
                         output = ["add", output, self.product(output_size, ["node", st["var"]],
                                                               size)]
+        for j, inp in enumerate(inputs[1:], 1):  # every input is read
+            if not _contains(output, ["in", j]) and \
+                    not any(_contains(st["expr"], ["in", j]) for st in body):
+                output = self.read_input(j, inp["size"], states, output, output_size)
         loss = self.loss()
-        return {"model": model_name, "sizes": sizes,
-                "input": {"name": input_name, "size": input_size},
+        return {"model": model_name, "sizes": sizes, "input": inputs,
                 "states": states, "params": self.params, "body": body,
                 "output": {"expr": output, "at": "last" if rng.random() < 0.3 else "every"},
                 "loss": loss, "bare": bare}
+
+    def draw_inputs(self, state_sizes, first_size, sizes):
+        """The inputs after the first (most cells none, a quarter one, a few two): each
+        of a state's size, of the first input's or of a size of its own (added to
+        sizes)."""
+        d = self.input_draws
+        n = min(MAX_INPUTS, d.choices([1, 2, 3], [0.7, 0.25, 0.05])[0])
+        names, saved = self.names, self.names.rng
+        names.rng = d  # (an awkward cell's awkward names, from this generator)
+        try:
+            out = []
+            for _ in range(n - 1):
+                r = d.random()
+                if r < 0.35:
+                    size = d.choice(state_sizes)
+                elif r < 0.5:
+                    size = first_size
+                else:
+                    candidates = EXTRA_INPUT_SIZES + (ODD_SIZES if self.awkward else [])
+                    size = next((c for c in d.sample(candidates, 4) if names.take(c)), None) \
+                        or names.plain("I")
+                    sizes.append(size)
+                out.append({"name": names.pick("x", plain_first=d.choice(EXTRA_INPUT_NAMES)),
+                            "size": size})
+            return out
+        finally:
+            names.rng = saved
+
+    def read_input(self, j, size, states, output, output_size):
+        """Make an input nothing read yet read: a term of an update (a product, or the
+        input itself or times a diagonal where the sizes agree) or of the readout."""
+        rng = self.rng
+        updates = [st for st in self.body if st["op"] == "update"]
+        u = rng.choice(updates) if rng.random() < 0.7 else None
+        target = states[u["state"]]["size"] if u else output_size
+        if target == size and rng.random() < 0.6:
+            term = ["in", j] if rng.random() < 0.5 else \
+                ["mul", ["param", self.param("diagonal", (size,))], ["in", j]]
+        else:
+            term = self.product(target, ["in", j], size)
+        if u is None:
+            return ["add", output, term]
+        u["expr"] = ["add", u["expr"], term]
+        return output
 
     def draw_reverse(self, n_states):
         """Which states run in reverse: in ~15% of the cells with two or three states
@@ -721,23 +775,25 @@ def _has(e, op):
 def generate_spec(seed, index):
     """Cell ``index`` of run ``seed``: a pure function of the two."""
     spec = Generator(random.Random(f"bpttgen-fuzz:{seed}:{index}"),
-                     random.Random(f"bpttgen-fuzz-reverse:{seed}:{index}")).cell()
+                     random.Random(f"bpttgen-fuzz-reverse:{seed}:{index}"),
+                     random.Random(f"bpttgen-fuzz-inputs:{seed}:{index}")).cell()
     # Some cells read their input as integer tokens through an embedding table of shape
     # (size, size), whose column v_in = E[x] stands where the input vector stood. Drawn
     # from a generator of its own, so that the cells of a seed are otherwise unchanged;
     # only where the cell reads its input (an unread table would be refused as unused).
     tokens = random.Random(f"bpttgen-fuzz-tokens:{seed}:{index}")
-    if tokens.random() < 0.2 and _reads_input(spec):
+    # A token input stays the only input of its model.
+    if tokens.random() < 0.2 and len(spec["input"]) == 1 and _reads_input(spec, 0):
         taken, name = _all_names(spec), "emb"
         while name in taken:
             name += "_"
-        spec["input"]["table"] = name
+        spec["input"][0]["table"] = name
     return spec
 
 
-def _reads_input(spec):
-    return any(_contains(st["expr"], ["in"]) for st in spec["body"]) or \
-        _contains(spec["output"]["expr"], ["in"])
+def _reads_input(spec, j):
+    return any(_contains(st["expr"], ["in", j]) for st in spec["body"]) or \
+        _contains(spec["output"]["expr"], ["in", j])
 
 
 # -- printing a spec as a definition file ---------------------------------------------
@@ -757,7 +813,7 @@ class Printer:
     def pr(self, e):
         op = e[0]
         if op == "in":
-            return "v_in", ATOM
+            return _input_var(e[1]), ATOM
         if op == "prev":
             return f"{self.state_vars[e[1]]}.prev", ATOM
         if op == "cur":
@@ -811,18 +867,22 @@ class Printer:
         raise ValueError(f"unknown expression {e!r}")
 
 
+def _input_var(j):
+    return "v_in" if j == 0 else f"v_in{j + 1}"
+
+
 def cell_source(spec, header=None):
     """The definition file of a spec: what is tested, and what a failure prints."""
     p = Printer(spec)
     body = []
     body.append(f"m = Model({spec['model']!r}, sizes={tuple(spec['sizes'])!r})")
-    inp = spec["input"]
-    if inp.get("table"):  # tokens, looked up in a (size, size) table: v_in = E[x]
-        body.append(f"t_in = m.tokens({inp['name']!r}, vocab={inp['size']!r})")
-        body.append(f"v_in = m.embedding({inp['table']!r}, {inp['size']!r}, "
-                    f"{inp['size']!r})[t_in]")
-    else:
-        body.append(f"v_in = m.input({inp['name']!r}, {inp['size']!r})")
+    for j, inp in enumerate(spec["input"]):
+        if inp.get("table"):  # tokens, looked up in a (size, size) table: v_in = E[x]
+            body.append(f"t_in = m.tokens({inp['name']!r}, vocab={inp['size']!r})")
+            body.append(f"v_in = m.embedding({inp['table']!r}, {inp['size']!r}, "
+                        f"{inp['size']!r})[t_in]")
+        else:
+            body.append(f"{_input_var(j)} = m.input({inp['name']!r}, {inp['size']!r})")
     for k, s in enumerate(spec["states"]):
         rev = ", reverse=True" if s.get("reverse") else ""
         body.append(f"{p.state_vars[k]} = m.state({s['name']!r}, {s['size']!r}{rev})")
@@ -987,8 +1047,11 @@ def _kink_arguments(expr):
     return out
 
 
-def reference_run(model, params, x, targets, state0, mask, l2):
+def reference_run(model, params, x, widths, targets, state0, mask, l2):
     """Forward, predictions, per-step loss of the Model object, without derive().
+
+    x is what a call gets: the inputs side by side, ``widths`` columns each in their
+    order of declaration (or the tokens, of the model's only input).
 
     A reverse state runs from t = T-1 down to 0: its previous value at step t is its
     value at t+1 (state0 at t = T) and its final value the one at t = 0. Its trajectory
@@ -1004,13 +1067,18 @@ def reference_run(model, params, x, targets, state0, mask, l2):
     from bpttgen.derive.losses import K, d, m as shift, z
 
     T, B = x.shape[:2]
-    sizes = {} if model.tokens_input else {model.inputs[next(iter(model.inputs))]: x.shape[2]}
+    if model.tokens_input:
+        xs = {model.tokens_input: x}
+    else:
+        ends = np.cumsum(widths)
+        xs = {name: x[:, :, end - width:end] for name, width, end in zip(model.inputs, widths,
+                                                                           ends)}
+    sizes = {} if model.tokens_input else {model.inputs[n]: xs[n].shape[2] for n in xs}
     for p in model.params.values():
         for s, n in zip(p.shape, params[p.name].shape):
             sizes[s] = n
     for name, st in model.states.items():
         sizes[st.size] = np.shape(state0[name])[1]
-    inp = next(iter(model.inputs))
     prev_of = {name: st.prev.expr.name for name, st in model.states.items()}
     start = {name: np.asarray(state0[name], np.float64) for name in model.states}
     reverse = [name for name, st in model.states.items() if st.reverse]
@@ -1029,12 +1097,13 @@ def reference_run(model, params, x, targets, state0, mask, l2):
 
     def step(t, prevs, partial):
         """The nodes at step t; partial: only those whose arguments are known."""
-        env = {inp: x[t], **prevs, **vec_params, **sizes}  # a size: a mean's divisor
+        env = {**{n: v[t] for n, v in xs.items()}, **prevs, **vec_params,
+               **sizes}  # a size: a mean's divisor
         for n in model.nodes:
             if partial and any(r not in env for r in reads[n.name]):
                 continue
             if n.kind == "linear" and n.lookup:  # E[x]: column x_t of the table
-                env[n.name] = np.asarray(params[n.weight])[:, np.asarray(x[t])].T
+                env[n.name] = np.asarray(params[n.weight])[:, np.asarray(env[n.source])].T
             elif n.kind == "linear":
                 env[n.name] = env[n.source] @ params[n.weight].T
             elif n.kind == "reduction":  # the summand over the units, one number per row
@@ -1105,7 +1174,8 @@ def max_relative_error(a, b, floor=1e-3):
 
 
 def _problem(model, seed, scale):
-    """params, x, targets, state0, mask, T for the model's names (not the module's)."""
+    """params, x, widths, targets, state0, mask, T for the model's names (not the
+    module's); x holds the inputs side by side, widths their columns."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -1113,11 +1183,11 @@ def _problem(model, seed, scale):
     T, B = int(rng.integers(3, 5)), 2
     params = {n: rng.normal(0, scale, [dims[s] for s in p.shape])
               for n, p in model.params.items()}
-    inp = next(iter(model.inputs))
+    widths = [dims[size] for size in model.inputs.values()]
     if model.tokens_input:  # integer tokens: what finite differences never move
-        x = rng.integers(0, dims[model.inputs[inp]], (T, B))
+        x = rng.integers(0, widths[0], (T, B))
     else:
-        x = rng.normal(0, 1, (T, B, dims[model.inputs[inp]]))
+        x = rng.normal(0, 1, (T, B, sum(widths)))
     O = dims[model.size_of(model.output_node)]
     if model.loss.target == "index":
         targets = rng.integers(0, O, (T, B))
@@ -1127,7 +1197,7 @@ def _problem(model, seed, scale):
     mask = rng.uniform(0.5, 1.5, (T, B))
     if model.loss_at == "every":
         mask[1, 0] = 0.0
-    return params, x, targets, state0, mask, T
+    return params, x, widths, targets, state0, mask, T
 
 
 def _call(label, fn, *args, **kwargs):
@@ -1156,9 +1226,10 @@ def check_module(module, model, seed):
     # data: far from kinks and well conditioned (retries with new seeds / smaller scale)
     for attempt in range(6):
         scale = 0.3 if attempt < 3 else 0.15
-        params, x, targets, state0, mask, T = _problem(model, seed + 7919 * attempt, scale)
+        params, x, widths, targets, state0, mask, T = _problem(model, seed + 7919 * attempt,
+                                                               scale)
         try:
-            ref = reference_run(model, params, x, targets, state0, mask, 0.05)
+            ref = reference_run(model, params, x, widths, targets, state0, mask, 0.05)
         except Exception as exc:  # noqa: BLE001
             raise CellFailure("other", f"the fuzzer's reference failed: {_short(exc)}",
                               traceback.format_exc()[-6000:]) from None
@@ -1183,6 +1254,12 @@ def check_module(module, model, seed):
         if err > AGREE_TOL:
             raise CellFailure("wrong-forward", f"forward() final state {name!r} differs "
                               f"from the reference by {err:.2e}")
+    if len(widths) > 1:  # the inputs as a dict {name: (T, B, I_k)}: the same numbers
+        parts = dict(zip(model.inputs, np.split(x, np.cumsum(widths)[:-1], axis=2)))
+        y2, _ = _call("forward (inputs as a dict)", module.forward, params, parts, state0)
+        if not np.array_equal(y2, y):
+            raise CellFailure("wrong-forward", "forward() of the inputs as a dict differs "
+                              f"from forward() of x by {max_relative_error(y2, y):.2e}")
 
     # (b) every algorithm, against bptt
     algorithms = list(module.ALGORITHMS)
@@ -1569,7 +1646,7 @@ class Pool:
 def _size_of(spec, e, node_sizes):
     op = e[0]
     if op == "in":
-        return spec["input"]["size"]
+        return spec["input"][e[1]]["size"]
     if op in ("prev", "cur"):
         return spec["states"][e[1]]["size"]
     if op == "node":
@@ -1685,8 +1762,9 @@ def _plain_leaf(spec, size, directions=(False, True)):
     for k, s in enumerate(spec["states"]):
         if s["size"] == size and s.get("reverse", False) in directions:
             return spec, ["prev", k]
-    if spec["input"]["size"] == size:
-        return spec, ["in"]
+    for j, inp in enumerate(spec["input"]):
+        if inp["size"] == size:
+            return spec, ["in", j]
     spec = _copy(spec)
     var = "b_s%d" % len(spec["params"])
     taken = {p["name"] for p in spec["params"]}
@@ -1738,7 +1816,8 @@ def spec_measure(spec):
     for st in spec["body"]:
         n += sum(1 for _ in _paths(st["expr"]))
     n += sum(1 for _ in _paths(spec["output"]["expr"]))
-    names = [spec["model"], spec["input"]["name"]] + [s["name"] for s in spec["states"]] + \
+    names = [spec["model"]] + [x["name"] for x in spec["input"]] + \
+        [s["name"] for s in spec["states"]] + \
         [p["name"] for p in spec["params"]] + \
         [st["name"] for st in spec["body"] if st["op"] == "node"] + list(spec["sizes"])
     awk = sum(1 for x in names if _is_awkward(x) and x not in ("cell",))
@@ -1749,7 +1828,7 @@ def spec_measure(spec):
     return (len(spec["states"]) * 20 + len(spec["body"]) * 5 + n + len(spec["params"]) * 2
             + shared * 3
             + len(spec["sizes"]) * 2 + awk * 3 + lossw * 2 + (spec["output"]["at"] != "every")
-            + bool(spec.get("bare")) + sum(_reverse_flags(spec)))
+            + bool(spec.get("bare")) + sum(_reverse_flags(spec)) + 5 * (len(spec["input"]) - 1))
 
 
 def _all_plain(spec):
@@ -1767,7 +1846,7 @@ def _all_plain(spec):
                 return n
 
     s["model"] = "cell"
-    for item in [s["input"]] + s["states"] + s["params"] + \
+    for item in s["input"] + s["states"] + s["params"] + \
             [st for st in s["body"] if st["op"] == "node"]:
         if _is_awkward(item["name"]):
             item["name"] = fresh()
@@ -1834,6 +1913,9 @@ def shrink_candidates(spec):
                     st["state"] -= 1
             s["output"]["expr"] = _map_refs(s["output"]["expr"], fix)
             yield s
+    # 1a. drop an input after the first, its reads replaced by plain vectors
+    for j in range(1, len(spec["input"])):
+        yield _without_input(spec, j, node_sizes)
     # 1b. every state forward
     if any(_reverse_flags(spec)):
         s = _copy(spec)
@@ -1924,7 +2006,7 @@ def shrink_candidates(spec):
         for j in range(1, _param_uses(spec, q["var"])):
             yield _unshare(spec, q["var"], j)
     # 8. unused sizes and parameters
-    used_sizes = {spec["input"]["size"]} | {s["size"] for s in spec["states"]} | \
+    used_sizes = {x["size"] for x in spec["input"]} | {s["size"] for s in spec["states"]} | \
         {x for p in spec["params"] for x in p["shape"]}
     if any(x not in used_sizes for x in spec["sizes"]):
         s = _copy(spec)
@@ -1935,6 +2017,31 @@ def shrink_candidates(spec):
         s = _copy(spec)
         s["params"] = [p for p in s["params"] if p["var"] in used]
         yield s
+
+
+def _without_input(spec, j, node_sizes):
+    """spec without input j: a product of it becomes a plain vector of the product's size,
+    another read a plain vector of its size (never a product of a bias, nor a state of
+    a direction the place refuses), later inputs renumbered."""
+    s = _copy(spec)
+    del s["input"][j]
+    for slot in _expr_slots(s):
+        directions = _directions_at(spec, slot)
+
+        def walk(e):
+            nonlocal s
+            if e[0] == "mm" and e[2] == ["in", j] or e == ["in", j]:
+                s, leaf = _plain_leaf(s, _size_of(spec, e, node_sizes), directions)
+                return leaf
+            if e[0] == "in" and e[1] > j:
+                return ["in", e[1] - 1]
+            e = list(e)
+            for i in _children(e):
+                e[i] = walk(e[i])
+            return e
+
+        s = _set_slot(s, slot, walk(_get_slot(s, slot)))
+    return s
 
 
 def _without_unused_params(spec):
@@ -1980,7 +2087,7 @@ def _unshare(spec, var, j):
 
 
 def _all_names(spec):
-    return {spec["input"]["name"], spec["input"].get("table")} - {None} | \
+    return {x[key] for x in spec["input"] for key in ("name", "table") if x.get(key)} | \
         {s["name"] for s in spec["states"]} | \
         {p["name"] for p in spec["params"]} | \
         {st["name"] for st in spec["body"] if st["op"] == "node"} | set(spec["sizes"]) | \
@@ -2009,14 +2116,13 @@ def _plain_name_candidates(spec):
         s = _copy(spec)
         s["model"] = "cell"
         yield s
-    for kind, items in (("input", [spec["input"]]), ("states", spec["states"]),
+    for kind, items in (("input", spec["input"]), ("states", spec["states"]),
                         ("params", spec["params"]),
                         ("body", [st for st in spec["body"] if st["op"] == "node"])):
         for k, item in enumerate(items):
             if _is_awkward(item["name"]):
                 s = _copy(spec)
-                target = s["input"] if kind == "input" else \
-                    [x for x in s[kind] if kind != "body" or x["op"] == "node"][k]
+                target = [x for x in s[kind] if kind != "body" or x["op"] == "node"][k]
                 target["name"] = new_name()
                 yield s
     # inline m.node names
@@ -2056,7 +2162,8 @@ def _rename_size(spec, a, b):
     s = _copy(spec)
     ren = lambda x: b if x == a else x  # noqa: E731
     s["sizes"] = list(dict.fromkeys(ren(x) for x in s["sizes"]))
-    s["input"]["size"] = ren(s["input"]["size"])
+    for x in s["input"]:
+        x["size"] = ren(x["size"])
     for st in s["states"]:
         st["size"] = ren(st["size"])
     for p in s["params"]:
