@@ -2006,12 +2006,8 @@ def shrink_candidates(spec):
         for j in range(1, _param_uses(spec, q["var"])):
             yield _unshare(spec, q["var"], j)
     # 8. unused sizes and parameters
-    used_sizes = {x["size"] for x in spec["input"]} | {s["size"] for s in spec["states"]} | \
-        {x for p in spec["params"] for x in p["shape"]}
-    if any(x not in used_sizes for x in spec["sizes"]):
-        s = _copy(spec)
-        s["sizes"] = [x for x in s["sizes"] if x in used_sizes]
-        yield s
+    if _without_unused_sizes(spec)["sizes"] != spec["sizes"]:
+        yield _without_unused_sizes(spec)
     used = _used_params(spec)
     if any(p["var"] not in used for p in spec["params"]):
         s = _copy(spec)
@@ -2040,7 +2036,16 @@ def _without_input(spec, j, node_sizes):
                 e[i] = walk(e[i])
             return e
 
-        s = _set_slot(s, slot, walk(_get_slot(s, slot)))
+        e = walk(_get_slot(s, slot))  # (may add a bias to s)
+        s = _set_slot(s, slot, e)
+    return _without_unused_sizes(_without_unused_params(s))
+
+
+def _without_unused_sizes(spec):
+    used = {x["size"] for x in spec["input"]} | {s["size"] for s in spec["states"]} | \
+        {x for p in spec["params"] for x in p["shape"]}
+    s = _copy(spec)
+    s["sizes"] = [x for x in s["sizes"] if x in used]
     return s
 
 
