@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,9 @@ def module_at(rev, model, folder):
                         "from bpttgen.codegen.runtime import online")
     text = text.replace("from codegen.kernel_functions import",
                         "from bpttgen.codegen.runtime.kernel_functions import")
+    # A module from before several inputs states its one input so.
+    text = re.sub(r'"input": (\(.*?\)),', r'"inputs": (\1,),', text)
+    text = re.sub(r'\binput=("\w+"),', r'inputs=[\1],', text)
     path = os.path.join(folder, f"ab_{model}.py")
     with open(path, "w") as f:
         f.write(text)

@@ -107,7 +107,7 @@ def gemm_rates(np, cuda, crt, n, dtype, sync):
 def problem(np, module, sizes, T, B, dtype):
     rng = np.random.default_rng(0)
     params = module.init_params(sizes, dtype=dtype)
-    x = rng.standard_normal((T, B, sizes[module.SPEC["input"][1]])).astype(dtype)
+    x = rng.standard_normal((T, B, sum(sizes[s] for _, s in module.SPEC["inputs"]))).astype(dtype)
     O = sizes[module.SPEC["output"][1]]
     if module.SPEC["target"] == "index":
         targets = rng.integers(0, O, (T, B))

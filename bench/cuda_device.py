@@ -267,7 +267,7 @@ def make_problem(module, sizes, T, B, seed):
         dims = [sizes[s] for s in shape]
         fan = dims[-1] if len(dims) == 2 else dims[0]
         params[name] = rng.uniform(-1, 1, dims) / math.sqrt(fan)
-    x = rng.standard_normal((T, B, sizes[spec["input"][1]]))
+    x = rng.standard_normal((T, B, sum(sizes[s] for _, s in spec["inputs"])))
     O = sizes[spec["output"][1]]
     if spec["target"] == "index":
         targets = rng.integers(0, O, (T, B))

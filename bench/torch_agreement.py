@@ -35,7 +35,7 @@ def _problem(module, sizes, T=5, B=3, seed=0):
     params = module.init_params(sizes, seed=seed, dtype=np.float64)
     # gains and biases away from 1 and 0, so a mix-up of them cannot hide
     params = {k: v + rng.normal(0, 0.3, v.shape) for k, v in params.items()}
-    x_size, out_size = module.SPEC["input"][1], module.SPEC["output"][1]
+    x_size, out_size = module.SPEC["inputs"][0][1], module.SPEC["output"][1]
     if module.SPEC["tokens"]:  # every token drawn, some twice in a step (B = 3, V = 5)
         x = rng.integers(0, sizes[x_size], (T, B))
     else:

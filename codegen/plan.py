@@ -132,7 +132,8 @@ class Plan:
         self.matrix_params = [p.name for p in derivation.params if p.kind == "matrix"]
         self.nodes = {n.name: n for n in derivation.nodes}
         self.reductions = derivation.reductions()
-        self.input_array = naming.code_array(derivation.input)
+        # each input's rows (T*B, its size), its own array: the runtime splits x's columns
+        self.input_arrays = {name: naming.code_array(name) for name in derivation.input_names}
         self.numbers = latex.equation_numbers(derivation)
         self._check()
         self.groups = []
@@ -167,7 +168,7 @@ class Plan:
 
     # -- storage --------------------------------------------------------------
     def phase_of(self, name):
-        if name == self.d.input:
+        if name in self.input_arrays:
             return "input"
         if name in self.prev_of:
             return "reverse" if self.prev_of[name].reverse else "loop"
@@ -191,8 +192,8 @@ class Plan:
 
     def value(self, name, row="_r", col="_k"):
         """Code reading element (row, col) of a vector's value."""
-        if name == self.d.input:
-            return f"{self.input_array}[{row}, {col}]"
+        if name in self.input_arrays:
+            return f"{self.input_arrays[name]}[{row}, {col}]"
         if name in self.prev_of:
             return (f"{naming.code_array(self.prev_of[name].name)}"
                     f"[{self._state_rows(name, row)}, {col}]")
@@ -206,8 +207,8 @@ class Plan:
         return f"{naming.code_array(name)}[{row}, {col}]"
 
     def adjoint(self, name, row="_r", col="_k"):
-        """Code for the adjoint array element of a vector (None: the input)."""
-        if name == self.d.input:
+        """Code for the adjoint array element of a vector (None: an input)."""
+        if name in self.input_arrays:
             return None
         if name in self.prev_of or name in self.state_names:
             return f"{self._adjoint_array(name)}[{self._state_rows(name, row)}, {col}]"
@@ -237,9 +238,9 @@ class Plan:
         """(array, row shift, column offset) of a vector's value (or adjoint):
         element (r, k) lives at array[r + shift, offset + k]. The same places
         value() and adjoint() print, as parts, for targets that pass row offsets
-        to kernels instead of slicing (the CUDA module). None: the input's adjoint."""
-        if name == self.d.input:
-            return None if adjoint else (self.input_array, "0", "0")
+        to kernels instead of slicing (the CUDA module). None: an input's adjoint."""
+        if name in self.input_arrays:
+            return None if adjoint else (self.input_arrays[name], "0", "0")
         array = self._adjoint_array if adjoint else naming.code_array
         if name in self.prev_of:
             return array(self.prev_of[name].name), self._shifts(name)[0], "0"
@@ -252,8 +253,8 @@ class Plan:
 
     def rows(self, name, lo="_lo", hi="_hi"):
         """Code for the contiguous row slice of a vector's value array."""
-        if name == self.d.input:
-            return f"{self.input_array}[{lo}:{hi}]"
+        if name in self.input_arrays:
+            return f"{self.input_arrays[name]}[{lo}:{hi}]"
         if name in self.prev_of or name in self.state_names:
             array = naming.code_array(self.prev_of[name].name if name in self.prev_of else name)
             shift = self._shifts(name)[0 if name in self.prev_of else 1]
@@ -270,7 +271,7 @@ class Plan:
     # -- schedule -------------------------------------------------------------
     def _schedule(self, phase):
         todo = [n for n in self.d.nodes if self.node_phase(n) == phase]
-        ready = {self.d.input, *self.prev_of}
+        ready = {*self.input_arrays, *self.prev_of}
         ready.update(n.name for n in self.d.nodes
                      if (phase in LOOPS and n.phase == "pre")
                      or (phase == "post" and n.phase in ("pre", "loop")))
@@ -413,7 +414,7 @@ class Plan:
             for n in block.nodes:
                 for t in self.d.backward.leaving(n):
                     if t.target not in block.nodes and t.target not in self.vector_params \
-                            and t.target != self.d.input:
+                            and t.target not in self.input_arrays:
                         written.add(self.storage(t.target, adjoint=True)[0])
         return first
 
@@ -472,7 +473,7 @@ class Plan:
         weights = naming.code_group_weights(g.name)
         if g.lookup:  # E onehot(x_t) is column x_t of E; the input has no adjoint
             block.forward = ["for _r in range(_lo, _hi):",
-                             f"    _c = {self.input_array}[_r]",
+                             f"    _c = {self.input_arrays[g.source]}[_r]",
                              f"    for _k in range({g.width}):",
                              f"        {naming.code_array(g.name)}[_r, _k] = {weights}[_k, _c]"
                              + self.cite("fwd", g.members[0][0])]
@@ -506,7 +507,7 @@ class Plan:
     def _loads(self, exprs, local):
         names = sorted({s.name for e in exprs for s in e.free_symbols} - set(local))
         return [f"{n} = {self.value(n)}" for n in names
-                if n in self.nodes or n in self.prev_of or n == self.d.input]
+                if n in self.nodes or n in self.prev_of or n in self.input_arrays]
 
     def _print_elementwise(self, block):
         body, exprs, local = [], [], set()
@@ -527,7 +528,7 @@ class Plan:
             cite = self.cite("adj", name) if name in self.needs_array else ""
             body.append(f"{self.local_adjoint(name)} = {init}{cite}")
         for name in reversed(block.nodes):
-            terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
+            terms = [t for t in self.d.backward.leaving(name) if t.target not in self.input_arrays]
             if not terms:
                 continue
             temps, reduced = cse([self._local_symbols(t.expr) for t in terms],
@@ -595,7 +596,7 @@ class Plan:
             + [f"{self.value(name)} = {name}" + self.cite("fwd", name)])
         block.forward = _rows(block.forward_body)
 
-        terms = [t for t in self.d.backward.leaving(name) if t.target != self.d.input]
+        terms = [t for t in self.d.backward.leaving(name) if t.target not in self.input_arrays]
         if not terms:
             return
         temps, reduced = cse([self._local_symbols(t.expr) for t in terms], prefix=f"_{name}_")
@@ -630,7 +631,7 @@ class Plan:
                     f"{gradient})"]
         return [f"{gradient}[:, :] = 0.0",
                 "for _r in range(TB):",
-                f"    _c = {self.input_array}[_r]",
+                f"    _c = {self.input_arrays[group.source]}[_r]",
                 f"    for _k in range({group.width}):",
                 f"        {gradient}[_k, _c] += {adjoint}[_r, _k]"
                 + self.cite("grad", group.members[0][1])]
@@ -653,7 +654,7 @@ class Plan:
         arrays += [Array(naming.code_gradient(p), "1", self.size_of(p), "grad")
                    for p in self.vector_params]
         arrays += [Array(naming.code_scratch(g.name), "TB", self.size_of(g.source), "scratch")
-                   for g in self.groups if g.source != self.d.input
+                   for g in self.groups if g.source not in self.input_arrays
                    and g.name not in self.direct]
         if self.carry:
             arrays.append(Array("carry", "T", "1", "carry"))

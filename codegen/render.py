@@ -191,6 +191,17 @@ def _block_comment(plan, block):
     return "fused elementwise: " + ", ".join(block.nodes)
 
 
+def _input_doc(d):
+    """x of a call, as the module docstring states it."""
+    if d.tokens:
+        ((_, vocab),) = d.inputs
+        return f"(T, B) tokens in [0, {vocab})"
+    if len(d.inputs) == 1:
+        return f"(T, B, {d.inputs[0][1]})"
+    return (f"(T, B, {' + '.join(size for _, size in d.inputs)}), the inputs "
+            f"{', '.join(name for name, _ in d.inputs)} side by side (or a dict of them)")
+
+
 def _equations(derivation):
     lines = []
     for n in derivation.nodes:
@@ -223,12 +234,10 @@ def model_context(derivation, plan):
         params_dict=repr({p.name: tuple(p.shape) for p in d.params}),
         roles_dict=repr({p.name: p.role for p in d.params}),
         states_dict=repr({s.name: s.size for s in d.states}),
-        input_tuple=repr((d.input, d.input_size)),
-        input_size=d.input_size,
+        inputs_tuple=repr(d.inputs),
         tokens=repr(d.tokens),
-        input_doc=(f"(T, B) tokens in [0, {d.input_size})" if d.tokens
-                   else f"(T, B, {d.input_size})"),
-        input_array=plan.input_array,
+        input_doc=_input_doc(d),
+        input_arrays=list(plan.input_arrays.values()),
         output_tuple=repr((d.loss.node, d.loss.size)),
         target="index" if index else "vector",
         loss_at=d.loss.at,
@@ -292,7 +301,7 @@ def cpu_context(derivation):
     # Stacked weight gradients, (rows of the group, columns of its source).
     arrays += [dict(name=naming.code_group_gradient(g.name), role="grad",
                     shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
-    args = ["T", "B", "TB", *d.sizes, plan.input_array, *plan.vector_params,
+    args = ["T", "B", "TB", *d.sizes, *plan.input_arrays.values(), *plan.vector_params,
             *[naming.code_group_weights(g.name) for g in plan.groups],
             *[a.name for a in plan.arrays],
             *[naming.code_group_gradient(g.name) for g in plan.groups]]

@@ -62,7 +62,7 @@ class CudaPlan:
         self.arrays = [a for a in plan.arrays if a.role != "scratch"]
         # Candidate kernel arguments, in the CPU kernels' argument order, each with
         # the name the printed lines use for it.
-        self.candidates = {a: a for a in self.ints + [plan.input_array, *plan.vector_params]}
+        self.candidates = {a: a for a in self.ints + [*plan.input_arrays.values(), *plan.vector_params]}
         self.candidates.update((self.array_name(a), a.name) for a in self.arrays)
         self.gradient_of = dict(zip(plan.vector_params,
                                     [a for a in plan.arrays if a.role == "grad"]))
@@ -112,7 +112,7 @@ class CudaPlan:
         weights = naming.code_group_weights(group.name)
         if group.lookup:  # a gather; the token input has no adjoint
             out = self.plan.storage(group.members[0][0])[0]
-            x = self.plan.input_array
+            x = self.plan.input_arrays[group.source]
             return ((f"crt.lookup({x}, _lo, {weights}, {out}, _lo, _hi - _lo, {group.width})",
                      {x, weights, out}) if direction == "forward" else None)
         if direction == "forward":
@@ -149,7 +149,7 @@ class CudaPlan:
 
         def loads(symbols):
             for s in symbols:
-                if s in plan.nodes or s in plan.prev_of or s == d.input:
+                if s in plan.nodes or s in plan.prev_of or s in plan.input_arrays:
                     stored(s)
                 elif s in plan.vector_params or s in ints:  # a size: a mean's divisor
                     used.add(s)
@@ -162,7 +162,7 @@ class CudaPlan:
                 used.update(s.name for s in node.expr.free_symbols if s.name in ints)
                 stored(name)
                 continue
-            terms = [t for t in d.backward.leaving(name) if t.target != d.input]
+            terms = [t for t in d.backward.leaving(name) if t.target not in plan.input_arrays]
             loads({s.name for t in terms for s in t.expr.free_symbols})
             if name in plan.needs_array:
                 stored(name, adjoint=True)
@@ -199,7 +199,7 @@ class CudaPlan:
     def unpack(self, direction, phase):
         """Workspace entries a host function reads, in a stable order."""
         used = self.uses[(direction, phase)]
-        names = [self.plan.input_array, *self.plan.vector_params] + \
+        names = [*self.plan.input_arrays.values(), *self.plan.vector_params] + \
             [naming.code_group_weights(g.name) for g in self.plan.groups] + \
             [self.array_name(a) for a in self.arrays]
         return [n for n in names if n in used]

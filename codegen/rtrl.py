@@ -148,7 +148,7 @@ class RtrlPlan:
             first = f"_c + {naming.code_direction(weight)} + _i*{cols}"
             comment = f"{g.name} = {weight}[:, {src}]: W_dot onehot({src})"
             return StepBlock(comment, lines + [
-                f"    _j = {plan.input_array}[_r]",
+                f"    _j = {plan.input_arrays[g.source]}[_r]",
                 f"    for _i in range({size}):",
                 f"        for _v in range({cols}):",
                 f"            {dot(g.name)}[_i, {first} + _v] = 0.0",

@@ -105,8 +105,7 @@ class LossInfo:
 class Derivation:
     name: str
     sizes: tuple
-    input: str
-    input_size: str
+    inputs: tuple  # ((name, size), ...) in the order declared: a call's x, side by side
     states: tuple  # StateInfo
     params: tuple  # Param
     nodes: tuple  # Node, forward order
@@ -114,7 +113,7 @@ class Derivation:
     loss: LossInfo
     l2_penalty: sp.Expr  # per element of a weight matrix, in w and lam
     l2_gradient: sp.Expr
-    # the input is integer tokens in [0, input_size), read only by lookup nodes
+    # the one input is integer tokens in [0, its size), read only by lookup nodes
     tokens: bool = False
 
     def __repr__(self):
@@ -140,6 +139,10 @@ class Derivation:
         return {n.name: n for n in self.nodes}
 
     @property
+    def input_names(self):
+        return tuple(name for name, _ in self.inputs)
+
+    @property
     def bidirectional(self):
         """Whether a state runs in reverse (a second time loop, t descending)."""
         return any(s.reverse for s in self.states)
@@ -161,8 +164,9 @@ class Derivation:
 
     def size_of(self, name):
         """Size name of any vector: node, input, previous state or vector param."""
-        if name == self.input:
-            return self.input_size
+        for input_name, size in self.inputs:
+            if name == input_name:
+                return size
         for s in self.states:
             if name == s.prev:
                 return s.size
@@ -237,8 +241,7 @@ def derive(model: Model) -> Derivation:
     return Derivation(
         name=model.name,
         sizes=model.sizes,
-        input=next(iter(model.inputs)),
-        input_size=next(iter(model.inputs.values())),
+        inputs=tuple(model.inputs.items()),
         states=states,
         params=params,
         nodes=tuple(nodes),
@@ -298,9 +301,17 @@ def _check_complete(model):
         if p.name not in used:
             raise DefinitionError(f"parameter '{p.name}' is declared but never used",
                                   location=p.location)
-    # A call tells the sizes by the shapes of the input and the parameters.
-    sized = set(model.inputs.values())
-    sized.update(s for p in model.params.values() for s in p.shape)
+    # A call tells the sizes by the shapes of the parameters and the width of x: the
+    # inputs side by side, so the width tells one size no parameter has, not two.
+    by_params = {s for p in model.params.values() for s in p.shape}
+    untold = sorted(set(model.inputs.values()) - by_params)
+    if len(untold) > 1:
+        raise DefinitionError(
+            f"the sizes {untold} of the inputs {list(model.inputs)} are sizes of no "
+            "parameter, and a call's x (the inputs side by side) has one width, which "
+            "tells one of them: give all but one a parameter, or share a size",
+            location=None)
+    sized = by_params | set(model.inputs.values())
     for size in model.sizes:
         if size not in sized:
             raise DefinitionError(

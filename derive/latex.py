@@ -216,7 +216,7 @@ class _Builder:
         d, n = self.d, self.names
         vector = mode == "vector"
         symbols, vectors, compound, ranks = {}, set(), set(), {}
-        ids = [d.input, *(x.name for x in d.nodes), *self.prevs,
+        ids = [*d.input_names, *(x.name for x in d.nodes), *self.prevs,
                *(p.name for p in d.params if p.kind == "vector")]
         for i, name in enumerate(ids):
             symbols[name] = n.vector(name) if vector else n.element(name)
@@ -377,10 +377,15 @@ class _Builder:
         d, n = self.d, self.names
         self.section("Notation")
         size = lambda name: f"${naming.size(name)}$"  # noqa: E731
-        rows = [(n.vector(d.input), d.input, "input at step $t$", size(d.input_size))]
+        rows = [(n.vector(name), name, "input at step $t$", size(input_size))
+                for name, input_size in d.inputs]
+        if len(rows) > 1:  # the call's x holds them side by side, in this order
+            rows = [(symbol, name, f"input {i} of {len(rows)} at step $t$", width)
+                    for i, (symbol, name, _, width) in enumerate(rows, 1)]
         if d.tokens:
-            rows = [(n.vector(d.input), d.input, "input token at step $t$, an integer in "
-                     f"$[0, {naming.size(d.input_size)})$", "integer")]
+            ((name, vocab),) = d.inputs
+            rows = [(n.vector(name), name, "input token at step $t$, an integer in "
+                     f"$[0, {naming.size(vocab)})$", "integer")]
         for s in d.states:
             rows.append((n.vector(s.name), s.name,
                          f"recurrent state; ${n.initial(s.name)}$ is given", size(s.size)))
@@ -489,7 +494,8 @@ class _Builder:
         d, n = self.d, self.names
         self.section("Forward step")
         hoisted = [x.name for x in d.phase_nodes("pre")]
-        text = ("One step maps the input $" + n.vector(d.input) + "$ and the previous "
+        text = ("One step maps the input" + ("s " if len(d.inputs) > 1 else " ")
+                + self._list(d.input_names, n.vector) + " and the previous "
                 "states " + self._list([s.prev for s in d.states], n.vector)
                 + " to the new states " + self._list([s.name for s in d.states], n.vector)
                 + ".")

@@ -20,6 +20,9 @@ layer: it runs from the last step down to the first, its ``prev`` is its value a
 The readout may read states of both directions; the recurrence of one may not read
 the other's (derivation.py refuses it at the line).
 
+Several inputs: each ``m.input`` declares one more vector of the step; a call's x holds
+them side by side in the order declared.
+
 Token inputs: ``m.tokens("x", vocab="V")`` declares an integer input (x_t in [0, V)),
 ``E = m.embedding("E", "D", "V")`` a (D, V) table and ``E[x]`` its column x_t, a vector
 of size D. Mathematically that is the product E @ onehot(x_t), so it is a linear node
@@ -432,9 +435,14 @@ class Model:
         self._defined_at[name] = _caller_location()
 
     def input(self, name, size):
-        """The input vector x_t of the step."""
-        if self.inputs:
-            raise DefinitionError("a model has one input vector; concatenate inputs")
+        """An input vector of the step. A model may read several (a sequence and a
+        conditioning vector per step, say): a call's x is then the inputs side by side
+        in the order declared, (T, B, I1 + I2 + ...), or a dict {name: (T, B, I_k)}."""
+        if self.tokens_input is not None:
+            raise DefinitionError(
+                f"'{name}': this model's input is the token input '{self.tokens_input}', "
+                "which is its only input (token and vector inputs together are not "
+                "supported yet)")
         self._declare(name, "input", size)
         self.inputs[name] = size
         return Vec(self, self._symbol(name), size)
@@ -443,7 +451,10 @@ class Model:
         """The input as integer tokens x_t in [0, vocab) (x: (T, B) integers), read
         only through an embedding table: ``E[x]`` (see ``embedding``)."""
         if self.inputs:
-            raise DefinitionError("a model has one input vector; concatenate inputs")
+            raise DefinitionError(
+                f"'{name}': a token input is its model's only input, and this model "
+                f"already reads {sorted(self.inputs)} (token and vector inputs together "
+                "are not supported yet)")
         self._declare(name, "input", vocab)
         self.inputs[name] = vocab
         self.tokens_input = name

@@ -389,7 +389,7 @@ class LatexNames:
 
     def _identifiers(self):
         d = self.d
-        return [d.input, *self.prevs, *(n.name for n in d.nodes), *(p.name for p in d.params)]
+        return [*d.input_names, *self.prevs, *(n.name for n in d.nodes), *(p.name for p in d.params)]
 
     def _resolve(self, name, offset):
         """(identifier of the stored vector, time offset): h_prev is h one step back,
@@ -412,7 +412,7 @@ class LatexNames:
             if node.lookup:
                 return self.lookup(node, ":", offset)
             return self.matrix(node.weight) + self.vector(node.source, offset)
-        if self.d.tokens and name == self.d.input:
+        if self.d.tokens and name in self.d.input_names:
             return plain(name, _time(offset))
         if self.is_param(name):
             return bold(name)

@@ -38,19 +38,30 @@ def _input_vectors(derivation, params, x):
     x = np.asarray(x)
     if not derivation.tokens or x.ndim == 3:  # vectors (or tokens made one-hot already)
         return np.asarray(x, dtype=np.float64)
+    (vocab,) = (size for _, size in derivation.inputs)
     V = next(np.shape(params[p.name])[1] for p in derivation.params
-             if p.kind == "matrix" and p.shape[1] == derivation.input_size)
+             if p.kind == "matrix" and p.shape[1] == vocab)
     return np.eye(V)[x]
 
 
 def resolve_sizes(derivation, params, x):
-    """Size name -> int, read off the parameter shapes and the input."""
-    sizes = {derivation.input_size: x.shape[2]}
+    """Size name -> int, read off the parameter shapes and the width of x (the inputs
+    side by side: it tells the one input size no parameter has, if any)."""
+    sizes = {}
     for p in derivation.params:
         for size, n in zip(p.shape, np.shape(params[p.name])):
             if sizes.setdefault(size, n) != n:
                 raise ValueError(f"size {size} is {sizes[size]} elsewhere but "
                                  f"{p.name} has shape {np.shape(params[p.name])}")
+    input_sizes = [size for _, size in derivation.inputs]
+    untold = {size for size in input_sizes if size not in sizes}
+    if untold:
+        (size,) = untold  # derive() allows one
+        rest = x.shape[2] - sum(sizes[s] for s in input_sizes if s in sizes)
+        sizes[size] = rest // input_sizes.count(size)
+    if sum(sizes[s] for s in input_sizes) != x.shape[2]:
+        raise ValueError(f"x has width {x.shape[2]}, but the inputs {input_sizes} are "
+                         f"{[sizes[s] for s in input_sizes]} wide")
     missing = set(derivation.sizes) - set(sizes)
     if missing:
         raise ValueError(f"sizes {sorted(missing)} cannot be read from the parameters")
@@ -90,7 +101,10 @@ def _run_forward(derivation, params, x, state0):
     vector_params = {p.name: np.asarray(params[p.name], dtype=np.float64)
                      for p in derivation.params if p.kind == "vector"}
     # a size in an expression (a mean's divisor) is its value
-    trajectory = [{derivation.input: x[t], **vector_params,
+    columns = np.cumsum([0] + [sizes[size] for _, size in derivation.inputs])
+    inputs = {name: x[:, :, lo:hi]
+              for (name, _), lo, hi in zip(derivation.inputs, columns, columns[1:])}
+    trajectory = [{**{name: v[t] for name, v in inputs.items()}, **vector_params,
                    **{s: sizes[s] for s in derivation.sizes}} for t in range(T)]
     passes = (("forward", range(T)), ("reverse", range(T - 1, -1, -1)), ("post", range(T)))
     for direction, steps in passes:

@@ -61,9 +61,10 @@ def random_problem(derivation, sizes, T=4, B=2, seed=0, scale=0.5):
     params = {p.name: rng.normal(0, scale, [sizes[s] for s in p.shape])
               for p in derivation.params}
     if derivation.tokens:  # (T, B) integer tokens: finite differences never move them
-        x = rng.integers(0, sizes[derivation.input_size], (T, B))
-    else:
-        x = rng.normal(0, 1, (T, B, sizes[derivation.input_size]))
+        ((_, vocab),) = derivation.inputs
+        x = rng.integers(0, sizes[vocab], (T, B))
+    else:  # several inputs side by side
+        x = rng.normal(0, 1, (T, B, sum(sizes[size] for _, size in derivation.inputs)))
     O = sizes[derivation.loss.size]
     if derivation.loss.loss.target == "index":
         targets = rng.integers(0, O, (T, B))

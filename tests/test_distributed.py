@@ -50,8 +50,8 @@ def _problem(m, T=5, B=5, seed=0):
     sizes = {s: 3 + i for i, s in enumerate(m.SIZES)}
     params = m.init_params(sizes, seed=seed, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    x = (rng.integers(0, sizes[m.SPEC["input"][1]], (T, B)) if m.SPEC["tokens"] else
-         rng.standard_normal((T, B, sizes[m.SPEC["input"][1]])))
+    x = (rng.integers(0, sizes[m.SPEC["inputs"][0][1]], (T, B)) if m.SPEC["tokens"] else
+         rng.standard_normal((T, B, sizes[m.SPEC["inputs"][0][1]])))
     O = sizes[m.SPEC["output"][1]]
     targets = (rng.integers(0, O, (T, B)) if m.SPEC["target"] == "index"
                else rng.standard_normal((T, B, O)))

@@ -70,7 +70,7 @@ def test_lookup_with_another_vocabulary_is_refused():
 
 def test_tokens_are_the_one_input():
     m, x, h = _token_model()
-    with pytest.raises(DefinitionError, match="one input"):
+    with pytest.raises(DefinitionError, match="token input .x., which is its only input"):
         m.input("u", "D")
 
 

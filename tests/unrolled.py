@@ -107,7 +107,11 @@ def _unrolled_loss(model, sizes, x, targets, state0, mask, l2):
                          [s.name for s in n.expr.free_symbols])
     readout = {n.name for n in model.nodes if n.name not in feeds}
     tokens = model.tokens_input is not None  # x (T, 1) integers: a lookup reads x_t
-    envs = [{next(iter(model.inputs)): int(np.ravel(x[t])[0]) if tokens else _numbers(x[t]),
+    # several inputs: x[t] holds them side by side, in the order declared
+    edges = np.cumsum([0] + [sizes[size] for size in model.inputs.values()])
+    envs = [{**({next(iter(model.inputs)): int(np.ravel(x[t])[0])} if tokens else
+                {name: _numbers(np.asarray(x[t])[..., lo:hi])
+                 for name, lo, hi in zip(model.inputs, edges, edges[1:])}),
              **vector_params} for t in range(T)]
     for pass_reverse, steps in ((False, range(T)), (True, range(T - 1, -1, -1))):
         states = [s for s, st in model.states.items() if st.reverse == pass_reverse]

@@ -1,11 +1,13 @@
 """A user's own cell, defined outside derive/: a minimal gated unit with a twist.
 
-    f_t = sigmoid(W_f x_t + U_f h_{t-1} + p_f * h_{t-1} + b_f)      (diagonal peephole)
+    f_t = sigmoid(W_f x_t + U_f h_{t-1} + p_f * h_{t-1} + V_f c_t + b_f)  (peephole,
+                                                                     conditioning c_t)
     n_t = tanh(logaddexp(W_n x_t + b_n, U_n (f_t * h_{t-1})))        (a user expression)
     h_t = (1 - f_t) * h_{t-1} + f_t * n_t                            (Hadamard products)
     z_t = W_y softplus(h_t) + b_y
 
-``logaddexp`` is the user's own SymPy expression log(exp(a) + exp(b)) (a smooth
+A call's x holds the two inputs side by side, (T, B, I + C): the sequence x_t and a
+conditioning vector c_t per step. ``logaddexp`` is the user's own SymPy expression log(exp(a) + exp(b)) (a smooth
 max), given to ``m.expr``. Load it with ``derive.loader.load_model(path)`` or
 ``bpttgen``'s file argument; ``model(loss=...)`` takes any loss, such as the two
 custom losses below.
@@ -38,11 +40,12 @@ LOSSES = {"softmax_ce": softmax_cross_entropy, "log_cosh": log_cosh,
 
 
 def model(loss=softmax_cross_entropy, name="user_cell"):
-    m = Model(name, sizes=("I", "H", "O"))
-    x = m.input("x", "I")
+    m = Model(name, sizes=("I", "C", "H", "O"))
+    x, c = m.input("x", "I"), m.input("c", "C")
     h = m.state("h", "H")
     f = m.node("f", sigmoid(m.matrix("W_f", "H", "I") @ x + m.matrix("U_f", "H", "H") @ h.prev
-                            + m.diagonal("p_f", "H") * h.prev + m.bias("b_f", "H")))
+                            + m.diagonal("p_f", "H") * h.prev + m.matrix("V_f", "H", "C") @ c
+                            + m.bias("b_f", "H")))
     drive = m.matrix("W_n", "H", "I") @ x + m.bias("b_n", "H")
     recurrent = m.matrix("U_n", "H", "H") @ (f * h.prev)
     n = m.node("n", tanh(m.expr(LOGADDEXP, a=drive, b=recurrent)))

@@ -155,6 +155,11 @@ def _load_task(args, module):
     from bpttgen.codegen.app import tasks
 
     target = module.SPEC["target"]
+    if len(module.SPEC["inputs"]) > 1:
+        names = [name for name, _ in module.SPEC["inputs"]]
+        raise UsageError(f"{module.NAME} reads {len(names)} inputs {names}; the tasks and "
+                         "--text give one: train it from Python, Trainer.fit(x, targets) "
+                         "with x a dict of them (README, 'Several inputs')")
     if args.text:
         return tasks.text(args.text, args.seq_len or 50, target=target,
                           tokens=module.SPEC.get("tokens", False))
@@ -168,7 +173,8 @@ def _load_task(args, module):
 def _sizes(module, task, hidden):
     """Input and output sizes from the task, every other size --hidden."""
     sizes = {s: hidden for s in module.SIZES}
-    sizes[module.SPEC["input"][1]] = task.sizes["I"]
+    ((_, input_size),) = module.SPEC["inputs"]  # _load_task refuses several
+    sizes[input_size] = task.sizes["I"]
     sizes[module.SPEC["output"][1]] = task.sizes["O"]
     return sizes
 

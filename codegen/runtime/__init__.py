@@ -24,7 +24,8 @@ Generated modules read ``runtime.<name>`` for the names below.
 
 from .calls import (  # noqa: F401 (the surface generated modules use)
     ALGORITHMS, BIDIRECTIONAL_ALGORITHMS, JIT_OPTIONS, ArrayCache, backward_windows,
-    check_call, check_direction, check_fingerprint, init_params, loss_weights, windows)
+    check_call, check_direction, check_fingerprint, init_params, input_width, loss_weights,
+    pack_inputs, windows)
 from .driver import Model  # noqa: F401
 from .online import ALGORITHMS as _ONLINE
 

@@ -270,18 +270,39 @@ def check_data(spec, sizes, dtype, x, targets=None, state0=None, mask=None):
     return T, B
 
 
+def input_width_text(spec):
+    """The width of x as a formula of sizes: "I", or "I + C" for several inputs."""
+    return " + ".join(size for _, size in spec["inputs"])
+
+
+def input_width(spec, sizes):
+    """The width of x: the sizes of the inputs side by side."""
+    return sum(sizes[size] for _, size in spec["inputs"])
+
+
 def _check_vectors(spec, sizes, dtype, x):
-    """(T, B) of an input of vectors, x: (T, B, size) in the parameters' dtype."""
-    x_size = spec["input"][1]
+    """(T, B) of vectors, x: (T, B, width) in the parameters' dtype, the inputs side
+    by side; its width tells the input size no parameter has (derive allows one)."""
+    width = input_width_text(spec)
     if not isinstance(x, np.ndarray):
-        _fail(TypeError, f"x must be a numpy array of shape (T, B, {x_size}), got "
+        _fail(TypeError, f"x must be a numpy array of shape (T, B, {width}), got "
               f"{type(x).__name__}")
     if x.ndim != 3:
-        _fail(ValueError, f"x must have shape (T, B, {x_size}) (time-major), got {x.shape}")
+        _fail(ValueError, f"x must have shape (T, B, {width}) (time-major), got {x.shape}")
     if x.dtype != dtype:
         _fail(TypeError, f"x has dtype {x.dtype}, expected {dtype} (the parameters' dtype)")
-    if sizes.setdefault(x_size, x.shape[2]) != x.shape[2]:
-        _fail(ValueError, f"x has shape {x.shape}, expected (T, B, {x_size}={sizes[x_size]})")
+    input_sizes = [size for _, size in spec["inputs"]]
+    untold = {size for size in input_sizes if size not in sizes}
+    if untold:
+        (size,) = untold
+        rest = x.shape[2] - sum(sizes[s] for s in input_sizes if s in sizes)
+        if rest >= input_sizes.count(size) and rest % input_sizes.count(size) == 0:
+            sizes[size] = rest // input_sizes.count(size)
+    if any(size not in sizes for size in input_sizes) or input_width(spec, sizes) != x.shape[2]:
+        told = " + ".join(f"{s}={sizes[s]}" if s in sizes else s for s in input_sizes)
+        _fail(ValueError, f"x has shape {x.shape}, expected (T, B, {told})"
+              + (f" (the inputs {[name for name, _ in spec['inputs']]} side by side)"
+                 if len(input_sizes) > 1 else ""))
     T, B = x.shape[0], x.shape[1]
     if T < 1 or B < 1:
         _fail(ValueError, f"x has shape {x.shape}: T and B must be at least 1")
@@ -292,7 +313,7 @@ def _check_vectors(spec, sizes, dtype, x):
 def _check_tokens(spec, sizes, dtype, x):
     """(T, B) of a token input, x: (T, B) integers in [0, vocab), the vocabulary size
     read off the embedding table (a kernel indexing past it would read other memory)."""
-    V = spec["input"][1]
+    ((_, V),) = spec["inputs"]
     if not isinstance(x, np.ndarray):
         _fail(TypeError, f"x must be a numpy array of shape (T, B) of integer tokens, got "
               f"{type(x).__name__}")
@@ -313,15 +334,48 @@ def _check_tokens(spec, sizes, dtype, x):
 
 
 def input_bytes(spec, sizes, itemsize):
-    """Bytes of one (t, b) of the input as the kernels read it: a token is an int64."""
-    return 8 if spec.get("tokens") else itemsize * sizes[spec["input"][1]]
+    """Bytes of one (t, b) of the inputs as the kernels read them: a token is an int64;
+    several inputs are read as copies of x's columns (twice x's width)."""
+    if spec.get("tokens"):
+        return 8
+    return itemsize * input_width(spec, sizes) * (1 if len(spec["inputs"]) == 1 else 2)
+
+
+def pack_inputs(spec, x):
+    """x as one array: a dict {input: (T, B, size)} becomes the inputs side by side in
+    the order the model declares them (a copy); an array is returned as it is."""
+    if not isinstance(x, dict):
+        return x
+    names = [name for name, _ in spec["inputs"]]
+    if sorted(x) != sorted(names):
+        _fail(ValueError, f"x must have the keys {names} (the model's inputs), got "
+              f"{list(x)}")
+    for name in names:
+        a = x[name]
+        if not isinstance(a, np.ndarray) or a.ndim != 3:
+            _fail(ValueError, f"x[{name!r}] must be a numpy array of shape (T, B, "
+                  f"{dict(spec['inputs'])[name]}), got {_shape_of(a)}")
+        if a.shape[:2] != x[names[0]].shape[:2] or a.dtype != x[names[0]].dtype:
+            _fail(ValueError, f"x[{name!r}] has shape {a.shape} and dtype {a.dtype}; the "
+                  f"inputs must share (T, B) and dtype, x[{names[0]!r}] has "
+                  f"{x[names[0]].shape} and {x[names[0]].dtype}")
+    return np.concatenate([x[name] for name in names], axis=2)
 
 
 def input_rows(spec, x):
-    """x as the kernels read it, one row per (t, b): (T*B,) int64 tokens or (T*B, size)."""
+    """x as the kernels read it, one row per (t, b): (T*B,) int64 tokens or (T*B, width)."""
     if spec.get("tokens"):
         return np.ascontiguousarray(x.reshape(-1), dtype=np.int64)
     return x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+
+
+def input_columns(spec, sizes, rows):
+    """Each input's rows, contiguous, in the order declared: x's rows themselves for
+    one input, copies of their columns for several."""
+    if len(spec["inputs"]) == 1:
+        return [rows]
+    edges = np.cumsum([0] + [sizes[size] for _, size in spec["inputs"]])
+    return [np.ascontiguousarray(rows[:, lo:hi]) for lo, hi in zip(edges, edges[1:])]
 
 
 def _check_state0(spec, state0, B, sizes, dtype):

@@ -23,7 +23,8 @@ import math
 
 import numpy as np
 
-from .calls import bytes_text, check_memory_limit
+from .calls import (bytes_text, check_memory_limit, input_columns, input_rows,
+                    input_width_text)
 
 #: Python's cost of one segment's kernel calls, in steps of the recurrence: the
 #: planner's penalty for segments so short that calls, not steps, dominate.
@@ -171,7 +172,7 @@ def check_sequence(spec, x, targets, mask):
         raise ValueError(f"x must have shape (T, B) of integer tokens (time-major), got "
                          f"{x.shape}")
     if not spec.get("tokens") and len(x.shape) != 3:
-        raise ValueError(f"x must have shape (T, B, {spec['input'][1]}) (time-major), got "
+        raise ValueError(f"x must have shape (T, B, {input_width_text(spec)}) (time-major), got "
                          f"{x.shape}")
     for name, a in (("targets", targets), ("mask", mask)):
         if a is not None and tuple(a.shape[:2]) != tuple(x.shape[:2]):
@@ -199,7 +200,7 @@ def segment_view(model, ws, full, steps):
     for name, shape in short.items():
         if shape != long[name]:
             view[name] = ws[name][:shape[0]]
-    view[model.input] = ws[model.input][:steps * B]
+    view.update((name, ws[name][:steps * B]) for name in model.inputs)
     return view
 
 
@@ -228,6 +229,10 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
         chunk, ts = np.asarray(x[lo:hi]), np.asarray(targets[lo:hi])
         check(chunk, ts, None if mask is None else np.asarray(mask[lo:hi]))
         xbuf[:hi - lo] = chunk
+        if len(model.inputs) > 1:  # the inputs' arrays are copies of xbuf's columns
+            columns = input_columns(model.spec, sizes, input_rows(model.spec, chunk))
+            for name, rows in zip(model.inputs, columns):
+                ws[name][:len(rows)] = rows
         for s, array in model.states.items():
             seg[array][:B] = state[s]
         return seg, lo, hi, ts

@@ -227,6 +227,19 @@ def move(dst, d0, src, s0, rows, op):
 
 
 @cuda.jit
+def columns(dst, src, c0):
+    """dst[r, k] = src[r, c0 + k] for all of dst: an input's columns of x."""
+    n = dst.shape[1]
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < dst.shape[0] * n:
+        r = i // n
+        k = i - r * n
+        dst[r, k] = src[r, c0 + k]
+        i += stride
+
+
+@cuda.jit
 def gather(x, x0, W, C, c0, rows, n):
     """C[c0+r, k] = W[k, x[x0+r]] for r < rows, k < n: column x_t of a table."""
     i = cuda.grid(1)
@@ -258,6 +271,7 @@ def ptx_kernels(dtype):
         ("gemm", k["gemm"].py_func, "miimiimiiiii"),
         ("colsum", k["colsum"].py_func, "miiim"),
         ("move", move.py_func, "mimiii"),
+        ("columns", columns.py_func, "mmi"),
         ("gather", gather.py_func, "timmiii"),
         ("scatter_add", scatter_add.py_func, "mtmii"),
     ]
@@ -375,6 +389,22 @@ def stack_rows(arrays):
     return out
 
 
+def input_columns(spec, sizes, rows):
+    """Each input's rows on the device, in the order declared (calls.input_columns):
+    x's rows themselves for one input, new arrays of their columns for several."""
+    if len(spec["inputs"]) == 1:
+        return [rows]
+    out, c0 = [], 0
+    for _, size in spec["inputs"]:
+        dst = cuda.device_array((rows.shape[0], sizes[size]), rows.dtype)
+        n = dst.size
+        if n > 0:
+            columns[max(1, min(MOVE_GRID, -(-n // BLOCK))), BLOCK](dst, rows, c0)
+        out.append(dst)
+        c0 += sizes[size]
+    return out
+
+
 def take_rows(src, s0, rows):
     """A new device array holding rows s0 .. s0+rows of src."""
     out = cuda.device_array((rows, src.shape[1]), src.dtype)
@@ -442,6 +472,7 @@ class Call:
     def __init__(self, spec, params, x, targets=None, state0=None, mask=None):
         if mask is not None and is_device_array(mask):
             mask = to_device(mask).copy_to_host()
+        x = calls.pack_inputs(spec, x)  # a dict of host arrays, side by side
         self.sizes, self.T, self.B, self.dtype = check_arguments(spec, params, x, targets,
                                                                  state0, mask)
         self.on_device = is_device_array(next(iter(params.values())))
@@ -528,7 +559,7 @@ class Model:
                   launches its phase's kernels on a workspace; a backward loop
                   takes (ws, t_hi, t_lo)
     loss_rows     the loss kernel: one thread per row; l2_kernel: the L2 kernel
-    input, output, states, adjoints, vectors, window_local: as runtime.Model's
+    inputs, output, states, adjoints, vectors, window_local: as runtime.Model's
                   (vectors: each vector parameter's per-row gradient, summed after the
                   sweep)
     groups        ((stacked weights, the product's adjoint, its source, the source is
@@ -536,11 +567,11 @@ class Model:
                   its gradient scatter-added), member weights), ...)
     """
 
-    def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, input,
+    def __init__(self, name, spec, shapes, *, zeros, phases, loss_rows, l2_kernel, inputs,
                  output, states, adjoints, vectors, groups, window_local, reverse=None):
         self.name, self.spec, self.shapes, self.zeros = name, spec, shapes, zeros
         self.phases, self.loss_rows, self.l2_kernel = phases, loss_rows, l2_kernel
-        self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.inputs, self.output, self.states, self.vectors = inputs, output, states, vectors
         self.adjoints = adjoints
         self.groups, self.window_local = groups, window_local
         self.reverse = reverse  # the reverse states' backward loop, or None
@@ -560,7 +591,8 @@ class Model:
         TB = T * B
         ws = dict(T=T, B=B, TB=TB, **dict(zip(self.spec["sizes"], dims)))
         if T == call.T:
-            ws[self.input] = call.x.reshape((TB,) + call.x.shape[2:])
+            ws.update(zip(self.inputs, input_columns(
+                self.spec, call.sizes, call.x.reshape((TB,) + call.x.shape[2:]))))
         for stacked, _, _, _, _, weights in self.groups:
             ws[stacked] = stack_rows([call.params[w] for w in weights])
         for p in self.vectors:
@@ -621,7 +653,8 @@ class Model:
         """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
         params.
 
-        x: (T, B, input size); targets: (T, B) integer classes or (T, B, output size)
+        x: (T, B, input size), several inputs side by side (or a dict of host arrays);
+        targets: (T, B) integer classes or (T, B, output size)
         floats, as SPEC["target"] says; state0: {state: (B, size)}; algorithm: "bptt"
         (accumulated, O(T)), "naive" (O(T^2)), "tbptt" (k1, k2: every k1 steps
         backpropagate over the last k2; returns the sum of the truncated gradients),
@@ -736,6 +769,7 @@ class Model:
                             "predictions")
         if mask is not None and is_device_array(mask):
             mask = to_device(mask).copy_to_host()
+        x = calls.pack_inputs(self.spec, x)
         T = checkpoint.check_sequence(self.spec, x, targets, mask)
 
         def host(a):  # a slice as check_arguments takes it: host or device array
@@ -773,11 +807,12 @@ class Model:
             calls.check_data(self.spec, sizes, dtype, _standin(host(xs)), _standin(host(ts)),
                              None, None if mask is None else np.asarray(mask[lo:hi]))
             if xbuf is None:
-                seg[self.input] = to_device(xs).reshape((rows,) + I)
+                xs = to_device(xs).reshape((rows,) + I)
             else:
-                seg[self.input] = xbuf[:rows]
                 xbuf[:rows].copy_to_device(np.ascontiguousarray(
                     np.asarray(xs).reshape((rows,) + I), xbuf.dtype))
+                xs = xbuf[:rows]
+            seg.update(zip(self.inputs, input_columns(self.spec, sizes, xs)))
             if is_device_array(ts):
                 ts = to_device(ts).reshape((rows,) if index else (rows, O))
             else:

@@ -33,7 +33,7 @@ class Model:
     kernels       {role: @njit function}: forward, loss, loss_and_adjoints, bptt,
                   backward_loop, backward_pre, weight_gradients, rtrl; forward_states:
                   the kernels that compute the states (forward without the readout)
-    input         the kernels' name of the input x, (T*B, size)
+    inputs        the kernels' names of the inputs, each (T*B, its size), in SPEC order
     output        (the output z's array, its adjoint's): the loss kernel's
     states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b (a reverse
                   state, SPEC["reverse"]: s_(t+1) at row (t+1)*B + b, state0 at T*B)
@@ -49,11 +49,11 @@ class Model:
                   RTRL kernel (a model with a reverse state)
     """
 
-    def __init__(self, name, spec, args, shapes, *, kernels, input, output, states, adjoints,
+    def __init__(self, name, spec, args, shapes, *, kernels, inputs, output, states, adjoints,
                  vectors, groups, zeros, ones, carry, window_local, l2, rtrl):
         self.name, self.spec, self.args, self.shapes = name, spec, args, shapes
         self.kernel = kernels
-        self.input, self.output, self.states, self.vectors = input, output, states, vectors
+        self.inputs, self.output, self.states, self.vectors = inputs, output, states, vectors
         self.adjoints = adjoints
         self.groups, self.window_local, self.l2 = groups, window_local, l2
         self.carry = carry
@@ -93,7 +93,8 @@ class Model:
         dims = tuple(map(sizes.__getitem__, self._sizes))
         # A copy: the cache keeps no reference to this call's arguments.
         ws = dict(self.cache.get((T, B, np.dtype(dtype), *dims), self._allocate))
-        ws[self.input] = calls.input_rows(self.spec, x)
+        ws.update(zip(self.inputs, calls.input_columns(self.spec, sizes,
+                                                     calls.input_rows(self.spec, x))))
         for stacked, weights in self._stacks:
             ws[stacked] = np.ascontiguousarray(params[weights]) if type(weights) is str \
                 else np.concatenate([params[w] for w in weights])
@@ -210,6 +211,7 @@ class Model:
 
     def forward(self, params, x, state0=None):
         """Predictions y (T, B, output size) and the final states {name: (B, size)}."""
+        x = calls.pack_inputs(self.spec, x)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, state0=state0)
         ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
         self.kernel["forward"](self._tuple(ws))
@@ -225,7 +227,7 @@ class Model:
         """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
         params.
 
-        x: (T, B, input size); targets: (T, B) integer classes or (T, B, output size)
+        x: (T, B, input size), several inputs side by side or a dict of them; targets: (T, B) integer classes or (T, B, output size)
         floats, as SPEC["target"] says; state0: {state: (B, size)}; algorithm: "bptt"
         (accumulated, O(T)), "naive" (O(T^2)), "tbptt" (k1, k2: every k1 steps
         backpropagate over the last k2; returns the sum of the truncated gradients),
@@ -245,6 +247,7 @@ class Model:
         if targets is None:
             raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
                             "predictions")
+        x = calls.pack_inputs(self.spec, x)
         online.check_options(algorithm, k1=k1, k2=k2, c=c, seed=seed, truncate=truncate,
                              memory_limit=memory_limit, snapshots=snapshots, segment=segment)
         calls.check_direction(self.name, self.spec, algorithm)
@@ -286,6 +289,7 @@ class Model:
                       segment):
         """Checkpointed BPTT (checkpoint.py). The arguments are checked one segment at a
         time as they are read, the whole of them never being in memory at once."""
+        x = calls.pack_inputs(self.spec, x)
         T = checkpoint.check_sequence(self.spec, x, targets, mask)
         first = slice(0, min(T, 1))
         sizes, _, B, dtype = calls.check_call(
@@ -318,6 +322,7 @@ class Model:
         """
         if targets is None:
             raise TypeError("rtrl needs targets; use forward(params, x) for predictions")
+        x = calls.pack_inputs(self.spec, x)
         calls.check_direction(self.name, self.spec, "rtrl")
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)

@@ -50,9 +50,10 @@ def random_problem(module, size=3, T=5, B=2, seed=0):
     params = {name: rng.normal(0, 0.5, [sizes[s] for s in shape])
               for name, shape in spec["params"].items()}
     if spec.get("tokens"):  # integer tokens: nothing to perturb, every token drawn
-        x = rng.integers(0, sizes[spec["input"][1]], (T, B))
-    else:
-        x = rng.normal(0, 1, (T, B, sizes[spec["input"][1]]))
+        ((_, vocab),) = spec["inputs"]
+        x = rng.integers(0, sizes[vocab], (T, B))
+    else:  # several inputs side by side
+        x = rng.normal(0, 1, (T, B, sum(sizes[size] for _, size in spec["inputs"])))
     O = sizes[spec["output"][1]]
     if spec["target"] == "index":
         targets = rng.integers(0, O, (T, B))

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .calls import check_direction, windows
+from .calls import check_direction, input_width_text, pack_inputs, windows
 from .progress import Progress
 
 _NUMBER = (int, float, np.integer, np.floating)
@@ -256,7 +256,9 @@ class Trainer:
     # loops ---------------------------------------------------------------------
     def _input(self, x):
         """x as the module takes it: in the parameters' dtype, or integer tokens left
-        as they are (a float cast would let a wrong input through as a token)."""
+        as they are (a float cast would let a wrong input through as a token); a dict
+        of several inputs side by side."""
+        x = pack_inputs(self.module.SPEC, x)
         if self.module.SPEC.get("tokens"):
             return np.ascontiguousarray(x)
         return np.ascontiguousarray(x, dtype=self.dtype)
@@ -285,10 +287,10 @@ class Trainer:
                 raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
         if self.module.SPEC.get("tokens") and x.ndim != 2:
             raise ValueError(f"x must have shape (T, N) of integer tokens in [0, "
-                             f"{self.module.SPEC['input'][1]}) (time-major, N sequences), "
-                             f"got {x.shape}")
+                             f"{input_width_text(self.module.SPEC)}) (time-major, N "
+                             f"sequences), got {x.shape}")
         if not self.module.SPEC.get("tokens") and x.ndim != 3:
-            raise ValueError(f"x must have shape (T, N, {self.module.SPEC['input'][1]}) "
+            raise ValueError(f"x must have shape (T, N, {input_width_text(self.module.SPEC)}) "
                              f"(time-major, N sequences), got {x.shape}")
         if targets.shape[:2] != x.shape[:2]:
             raise ValueError(f"targets must start with x's (T, N) = {x.shape[:2]}, got "
@@ -299,7 +301,7 @@ class Trainer:
 
     def fit(self, x, targets, epochs=1, batch_size=None, progress=True, mask=None,
             callback=None, resume=False, client=None):
-        """Train on x (T, N, I) and targets (T, N[, O]) in minibatches of sequences.
+        """Train on x (T, N, I) (several inputs side by side, or a dict) and targets (T, N[, O]) in minibatches of sequences.
 
         Returns ``self.history``, {"loss": [mean loss of each epoch]}. If the loss
         becomes NaN or Inf it stops, keeps the last good parameters and sets
@@ -314,6 +316,7 @@ class Trainer:
         """
         import warnings
 
+        x = pack_inputs(self.module.SPEC, x)
         if client is not None:
             from .distributed import fit
 
