@@ -10,11 +10,11 @@ Design
 ------
 *Cells.* ``generate_spec(seed, i)`` draws cell i of a run from ``random.Random("seed:i")``
 alone, so a cell is reproducible without the rest of its run. A spec is plain JSON
-(sizes, one input, 1 to 3 states of 1 or 2 sizes, forward or reverse, parameters, a
-body of named nodes and state updates, an output and a loss); ``cell_source(spec)``
-prints it as a definition file (``def model(): ...``) and that source is what is tested, so a
-failure's shrunk cell is printed exactly as it ran. Expressions mix matrix products,
-biases, diagonals, tanh/sigmoid/softplus/exp/log/sqrt/erf/atan, relu/Abs/Max/Min,
+(sizes, 1 to 3 inputs, 1 to 3 states of 1 or 2 sizes, forward or reverse, parameters,
+a body of named nodes and state updates, an output and a loss); ``cell_source(spec)``
+prints it as a definition file (``def model(): ...``) and that source is what is
+tested, so a failure's shrunk cell is printed exactly as it ran. Expressions mix
+matrix products, biases, diagonals, tanh/sigmoid/softplus/exp/log/sqrt/erf/atan, relu/Abs/Max/Min,
 sums, products, quotients ``a / (1 + g*g)``, reductions over the units of a vector
 (``m.sum``, ``m.mean`` as a scalar factor or term of a vector of any size, ``m.layernorm``
 and ``m.rmsnorm`` with a generous eps, sometimes with a gain), powers (2, 3, -1, -2, 1/2, 3/2 and
@@ -32,7 +32,18 @@ such as ``d_x``, ``h_seq``, ``P_x``, ``W_P_x``); the other two thirds use plain 
 (sizes not always I/H/O), so that the math is tested even where a naming refusal
 would end an awkward cell early. A few cells on purpose keep a named node that feeds
 nothing (8%), write the same product twice (8%) or declare a size nothing uses (3%).
-One input: ``Model.input`` allows one today (MAX_INPUTS).
+
+*Inputs.* Most cells read one input; ~25% two and ~5% three (``m.input`` called once
+per input, MAX_INPUTS), drawn from a generator of their own so that a one-input cell is
+drawn exactly as before. An input after the first has a state's size (35%), the first
+input's (15%) or a size of its own; every input of such a cell is read (a product, the
+input itself or times a diagonal, added to an update or the readout where nothing
+read it), and expressions read it as they read any vector: in products, or
+elementwise where the sizes agree. A call's x is then the inputs side by side in the
+order declared (T, B, I1 + I2 + ...), which the reference splits by columns; forward()
+of the dict {name: (T, B, I_k)} must give the same numbers. A token input (20% of the
+one-input cells that read it, drawn from a generator of its own) stays the only input
+of its model.
 
 *Reverse states.* In ~15% of the cells with two or three states some states (now and
 then all) run in reverse (``m.state(..., reverse=True)``: t from T-1 down to 0,
@@ -107,18 +118,19 @@ on the spec's structure, greedily (after a success the next pass resumes where t
 last one succeeded), accepting only a smaller cell (spec_measure) that fails with the
 same signature (class; the call and exception type of a crash; the algorithms
 involved): all names plain + sse + every at once, drop a state, every state forward,
-inline or drop a named node, replace a subexpression by one of its operands or by a
-plain vector, unwrap ``m.node``/``m.expr`` forms, plain names for awkward ones, merge
-sizes, a built-in loss, ``at="every"``, give one use of a shared parameter its own
-copy, drop unused sizes; parameters no longer used are dropped from every candidate
-(an unused parameter is refused). A plain vector put in place of a subexpression reads
-a state only of a direction its place accepts (an update's own, a node's own), so a
-candidate stays a valid bidirectional cell. A failure of a compiled cell is shrunk
-with JIT off whenever the cell fails there too (with the JIT-off signature: a Numba
-typing error is often a Python-level error of the same kernels), else compiled, with
-a twentieth of the budget. ``--shrink-refusal REGEX`` shrinks refusals too (for a
-refusal of a valid cell). Shrunk cells are printed, and written with ``--save-cases
-DIR``.
+drop one of several inputs (a product of it, or a read of it, becomes a plain vector;
+the sizes only it used go too), inline or drop a named node, replace a subexpression
+by one of its operands or by a plain vector, unwrap ``m.node``/``m.expr`` forms, plain
+names for awkward ones, merge sizes, a built-in loss, ``at="every"``, give one use of
+a shared parameter its own copy, drop unused sizes; parameters no longer used are
+dropped from every candidate (an unused parameter is refused). A plain vector put in
+place of a subexpression reads a state only of a direction its place accepts (an
+update's own, a node's own), so a candidate stays a valid bidirectional cell. A
+failure of a compiled cell is shrunk with JIT off whenever the cell fails there too
+(with the JIT-off signature: a Numba typing error is often a Python-level error of
+the same kernels), else compiled, with a twentieth of the budget.
+``--shrink-refusal REGEX`` shrinks refusals too (for a refusal of a valid cell).
+Shrunk cells are printed, and written with ``--save-cases DIR``.
 
 Known limit: sums inside a custom loss use z, d, the shift and K only (no kinks), and
 targets of index losses are drawn uniformly.
@@ -254,7 +266,7 @@ class Namer:
 # ------------------------------------------------------------------------------------
 #
 # Expression trees (E), lists:
-#   ["in"] ["prev", i] ["cur", i] ["node", var] ["param", var] ["mm", var, E]
+#   ["in", j] ["prev", i] ["cur", i] ["node", var] ["param", var] ["mm", var, E]
 #   ["f", fname, E]           fname in tanh sigmoid softplus relu exp log
 #   ["apply", fname, E]       E.apply(sympy.<fname>): Abs sqrt erf atan
 #   ["mexpr", key, E, E?]     m.expr(<template>, a=E, b=E)
@@ -299,7 +311,7 @@ CUSTOM_LOSSES = [
     ("sympy.log(R1) + shift - R2", {"R1": "sympy.exp(z - shift)", "R2": "d * z"}, "index",
      "sympy.exp(z - shift) / R1"),
 ]
-MAX_INPUTS = 1  # Model.input allows one input today; see Generator.draw_inputs
+MAX_INPUTS = 3  # inputs of a cell (Generator.draw_inputs)
 #: Extra input names tried first (a cell's first input is x, u, inp or xt).
 EXTRA_INPUT_NAMES = ["x2", "u2", "v", "w_in", "cond", "x"]
 EXTRA_INPUT_SIZES = ["I2", "J", "In2", "P", "A"]
@@ -582,7 +594,7 @@ class Generator:
                     else:
                         output = ["add", output, self.product(output_size, ["node", st["var"]],
                                                               size)]
-        for j, inp in enumerate(inputs[1:], 1):  # every input is read
+        for j, inp in enumerate(inputs if len(inputs) > 1 else ()):  # every input is read
             if not _contains(output, ["in", j]) and \
                     not any(_contains(st["expr"], ["in", j]) for st in body):
                 output = self.read_input(j, inp["size"], states, output, output_size)
@@ -1913,8 +1925,8 @@ def shrink_candidates(spec):
                     st["state"] -= 1
             s["output"]["expr"] = _map_refs(s["output"]["expr"], fix)
             yield s
-    # 1a. drop an input after the first, its reads replaced by plain vectors
-    for j in range(1, len(spec["input"])):
+    # 1a. drop one of several inputs, its reads replaced by plain vectors
+    for j in range(len(spec["input"]) if len(spec["input"]) > 1 else 0):
         yield _without_input(spec, j, node_sizes)
     # 1b. every state forward
     if any(_reverse_flags(spec)):

@@ -39,7 +39,7 @@ import fuzz  # noqa: E402
 
 SEED = 20240601
 SEED_CELLS = 40  # JIT off, ~0.5 s a cell; cells 1, 4 and 10 are bidirectional, 30 and 35
-# run their one state in reverse
+# run their one state in reverse, 9 and 12 read three inputs, 15, 16, 21-24, 29, 33, 38 two
 COMPILED_CELL = 34  # a cell of SEED compiled by Numba (exp, sigmoid, tanh, a custom loss)
 #: Numba's cache for the compiled cell, kept between runs (keyed by the module's source).
 CACHE = os.path.join(tempfile.gettempdir(), "bpttgen-fuzz-pytest-cache")
@@ -85,12 +85,15 @@ def test_generator_is_deterministic_and_prints_python():
 
 
 def test_fixed_seed_draws_what_the_fuzzer_draws():
-    """SEED's cells include bidirectional ones (a reverse state), so that the run below
-    checks them; a change of the generator that loses them needs another SEED."""
+    """SEED's cells include bidirectional ones (a reverse state) and cells of two and
+    of three inputs, so that the run below checks them; a change of the generator that
+    loses them needs another SEED."""
     specs = [fuzz.generate_spec(SEED, i) for i in range(SEED_CELLS)]
     reverse = [i for i, s in enumerate(specs) if any(st.get("reverse") for st in s["states"])]
     both = [i for i in reverse if not all(st.get("reverse") for st in specs[i]["states"])]
     assert both, f"no cell of seed {SEED} reads a forward and a reverse state"
+    inputs = {len(s["input"]) for s in specs}
+    assert {2, 3} <= inputs, f"the cells of seed {SEED} have {sorted(inputs)} inputs"
 
 
 def test_fuzz_fixed_seed_without_jit():
