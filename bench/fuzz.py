@@ -51,7 +51,7 @@ then all) run in reverse (``m.state(..., reverse=True)``: t from T-1 down to 0,
 drawn from a generator of its own, so that a cell without one is drawn exactly as
 before. The engine refuses a node on the recurrent path that reads both directions,
 so each update and the nodes drawn for it read vectors of its own direction only (or
-of none: the input, and nodes of the input alone), and a node that would feed nothing
+of none: the inputs, and nodes of inputs alone), and a node that would feed nothing
 joins the next update of its direction; the readout reads both. For such a cell the
 algorithms that run forward in time only (tbptt, artbp, rtrl, checkpoint) must be
 missing from ``module.ALGORITHMS`` and refused with a ValueError that names the
@@ -554,7 +554,7 @@ class Generator:
         for k in order:
             size = states[k]["size"]
             # A state's update, and the nodes drawn for it, read only vectors of its own
-            # direction (or of none: the input and what reads only the input).
+            # direction (or of none: the inputs and what reads only inputs).
             everything = self.available
             if any(self.reverse):
                 self.available = [(v, sz) for v, sz in everything
