@@ -504,25 +504,35 @@ class Plan:
         return expr.xreplace({sp.Symbol(p, real=True): sp.Symbol(f"{p}[_k]")
                               for p in self.vector_params})
 
-    def _loads(self, exprs, local):
+    def _loads(self, exprs, local, per_row=None):
+        """Lines loading the vectors (and reductions) ``exprs`` read; per_row True: the
+        reductions' only (one number per row), False: all but those."""
         names = sorted({s.name for e in exprs for s in e.free_symbols} - set(local))
         return [f"{n} = {self.value(n)}" for n in names
-                if n in self.nodes or n in self.prev_of or n in self.input_arrays]
+                if (n in self.nodes or n in self.prev_of or n in self.input_arrays)
+                and per_row in (None, n in self.reductions)]
 
     def _print_elementwise(self, block):
+        """A fused elementwise block: each unit of each row. What is the same for every
+        unit of a row (it reads only reductions, sizes and numbers: a LayerNorm's
+        1/sqrt(var + eps)) is computed once per row, before the unit loop."""
         body, exprs, local = [], [], set()
+        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_r")
         for name in block.nodes:
             temps, (expr,) = cse([self._local_symbols(self.nodes[name].expr)],
                                  prefix=f"_{name}_")
             exprs.extend([self.nodes[name].expr] + [e for _, e in temps])
-            body += [f"{t} = {pycode(e)}" for t, e in temps]
-            body += [f"{name} = {pycode(expr)}" + self.cite("fwd", name),
+            body += [f"{t} = {pycode(e)}" for t, e in row.temps(temps)]
+            body += [f"{name} = {pycode(row.hoist(expr))}" + self.cite("fwd", name),
                      f"{self.value(name)} = {name}"]
             local.add(name)
-        block.forward_body = self._loads(exprs, local) + body
-        block.forward = _loop(block.size, block.forward_body)
+        per_row = self._loads(exprs, local, per_row=True) + row.lines()
+        unit = self._loads(exprs, local, per_row=False) + body
+        block.forward_body = per_row + unit  # a CUDA thread per unit computes both
+        block.forward = _loop(block.size, unit, per_row)
 
         body, exprs, sums = [], [], []
+        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_b")
         for name in block.nodes:
             init = self.adjoint(name) if name in self.needs_array else "0.0"
             cite = self.cite("adj", name) if name in self.needs_array else ""
@@ -534,11 +544,13 @@ class Plan:
             temps, reduced = cse([self._local_symbols(t.expr) for t in terms],
                                  prefix=f"_{name}_")
             exprs.extend(t.expr for t in terms)
-            body += [f"{v} = {pycode(e)}" for v, e in temps]
+            body += [f"{v} = {pycode(e)}" for v, e in row.temps(temps)]
             written = set()
             for t, e in zip(terms, reduced):
-                body += self._push(block, name, t, e, written, sums)
+                body += self._push(block, name, t, row.hoist(e), written, sums)
         stores = [line for line in body if "[" in line.split("=")[0]] or sums
+        per_row = self._loads(exprs, set(), per_row=True) + row.lines()
+        unit = self._loads(exprs, set(), per_row=False) + body
         if not stores:
             block.backward_body, block.backward = [], []
         elif sums:
@@ -546,15 +558,15 @@ class Plan:
             # one store per row (the row's CUDA thread runs the unit loop itself).
             block.backward_per_row = True
             block.backward_body = (
-                [f"{self.local_adjoint(r)} = 0.0" for r in sums]
+                [f"{self.local_adjoint(r)} = 0.0" for r in sums] + per_row
                 + [f"for _k in range({block.size}):"]
-                + ["    " + line for line in self._loads(exprs, set()) + body]
+                + ["    " + line for line in unit]
                 + [f"{self.adjoint(r)} += {self.local_adjoint(r)}" + self.cite("adj", r)
                    for r in sums])
             block.backward = _rows(block.backward_body)
         else:
-            block.backward_body = self._loads(exprs, set()) + body
-            block.backward = _loop(block.size, block.backward_body)
+            block.backward_body = per_row + unit
+            block.backward = _loop(block.size, unit, per_row)
 
     def _push(self, block, name, t, e, written, sums):
         """The line adding node ``name``'s contribution ``bar(name) * e`` (Term t) to
@@ -710,6 +722,59 @@ def _rows(body):
     return ["for _r in range(_lo, _hi):"] + ["    " + line for line in body]
 
 
-def _loop(size, body):
-    return ["for _r in range(_lo, _hi):", f"    for _k in range({size}):"] + \
-        ["        " + line for line in body]
+def _loop(size, body, per_row=()):
+    """The CPU's loop over the rows and, inside, the units; ``per_row`` lines first."""
+    return ["for _r in range(_lo, _hi):"] + ["    " + line for line in per_row] + \
+        [f"    for _k in range({size}):"] + ["        " + line for line in body]
+
+
+class RowInvariant:
+    """The parts of a block's per-unit expressions that are the same for every unit of
+    a row: they read only ``names`` (reductions: one number per row; sizes) and
+    numbers. ``hoist`` replaces each largest such part (and the row-invariant factors
+    of a product, taken together) by a temporary that ``lines`` computes once per row;
+    ``temps`` moves a wholly invariant CSE temporary to the row lines, under its own
+    name. Exact algebra: only the rounding order may change."""
+
+    def __init__(self, names, prefix):
+        self.names, self.prefix = set(names), prefix
+        self.rows = []  # (temporary, expression), computed once per row in this order
+        self.by_expression = {}
+
+    def _invariant(self, e):
+        return all(s.name in self.names for s in e.free_symbols)
+
+    def _add(self, symbol, e):
+        self.rows.append((symbol, e))
+        self.by_expression.setdefault(e, symbol)
+        self.names.add(symbol.name)
+
+    def _temporary(self, e):
+        if e not in self.by_expression:
+            self._add(sp.Symbol(f"{self.prefix}{len(self.rows)}", real=True), e)
+        return self.by_expression[e]
+
+    def hoist(self, e):
+        if e.is_Atom or (e.is_Mul and all(a.is_Atom for a in e.args)):
+            return e  # a scaled symbol: no cheaper per row
+        if self._invariant(e):
+            return self._temporary(e)
+        if e.is_Mul:
+            fixed = [a for a in e.args if self._invariant(a)]
+            if any(not a.is_Atom for a in fixed):
+                rest = [self.hoist(a) for a in e.args if not self._invariant(a)]
+                return sp.Mul(self._temporary(sp.Mul(*fixed)), *rest)
+        return e.func(*[self.hoist(a) for a in e.args])
+
+    def temps(self, temps):
+        """The CSE temporaries (symbol, expression) left per unit, hoisted."""
+        kept = []
+        for symbol, e in temps:
+            if self._invariant(e):
+                self._add(symbol, e)
+            else:
+                kept.append((symbol, self.hoist(e)))
+        return kept
+
+    def lines(self):
+        return [f"{s} = {pycode(e)}" for s, e in self.rows]

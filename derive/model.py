@@ -593,6 +593,11 @@ class Model:
             raise DefinitionError(
                 f"shape mismatch in '{matrix.name} @ {vec.expr}': {matrix.name} has shape "
                 f"({matrix.rows}, {matrix.cols}) but '{vec.expr}' has size {vec.size}")
+        if not {s.name for s in vec.expr.free_symbols} - set(self.params) - set(self.sizes):
+            raise DefinitionError(
+                f"'{matrix.name} @ {vec.expr}': the vector is the same at every step (it "
+                "reads no input, state or node, only parameters and numbers), so the "
+                f"product is a constant: use a bias of size {matrix.rows} instead")
         source = self._materialize(vec)
         if source in self._linear_nodes:
             # A product of a product: store the inner one as a vector of its own, so
