@@ -734,12 +734,15 @@ class RowInvariant:
     numbers. ``hoist`` replaces each largest such part (and the row-invariant factors
     of a product, taken together) by a temporary that ``lines`` computes once per row;
     ``temps`` moves a wholly invariant CSE temporary to the row lines, under its own
-    name. Exact algebra: only the rounding order may change."""
+    name, or reads the row temporary of the same expression in its place (each node's
+    CSE repeats the block's var + eps). Exact algebra: only the rounding order may
+    change."""
 
     def __init__(self, names, prefix):
         self.names, self.prefix = set(names), prefix
         self.rows = []  # (temporary, expression), computed once per row in this order
         self.by_expression = {}
+        self.same = {}  # CSE temporary -> the row temporary of its expression
 
     def _invariant(self, e):
         return all(s.name in self.names for s in e.free_symbols)
@@ -755,6 +758,7 @@ class RowInvariant:
         return self.by_expression[e]
 
     def hoist(self, e):
+        e = e.xreplace(self.same)
         if e.is_Atom or (e.is_Mul and all(a.is_Atom for a in e.args)):
             return e  # a scaled symbol: no cheaper per row
         if self._invariant(e):
@@ -770,7 +774,10 @@ class RowInvariant:
         """The CSE temporaries (symbol, expression) left per unit, hoisted."""
         kept = []
         for symbol, e in temps:
-            if self._invariant(e):
+            e = e.xreplace(self.same)
+            if self._invariant(e) and e in self.by_expression:
+                self.same[symbol] = self.by_expression[e]
+            elif self._invariant(e):
                 self._add(symbol, e)
             else:
                 kept.append((symbol, self.hoist(e)))

@@ -122,3 +122,15 @@ def fuzz_derivations(seed, cells):
         except ValueError:  # a refused definition (DefinitionError, LossError)
             continue
     return out
+
+
+def readme_blocks():
+    """({name: text} of the README's blocks marked <!-- readme-test: name -->, the
+    README's text)."""
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        text = f.read()
+    return dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", text, re.S)), text

@@ -17,6 +17,7 @@ import pytest
 
 from bpttgen.codegen.app import cli, demo, tasks
 from bpttgen.codegen.runtime import gradcheck
+from helpers import readme_blocks
 from bpttgen.derive.models import BUILTIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,11 +266,6 @@ def test_copy_and_parity_tasks():
 
 
 # -- the README -----------------------------------------------------------------------
-def readme_blocks():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    return dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", text, re.S)), text
-
 
 def test_readme_commands_match_ci():
     _, text = readme_blocks()

@@ -11,7 +11,7 @@ import pytest
 from bpttgen.codegen.generate import module_sources
 from bpttgen.codegen.runtime import calls
 from bpttgen.derive import DefinitionError, Model, derive, reference, sse, tanh
-from helpers import max_relative_error, random_problem
+from helpers import max_relative_error, random_problem, readme_blocks
 from test_definitions import _located, _next_line
 from unrolled import symbolic_loss_and_grads
 
@@ -193,15 +193,9 @@ def test_memory_counts_a_token_as_an_int64(embed):
 def test_readme_token_cell(tmp_path):
     """The README's token cell derives, and its generated module passes generate's
     check (every exact algorithm against finite differences, the kernels as Python)."""
-    import os
-    import re
-
     from bpttgen.derive.loader import load_model
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", f.read(),
-                                 re.S))
+    blocks, _ = readme_blocks()
     path = tmp_path / "cell_embed.py"
     path.write_text(blocks["cell_embed.py"])
     model = load_model(str(path))

@@ -10,7 +10,7 @@ import pytest
 from bpttgen.codegen.generate import module_sources
 from bpttgen.codegen.runtime import calls
 from bpttgen.derive import DefinitionError, Model, derive, reference, sigmoid, sse, tanh
-from helpers import max_relative_error, random_problem
+from helpers import max_relative_error, random_problem, readme_blocks
 from test_definitions import _located, _next_line
 from unrolled import symbolic_loss_and_grads
 
@@ -161,16 +161,10 @@ def test_trainer_takes_a_dict(conditioned):
 def test_readme_conditioned_cell(tmp_path):
     """The README's cell of two inputs derives and passes generate's check; the
     command line's training says it feeds one input."""
-    import os
-    import re
-
     from bpttgen.codegen.app import cli
     from bpttgen.derive.loader import load_model
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", f.read(),
-                                 re.S))
+    blocks, _ = readme_blocks()
     path = tmp_path / "cell_cond.py"
     path.write_text(blocks["cell_cond.py"])
     model = load_model(str(path))

@@ -18,7 +18,8 @@ import pytest
 
 from bpttgen.derive import DefinitionError, Model, derive, reference, sigmoid, sse, tanh
 from bpttgen.derive.loader import load_model
-from helpers import finite_difference, max_relative_error, random_problem, tiny_sizes
+from helpers import (finite_difference, max_relative_error, random_problem, readme_blocks,
+                     tiny_sizes)
 from unrolled import symbolic_loss_and_grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +41,7 @@ def every_phase():
 
 
 def _readme_cell(tmp_path):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        blocks = dict(re.findall(r"<!-- readme-test: (\S+) -->\n```\w*\n(.*?)```", f.read(),
-                                 re.S))
+    blocks, _ = readme_blocks()
     path = tmp_path / "cell_ln.py"
     path.write_text(blocks["cell_ln.py"])
     return load_model(str(path))

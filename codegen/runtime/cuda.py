@@ -345,10 +345,15 @@ def total(A):
     return float(column_sums(A).copy_to_host()[0])
 
 
+def _strided(kernel, n):
+    """A launch of a grid-stride kernel over n elements (at most MOVE_GRID blocks)."""
+    return kernel[max(1, min(MOVE_GRID, -(-n // BLOCK))), BLOCK]
+
+
 def _move(dst, d0, src, s0, rows, op):
     n = rows * dst.shape[1]
     if n > 0:
-        move[max(1, min(MOVE_GRID, -(-n // BLOCK))), BLOCK](dst, d0, src, s0, rows, op)
+        _strided(move, n)(dst, d0, src, s0, rows, op)
 
 
 def zero(a, lo=0, hi=None):
@@ -397,9 +402,8 @@ def input_columns(spec, sizes, rows):
     out, c0 = [], 0
     for _, size in spec["inputs"]:
         dst = cuda.device_array((rows.shape[0], sizes[size]), rows.dtype)
-        n = dst.size
-        if n > 0:
-            columns[max(1, min(MOVE_GRID, -(-n // BLOCK))), BLOCK](dst, rows, c0)
+        if dst.size > 0:
+            _strided(columns, dst.size)(dst, rows, c0)
         out.append(dst)
         c0 += sizes[size]
     return out
