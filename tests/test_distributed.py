@@ -35,7 +35,7 @@ def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=":0")
     c = distributed.Client(cluster, direct_to_workers=True)  # as train --workers
-    c.wait_for_workers(2)
+    c.wait_for_workers(2, timeout=300)  # a failure, never a hang
     yield c
     c.close()
     cluster.close()
@@ -289,7 +289,7 @@ def _start_scheduler(folder):
                                  "--nthreads", "1", "--no-dashboard"], **quiet)
                for _ in range(2)]
     with distributed.Client(address) as c:  # both there: two shards from the first step
-        c.wait_for_workers(2)
+        c.wait_for_workers(2, timeout=300)
     return address, scheduler, workers
 
 
@@ -345,3 +345,25 @@ def test_workers_without_dask_says_what_to_install(monkeypatch, capsys, tmp_path
                      "--workers", "2", "--no-plot", "-q", "-o", str(tmp_path / "x.npz")])
     assert code == cli.EXIT_USAGE
     assert 'pip install "bpttgen[distributed]"' in capsys.readouterr().err
+
+
+def test_a_wait_ends_when_the_scheduler_is_gone(monkeypatch):
+    """A wait on the cluster is cut into slices, the scheduler asked between them: a
+    client whose scheduler was killed can wait on a future for ever (the suite hung in
+    gather so, 3 runs in 4 under load, before this)."""
+    monkeypatch.setattr(dist, "PATIENCE", 0.0)
+    calls = []
+
+    def times_out_twice(timeout):
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise TimeoutError
+        return "done"
+
+    monkeypatch.setattr(dist, "_scheduler_gone", lambda client: False)
+    assert dist._patiently(None, times_out_twice) == "done" and len(calls) == 3
+    monkeypatch.setattr(dist, "_scheduler_gone", lambda client: True)
+    calls.clear()
+    with pytest.raises(ConnectionError, match="does not answer"):
+        dist._patiently(None, times_out_twice)
+    assert len(calls) == 1

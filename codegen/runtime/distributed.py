@@ -68,6 +68,7 @@ on one machine would read it.
 dask is imported lazily: the runtime needs only NumPy and Numba.
 """
 
+import asyncio
 import hashlib
 import importlib
 import importlib.util
@@ -98,6 +99,28 @@ REFUSED = {
 class SchedulerLost(RuntimeError):
     """The Dask scheduler went away during ``fit``; the trainer holds the state at
     the end of its last finished minibatch (``position``), ready to ``save``."""
+
+
+#: Seconds a wait on the cluster lasts before the scheduler is asked whether it still
+#: answers. A client whose scheduler was killed can wait on a future for ever (its
+#: state never changes, nor is it cancelled: the suite once hung in gather), so every
+#: wait is cut into slices of this length.
+PATIENCE = 5.0
+
+
+class _NoScheduler(ConnectionError):
+    """A wait on the cluster found the scheduler gone."""
+
+
+def _patiently(client, wait):
+    """``wait(timeout)`` again until it returns; _NoScheduler once the scheduler no
+    longer answers (``fit`` turns that into ``SchedulerLost``)."""
+    while True:
+        try:
+            return wait(PATIENCE)
+        except (TimeoutError, asyncio.TimeoutError):
+            if _scheduler_gone(client):
+                raise _NoScheduler("the Dask scheduler does not answer") from None
 
 
 def require_dask():
@@ -404,13 +427,13 @@ class DataParallel:
 
         workers = sorted(self.client.scheduler_info().get("workers", {}))
         while not workers:  # all dead (kill -9) and their nannies not yet back: wait
-            self.client.wait_for_workers(1)
+            _patiently(self.client, lambda t: self.client.wait_for_workers(1, timeout=t))
             workers = sorted(self.client.scheduler_info().get("workers", {}))
         new = {w: self.client.submit(_home, self._ref, self._held, pure=False, workers=[w],
                                      allow_other_workers=True)
                for w in workers if w not in self._homes}
         if new:
-            wait(list(new.values()))
+            _patiently(self.client, lambda t: wait(list(new.values()), timeout=t))
             self._homes.update(new)
         for w in set(self._actors) - set(workers):  # gone: its actor's task goes too
             del self._actors[w]
@@ -485,6 +508,8 @@ class DataParallel:
         the shard could start); later calls name them. A shard whose actor call fails
         (its worker died, or lacks the parameters) goes again as a task, with them:
         the scheduler reruns a task, and what it needs, on a worker that lives."""
+        from distributed import wait
+
         workers = self._workers()
         tag = (self._id, self._version)
         pending = []
@@ -500,16 +525,20 @@ class DataParallel:
                 tasks[i] = call.future
                 continue
             try:
-                results[i] = call.result()
+                results[i] = _patiently(self.client, call.result)
+            except _NoScheduler:
+                raise
             except Exception as err:  # noqa: BLE001 - a real failure raises again below
                 w = workers[i % len(workers)]
                 if not isinstance(err, _Stale):
                     self._actors.pop(w, None)  # its worker is gone: _workers() remakes it
                 tasks[i] = self._submit(w, function, tag, True, calls[i]).future
         while tasks:
+            futures = list(tasks.values())
+            _patiently(self.client, lambda t: wait(futures, timeout=t))
             try:
                 # From the workers straight, not relayed through the scheduler.
-                done = self.client.gather(list(tasks.values()), direct=True)
+                done = self.client.gather(futures, direct=True)
             except _Stale:  # a task ran where the parameters are not: send them
                 tasks = {i: self._submit(workers[i % len(workers)], function, tag, True,
                                          calls[i]).future
