@@ -446,6 +446,14 @@ class Plan:
         return lines
 
     # -- printing -------------------------------------------------------------
+    def code(self, e):
+        """A kernel line's expression, its numbers and sizes of the kernel's float type."""
+        return pycode(e, sizes=self.d.sizes)
+
+    def code_factor(self, e):
+        """code(e) as a factor of a product (parenthesised where precedence needs it)."""
+        return pycode_factor(e, sizes=self.d.sizes)
+
     def cite(self, kind, name):
         """A trailing comment citing the LaTeX equation a printed line implements
         (``bpttgen latex MODEL`` numbers them); the readout's adjoint, when nothing
@@ -517,13 +525,14 @@ class Plan:
         unit of a row (it reads only reductions, sizes and numbers: a LayerNorm's
         1/sqrt(var + eps)) is computed once per row, before the unit loop."""
         body, exprs, local = [], [], set()
-        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_r")
+        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_r",
+                           self.code)
         for name in block.nodes:
             temps, (expr,) = cse([self._local_symbols(self.nodes[name].expr)],
                                  prefix=f"_{name}_")
             exprs.extend([self.nodes[name].expr] + [e for _, e in temps])
-            body += [f"{t} = {pycode(e)}" for t, e in row.temps(temps)]
-            body += [f"{name} = {pycode(row.hoist(expr))}" + self.cite("fwd", name),
+            body += [f"{t} = {self.code(e)}" for t, e in row.temps(temps)]
+            body += [f"{name} = {self.code(row.hoist(expr))}" + self.cite("fwd", name),
                      f"{self.value(name)} = {name}"]
             local.add(name)
         per_row = self._loads(exprs, local, per_row=True) + row.lines()
@@ -532,9 +541,10 @@ class Plan:
         block.forward = _loop(block.size, unit, per_row)
 
         body, exprs, sums = [], [], []
-        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_b")
+        row = RowInvariant(self.reductions | set(self.d.sizes), f"_{block.nodes[0]}_b",
+                           self.code)
         for name in block.nodes:
-            init = self.adjoint(name) if name in self.needs_array else "0.0"
+            init = self.adjoint(name) if name in self.needs_array else "_T(0)"
             cite = self.cite("adj", name) if name in self.needs_array else ""
             body.append(f"{self.local_adjoint(name)} = {init}{cite}")
         for name in reversed(block.nodes):
@@ -544,7 +554,7 @@ class Plan:
             temps, reduced = cse([self._local_symbols(t.expr) for t in terms],
                                  prefix=f"_{name}_")
             exprs.extend(t.expr for t in terms)
-            body += [f"{v} = {pycode(e)}" for v, e in row.temps(temps)]
+            body += [f"{v} = {self.code(e)}" for v, e in row.temps(temps)]
             written = set()
             for t, e in zip(terms, reduced):
                 body += self._push(block, name, t, row.hoist(e), written, sums)
@@ -558,7 +568,7 @@ class Plan:
             # one store per row (the row's CUDA thread runs the unit loop itself).
             block.backward_per_row = True
             block.backward_body = (
-                [f"{self.local_adjoint(r)} = 0.0" for r in sums] + per_row
+                [f"{self.local_adjoint(r)} = _T(0)" for r in sums] + per_row
                 + [f"for _k in range({block.size}):"]
                 + ["    " + line for line in unit]
                 + [f"{self.adjoint(r)} += {self.local_adjoint(r)}" + self.cite("adj", r)
@@ -573,7 +583,7 @@ class Plan:
         its target: a local adjoint of the block, a vector parameter's gradient, a
         reduction's local sum (``sums`` collects those), or an adjoint array."""
         own = self.local_adjoint(name)
-        contribution = own if e == 1 else f"{own}*{pycode_factor(e)}"
+        contribution = own if e == 1 else f"{own}*{self.code_factor(e)}"
         if t.target in block.nodes:
             return [f"{self.local_adjoint(t.target)} += {contribution}"
                     + self.cite("adj", t.target)]
@@ -602,9 +612,9 @@ class Plan:
         temps, (expr,) = cse([self._local_symbols(node.expr)], prefix=f"_{name}_")
         exprs = [node.expr] + [e for _, e in temps]
         block.forward_body = (
-            [f"{name} = 0.0", f"for _k in range({block.size}):"]
+            [f"{name} = _T(0)", f"for _k in range({block.size}):"]
             + ["    " + line for line in self._loads(exprs, set())
-               + [f"{t} = {pycode(e)}" for t, e in temps] + [f"{name} += {pycode(expr)}"]]
+               + [f"{t} = {self.code(e)}" for t, e in temps] + [f"{name} += {self.code(expr)}"]]
             + [f"{self.value(name)} = {name}" + self.cite("fwd", name)])
         block.forward = _rows(block.forward_body)
 
@@ -612,12 +622,12 @@ class Plan:
         if not terms:
             return
         temps, reduced = cse([self._local_symbols(t.expr) for t in terms], prefix=f"_{name}_")
-        body, written, sums = [f"{t} = {pycode(e)}" for t, e in temps], set(), []
+        body, written, sums = [f"{t} = {self.code(e)}" for t, e in temps], set(), []
         for t, e in zip(terms, reduced):
             body += self._push(block, name, t, e, written, sums)
         block.backward_body = (
             [f"{self.local_adjoint(name)} = {self.adjoint(name)}" + self.cite("adj", name)]
-            + [f"{self.local_adjoint(r)} = 0.0" for r in sums]
+            + [f"{self.local_adjoint(r)} = _T(0)" for r in sums]
             + [f"for _k in range({block.size}):"]
             + ["    " + line for line in self._loads([t.expr for t in terms], set()) + body]
             + [f"{self.adjoint(r)} += {self.local_adjoint(r)}" + self.cite("adj", r)
@@ -688,11 +698,11 @@ class Plan:
             "size": out_size,
             "node": info.node,
             "index": loss.target == "index",
-            "sums": [(sym.name, pycode(e.xreplace(k_sym))) for sym, e in sums],
-            "stored": None if stored is None else pycode(stored.xreplace(k_sym)),
-            "value": pycode(loss.value.xreplace(k_sym)),
-            "prediction": pycode(prediction.xreplace(k_sym)),
-            "error": pycode(info.error.xreplace(k_sym)),
+            "sums": [(sym.name, self.code(e.xreplace(k_sym))) for sym, e in sums],
+            "stored": None if stored is None else self.code(stored.xreplace(k_sym)),
+            "value": self.code(loss.value.xreplace(k_sym)),
+            "prediction": self.code(prediction.xreplace(k_sym)),
+            "error": self.code(info.error.xreplace(k_sym)),
             "uses_m": any(sp.Symbol("m", real=True) in e.free_symbols
                           for e in [loss.value, loss.prediction] + [e for _, e in loss.sums]),
         }
@@ -738,8 +748,8 @@ class RowInvariant:
     CSE repeats the block's var + eps). Exact algebra: only the rounding order may
     change."""
 
-    def __init__(self, names, prefix):
-        self.names, self.prefix = set(names), prefix
+    def __init__(self, names, prefix, code):
+        self.names, self.prefix, self.code = set(names), prefix, code
         self.rows = []  # (temporary, expression), computed once per row in this order
         self.by_expression = {}
         self.same = {}  # CSE temporary -> the row temporary of its expression
@@ -784,4 +794,4 @@ class RowInvariant:
         return kept
 
     def lines(self):
-        return [f"{s} = {pycode(e)}" for s, e in self.rows]
+        return [f"{s} = {self.code(e)}" for s, e in self.rows]

@@ -251,8 +251,9 @@ def model_context(derivation, plan):
         states=d.states,
         reverse_states=repr(tuple(s.name for s in d.states if s.reverse)) if d.bidirectional
         else "",
-        l2_penalty=pycode(d.l2_penalty.xreplace(l2)),
-        l2_gradient=pycode(d.l2_gradient.xreplace(l2)),
+        # run by Python on NumPy arrays (the CPU module's _l2), or in a kernel of its own
+        l2_penalty=pycode(d.l2_penalty.xreplace(l2), typed=False),
+        l2_gradient=pycode(d.l2_gradient.xreplace(l2), typed=False),
     )
 
 
@@ -314,6 +315,9 @@ def cpu_context(derivation):
     rtrl = None if d.bidirectional else RtrlPlan(plan).context()
     return dict(
         model_context(d, plan),
+        # what a kernel may take its float type from (_T): not the sizes, nor tokens
+        float_arrays=[a for a in args[3 + len(d.sizes):]
+                      if not (d.tokens and a in plan.input_arrays.values())],
         args_tuple=repr(tuple(args)),
         args_unpack=unpack(args, "_args"),
         tangent_unpack=rtrl and rtrl["tangents"] and unpack([t["name"] for t in rtrl["tangents"]],
@@ -344,8 +348,53 @@ def render_cpu(derivation, command):
     """Source text of the CPU module for a Derivation."""
     context = cpu_context(derivation)
     text = environment().get_template("cpu_module.py.j2").render(header="", **context)
-    body = wrap_long_lines(bind_used(text.lstrip("\n"), context["args_unpack"]))
+    text = define_float_type(text.lstrip("\n"),
+                             context["float_arrays"] + list(context["output_arrays"]),
+                             context["args_unpack"])
+    body = wrap_long_lines(bind_used(text, context["args_unpack"]))
     return header(command, body) + body
+
+
+_DEF = re.compile(r"def \w+\(")
+
+
+def define_float_type(source, arrays, unpack_line=None):
+    """``source`` with ``_T = a.dtype.type`` at the top of each function that uses
+    ``_T(`` (a number printed in the kernel's float type: printer.NumbaPrinter._number),
+    ``a`` the first of the float ``arrays`` the function reads: after its docstring,
+    or after ``unpack_line`` where the function binds its arguments so."""
+    lines = source.split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        out.append(line)
+        i += 1
+        if not _DEF.match(line):
+            continue
+        end = i
+        while end < len(lines) and (not lines[end].strip() or lines[end].startswith(" ")):
+            end += 1
+        body = lines[i:end]
+        if not any("_T(" in b for b in body):
+            continue
+        at = 0  # the index in body before which the binding goes
+        if body and body[0].strip().startswith('"""'):
+            first = body[0].strip()
+            at = 1 if first.count('"""') == 2 and len(first) > 3 else \
+                next(k for k in range(1, len(body)) if '"""' in body[k]) + 1
+        if unpack_line is not None:
+            at = next((k + 1 for k, b in enumerate(body) if b.strip() == unpack_line), at)
+        read = [b for b in body if unpack_line is None or b.strip() != unpack_line]
+        used = set(_IDENTIFIER.findall(line + "\n" + "\n".join(read)))
+        name = next((a for a in arrays if a in used), None)
+        if name is None:
+            raise PlanError(f"{line.strip()} prints typed numbers (_T) but reads none of "
+                            f"the float arrays {list(arrays)}")
+        indent = body[at][:len(body[at]) - len(body[at].lstrip())] if at < len(body) else "    "
+        out.extend(body[:at] + [f"{indent}_T = {name}.dtype.type  # the kernel's float type"]
+                   + body[at:])
+        i = end
+    return "\n".join(out)
 
 
 _IDENTIFIER = re.compile(r"[^\W\d]\w*")  # Python identifiers, Unicode ones too

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 from bpttgen.derive import naming
 from bpttgen.codegen.plan import Plan, PlanError
-from bpttgen.codegen.render import (_block_comment, environment, header, model_context,
-                                    state_adjoints, window_local, wrap_long_lines)
+from bpttgen.codegen.render import (_block_comment, define_float_type, environment, header,
+                                    model_context, state_adjoints, window_local,
+                                    wrap_long_lines)
 
 
 
@@ -250,6 +251,9 @@ def cuda_context(derivation):
 
 def render_cuda(derivation, command):
     """Source text of the CUDA module for a Derivation."""
-    body = wrap_long_lines(environment().get_template("cuda_module.py.j2").render(
-        header="", **cuda_context(derivation)).lstrip("\n"))
+    context = cuda_context(derivation)
+    text = environment().get_template("cuda_module.py.j2").render(header="", **context)
+    floats = [a for k in context["kernels"] for a, kind in zip(k.args, k.kinds) if kind in "vm"]
+    floats += list(context["output_arrays"])  # the loss kernel's
+    body = wrap_long_lines(define_float_type(text.lstrip("\n"), floats))
     return header(command, body) + body

@@ -39,7 +39,6 @@ from bpttgen.derive import naming
 from bpttgen.derive.naming import code_tangent as dot
 from bpttgen.derive.simplify import cse
 
-from bpttgen.codegen.printer import pycode, pycode_factor
 
 
 @dataclass
@@ -174,16 +173,16 @@ class RtrlPlan:
         exprs.extend(t.expr for t in terms)
         temps, reduced = cse([plan._local_symbols(t.expr) for t in terms],
                              prefix=f"_{name}_")
-        body = [f"{v} = {pycode(e)}" for v, e in temps]
+        body = [f"{v} = {plan.code(e)}" for v, e in temps]
         by_coef, immediate = {}, []
         for t, e in zip(terms, reduced):
             if t.rule == "direction":
                 immediate.append(f"{dot(name)}[{row}, _c + {naming.code_direction(t.via)} + _k]"
-                                 f" += {pycode(e)}" + plan.cite("dot", name))
+                                 f" += {plan.code(e)}" + plan.cite("dot", name))
                 continue
             if not (e.is_Symbol or e.is_Number):
                 coef = naming.code_coefficient(name, t.via)
-                body.append(f"{coef} = {pycode(e)}")
+                body.append(f"{coef} = {plan.code(e)}")
                 e = sp.Symbol(coef)
             by_coef.setdefault(e, []).append(self.tangent(t.via, "_k", "_c + _p"))
         # Arguments with one coefficient (the summands of a pre-activation) are
@@ -194,7 +193,7 @@ class RtrlPlan:
             if e == 1:
                 terms.append(total)
             else:
-                terms.append(f"{pycode_factor(e)}*" +
+                terms.append(f"{plan.code_factor(e)}*" +
                              (f"({total})" if len(summands) > 1 else total))
         if terms or not reduction:
             body += ["for _p in range(NP):",

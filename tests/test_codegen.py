@@ -5,9 +5,13 @@ differences, against the NumPy reference, and the equalities theory promises
 between algorithms (bptt == naive == tbptt(T, T) == epochwise).
 """
 
+import re
+
+import numba
 import numpy as np
 import pytest
 
+from bpttgen.codegen.runtime.kernel_functions import JIT_OPTIONS
 from bpttgen.derive import derive, reference
 from helpers import (CASES, GENERATED_CASES, finite_difference, max_relative_error,
                      random_problem, skip_refused, tbptt_reference, tiny_sizes)
@@ -121,6 +125,20 @@ def test_float32_close_to_float64(problem):
     for name in g64:
         assert g32[name].dtype == np.float32
         assert max_relative_error(g32[name], g64[name]) < 2e-3, name
+    # Computed in float32: no double arithmetic in a float32 time loop (a bare 1.0 or
+    # a size H in a kernel line would widen what follows, and a tanh or exp of a double
+    # leaves its vectorised float32 version: LayerNorm LSTM's loop ran 2.3x slower).
+    # Compiled again without the cache: a kernel loaded from it has no IR to read.
+    args = next(s for s in module._bptt.signatures if "float32" in str(s))[-1]  # _args
+    for name, signature in (("_forward_loop", (args,)),
+                            ("_backward_loop", (numba.int64, numba.int64, args))):
+        kernel = getattr(module, name)
+        fresh = numba.njit(**{k: v for k, v in JIT_OPTIONS.items() if k != "cache"})(
+            kernel.py_func)
+        fresh.compile(signature)
+        wide = re.findall(r"= f(?:add|sub|mul|div)[a-z ]* double .*",
+                          fresh.inspect_llvm(signature))
+        assert not wide, (name, wide[:3])
 
 
 def test_forward_matches_reference(problem):

@@ -29,8 +29,10 @@ SYMBOLS = (X, Y, Z, P)
 
 #: What a generated module imports besides math (codegen/kernel_functions.py); in
 #: Python they are plain float64 functions (tanh, exp, sigmoid) or njit dispatchers.
-NAMESPACE = {"math": math, **{f: getattr(kernel_functions, f) for f in
-                               ("exp", "relu", "sigmoid", "softplus", "step", "tanh")}}
+# _T: the kernel's float type, which a generated kernel binds (float64 here)
+NAMESPACE = {"math": math, "_T": float, **{f: getattr(kernel_functions, f) for f in
+                                           ("exp", "relu", "sigmoid", "softplus", "step",
+                                            "tanh")}}
 
 U = 2.0 ** -53  # unit roundoff of float64
 MAGNITUDE = (1e-200, 1e30)  # nonzero values of every subexpression stay in here
@@ -351,14 +353,17 @@ POINT = {a: 0.7, b: -1.3, g: 0.4, r: 1.7}
 @pytest.mark.parametrize("expr, text", [*REGRESSIONS.items(), *RESTYLED.items(),
                                         *UNCHANGED.items()], ids=str)
 def test_printed_text(expr, text):
-    assert pycode(expr) == text
+    """The layout, numbers as Python floats; the kernels' (numbers as _T(...)) the same
+    value."""
+    assert pycode(expr, typed=False) == text
     value, bound = reference(expr, POINT)
     check(run(text, POINT), value, bound, expr)
+    assert run(pycode(expr), POINT) == run(text, POINT)
 
 
 @pytest.mark.parametrize("expr, text", FACTORS.items(), ids=str)
 def test_factor_text(expr, text):
-    assert pycode_factor(expr) == text
+    assert pycode_factor(expr, typed=False) == text
     value, _ = reference(expr, POINT)
     assert run(f"3.0/{text}", POINT) == pytest.approx(float(3 / value), rel=1e-14)
 
@@ -384,8 +389,27 @@ def test_under_numba():
     namespace = dict(NAMESPACE)
     exec(source, namespace)
     options = {k: v for k, v in kernel_functions.JIT_OPTIONS.items() if k != "cache"}
-    got = numba.njit(**options)(namespace["f"])(*POINT.values())
+    f = numba.njit(**options)(namespace["f"])
+    got = f(*POINT.values())
     for e, x in zip(exprs, got):
         value, bound = reference(e, POINT)
         # fastmath (reassoc, contract, afn) may reorder: a few more roundings
         check(x, value, 4 * bound + 4 * abs(value), e)
+
+
+def test_numbers_take_the_kernels_float_type():
+    """Every number a kernel line holds is _T(...): with float32 arguments and _T =
+    float32 no value of any regression case is computed in float64 (a bare 1.0 or 2
+    would be: Numba types Python numbers as float64 and int64)."""
+    assert pycode(2 * a + sp.Rational(1, 3) - sp.pi * sp.E + sp.Float(0.5) * b) == \
+        "_T(2)*a + _T(0.5)*b - _T(math.e)*_T(math.pi) + _T(1)/_T(3)"
+    exprs = [*REGRESSIONS, *RESTYLED, *UNCHANGED]
+    names = ", ".join(s.name for s in POINT)
+    source = f"def f({names}):\n    return ({', '.join(pycode(e) for e in exprs)},)\n"
+    namespace = dict(NAMESPACE, _T=np.float32)
+    exec(source, namespace)
+    f = numba.njit(namespace["f"])
+    f(*(np.float32(v) for v in POINT.values()))
+    returned = f.nopython_signatures[0].return_type
+    wide = [str(e) for e, t in zip(exprs, returned) if t != numba.float32]
+    assert not wide, f"computed in float64 from float32: {wide}"

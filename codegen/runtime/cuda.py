@@ -46,7 +46,6 @@ import numpy as np
 from numba import cuda, njit
 
 from . import calls, checkpoint, driver, online, trainer
-from .kernel_functions import relu, softplus, step  # noqa: F401 (shared with the CPU)
 
 #: Tile edge of the matrix-product and reduction kernels (a power of two).
 TILE = 16
@@ -82,8 +81,9 @@ def configure(tile=None, block=None, chunks=None, move_grid=None):
 # Neither an overload nor a cuda.jit(device=True) function compiles to PTX where no
 # GPU is present (numba-cuda then asks the current device for its compute
 # capability), while a plain @njit function does, inlined as a device function. A
-# GPU evaluates tanh and exp in hardware, so these are the exact formulas; relu,
-# softplus and step are kernel_functions' own @njit functions, shared with the CPU modules.
+# GPU evaluates tanh and exp in hardware, so these are the exact formulas. (The
+# Python numbers in them make a float32 kernel compute these in float64, as before;
+# the CPU's versions keep float32.)
 @njit(inline="always")
 def tanh(x):
     return math.tanh(x)
@@ -101,6 +101,21 @@ def sigmoid(x):
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+@njit(inline="always")
+def softplus(x):
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@njit(inline="always")
+def relu(x):
+    return max(x, 0.0)
+
+
+@njit(inline="always")
+def step(x):
+    return 1.0 if x > 0 else 0.0
 
 
 # -- kernels ---------------------------------------------------------------------

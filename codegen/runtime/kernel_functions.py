@@ -157,21 +157,44 @@ def _sigmoid_overload(x):
     return lambda x: _sigmoid_f64(x)
 
 
-@njit(**_SCALAR)
 def softplus(x):
+    """log(1 + e^x), without overflow."""
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
-@njit(**_SCALAR)
 def relu(x):
     return max(x, 0.0)
 
 
-@njit(**_SCALAR)
 def step(x):
+    """The derivative of relu: 1 where x > 0, else 0."""
     return 1.0 if x > 0 else 0.0
 
 
+# In a float32 kernel these return float32: a float64 zero would widen every value
+# computed from them (and a tanh or exp of it would leave its float32 version).
+def _zero_one(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return np.float32(0.0), np.float32(1.0)
+    return 0.0, 1.0
+
+
+@overload(softplus, inline="always")
+def _softplus_overload(x):
+    zero, _ = _zero_one(x)
+    return lambda x: max(x, zero) + math.log1p(math.exp(-abs(x)))
+
+
+@overload(relu, inline="always")
+def _relu_overload(x):
+    zero, _ = _zero_one(x)
+    return lambda x: max(x, zero)
+
+
+@overload(step, inline="always")
+def _step_overload(x):
+    zero, one = _zero_one(x)
+    return lambda x: one if x > 0 else zero
 
 
 def fingerprint():
