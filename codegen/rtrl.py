@@ -40,7 +40,6 @@ from bpttgen.derive.naming import code_tangent as dot
 from bpttgen.derive.simplify import cse
 
 
-
 @dataclass
 class Direction:
     """A parameter with forward-mode directions: columns first .. first + count."""
