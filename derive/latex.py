@@ -408,8 +408,8 @@ class _Builder:
         rows.append((n.vector(self.loss_node), self.loss_node,
                      "readout, the input of the loss", out))
         rows.append((r"\mathbf{y}_{t}", "y", "prediction, @eq{loss:prediction}", out))
-        target = ("one-hot target of the class $c_t$" if d.loss.loss.target == "index"
-                  else "target")
+        target = (f"one-hot target of the class ${n.target_class}_t$"
+                  if d.loss.loss.target == "index" else "target")
         rows.append((r"\mathbf{d}_{t}", "d", target, out))
         meaning = {"weight": "weight matrix", "bias": "bias vector",
                    "gain": "gain of a normalisation, multiplied elementwise",
@@ -537,8 +537,9 @@ class _Builder:
                 "depend on it, and it is held constant when differentiating. "
                 if LOSS_M in used else "")
         if loss.target == "index":
-            text += (f"The target is a class $c_t$ per step, $d_{{t,{j}}} = 1$ for "
-                     f"${j} = c_t$ and 0 otherwise. ")
+            c = self.names.target_class
+            text += (f"The target is a class ${c}_t$ per step, $d_{{t,{j}}} = 1$ for "
+                     f"${j} = {c}_t$ and 0 otherwise. ")
         text += ("Over the batch, each step's loss $l_{tb}$ is weighted by the mask "
                  "$w_{tb}$ (1 by default")
         text += (", and 0 for every $t < T$: this model has a loss at the last step only"

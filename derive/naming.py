@@ -386,6 +386,9 @@ class LatexNames:
         bases = {split(n).base for n in self._identifiers()}
         free = [c for c in "jkilmnpq" if c not in bases]
         self.index, self.sum_index = free[0], free[1]
+        # an integer target's class per step: c_t, unless the model has a c (the LSTM's
+        # cell state), which the text form would print the same
+        self.target_class = next((c for c in "crsuva" if c not in bases), r"\kappa")
 
     def _identifiers(self):
         d = self.d

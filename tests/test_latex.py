@@ -261,6 +261,26 @@ def test_text_form_leaves_no_latex_for_any_cell():
             assert f"({number}) " in text
 
 
+def test_the_target_class_is_no_name_of_the_model():
+    """An integer target's class is c_t unless the model has a c of its own (the LSTM's
+    cell state, which the text form would print the same); then another free letter.
+    Every built-in and fuzz-drawn cell with an integer target."""
+    derivations = [derivation(name) for name in BUILTIN] + \
+        [d for _, d in fuzz_derivations(seed=5, cells=30)]
+    checked = 0
+    for d in derivations:
+        if d.loss.loss.target != "index":
+            continue
+        names = bpttgen.derive.naming.LatexNames(d)
+        bases = {bpttgen.derive.naming.split(n).base for n in names._identifiers()}
+        assert names.target_class not in bases | {names.index, names.sum_index}, d.name
+        checked += 1
+    assert checked > 5
+    assert "the class c_t" in derivation("elman").render("text")
+    lstm = derivation("lstm").render("text")
+    assert "the class c_t" not in lstm and "the class r_t" in lstm
+
+
 def test_text_form_reads_like_the_math():
     from bpttgen.derive.plaintext import to_text
 
