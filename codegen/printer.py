@@ -112,7 +112,7 @@ class NumbaPrinter(PythonCodePrinter):
         float64 to Numba: ``0.5*a`` in a float32 kernel would compute in float64, and
         a float64 argument takes tanh, exp and sigmoid off their vectorised float32
         versions (LayerNorm LSTM's forward loop: 779 -> 325 ms)."""
-        return f"_T({text})" if self._settings.get("typed", True) else text
+        return f"_T({text})" if self._settings["typed"] else text
 
     def _print_Float(self, expr):
         # The double SymPy holds, as Python writes it back exactly; SymPy's own
@@ -125,8 +125,7 @@ class NumbaPrinter(PythonCodePrinter):
         return f"{self._print_Integer(expr.p)}/{self._print_Integer(expr.q)}"
 
     def _print_Integer(self, expr):
-        return self._number(f"{int(expr)}" if self._settings.get("typed", True)
-                            else f"{float(expr)}")
+        return self._number(f"{int(expr)}") if self._settings["typed"] else f"{float(expr)}"
 
     def _print_Half(self, expr):
         return self._print_Rational(expr)

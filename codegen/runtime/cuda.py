@@ -45,7 +45,7 @@ import numba
 import numpy as np
 from numba import cuda, njit
 
-from . import calls, checkpoint, driver, online, trainer
+from . import calls, checkpoint, driver, kernel_functions, online, trainer
 
 #: Tile edge of the matrix-product and reduction kernels (a power of two).
 TILE = 16
@@ -103,19 +103,11 @@ def sigmoid(x):
     return e / (1.0 + e)
 
 
-@njit(inline="always")
-def softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-@njit(inline="always")
-def relu(x):
-    return max(x, 0.0)
-
-
-@njit(inline="always")
-def step(x):
-    return 1.0 if x > 0 else 0.0
+# kernel_functions' formulas themselves, as plain @njit functions (their float32
+# overloads are the CPU's)
+softplus, relu, step = (njit(inline="always")(f) for f in (kernel_functions.softplus,
+                                                          kernel_functions.relu,
+                                                          kernel_functions.step))
 
 
 # -- kernels ---------------------------------------------------------------------
