@@ -76,38 +76,16 @@ def configure(tile=None, block=None, chunks=None, move_grid=None):
 
 
 # -- scalar functions the printed lines call ---------------------------------------
-# The CPU modules call kernel_functions.tanh, .sigmoid and .exp, which in float32 CPU
-# kernels become a vectorisable approximation (numba.extending.overload).
-# Neither an overload nor a cuda.jit(device=True) function compiles to PTX where no
-# GPU is present (numba-cuda then asks the current device for its compute
-# capability), while a plain @njit function does, inlined as a device function. A
-# GPU evaluates tanh and exp in hardware, so these are the exact formulas. (The
-# Python numbers in them make a float32 kernel compute these in float64, as before;
-# the CPU's versions keep float32.)
-@njit(inline="always")
-def tanh(x):
-    return math.tanh(x)
-
-
-@njit(inline="always")
-def exp(x):
-    return math.exp(x)
-
-
-@njit(inline="always")
-def sigmoid(x):
-    # Two branches keep exp's argument <= 0: no overflow for large |x|.
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
-
-
-# kernel_functions' formulas themselves, as plain @njit functions (their float32
-# overloads are the CPU's)
-softplus, relu, step = (njit(inline="always")(f) for f in (kernel_functions.softplus,
-                                                          kernel_functions.relu,
-                                                          kernel_functions.step))
+# kernel_functions' formulas themselves (the exact ones: a GPU evaluates tanh and exp
+# in hardware), as plain @njit functions. The CPU modules call the same names, which
+# kernel_functions overloads with float32 versions (numba.extending.overload); but
+# neither an overload nor a cuda.jit(device=True) function compiles to PTX where no GPU
+# is present (numba-cuda then asks the current device for its compute capability),
+# while a plain @njit function does, inlined as a device function. (The Python numbers
+# in these make a float32 GPU kernel compute them in float64.)
+tanh, exp, sigmoid, softplus, relu, step = (
+    njit(inline="always")(getattr(kernel_functions, name))
+    for name in ("tanh", "exp", "sigmoid", "softplus", "relu", "step"))
 
 
 # -- kernels ---------------------------------------------------------------------
