@@ -80,3 +80,43 @@ def test_python_fallbacks_agree():
         assert runtime.tanh(x) == math.tanh(x)
         assert runtime.exp(x) == math.exp(x)
         assert runtime.sigmoid(x) == pytest.approx(1 / (1 + math.exp(-x)), rel=1e-15)
+
+
+# -- the CPU target: 512-bit vectors where the host has them ----------------------------
+_FULL_WIDTH_PROBE = """
+import numpy as np
+from numba import njit
+from numba.core.registry import cpu_target
+import bpttgen.codegen.runtime
+from bpttgen.codegen.runtime.kernel_functions import tanh
+
+@njit(fastmath=True, error_model="numpy")
+def scaled_tanh(x, out):
+    for k in range(x.size):
+        out[k] = np.float32(2) * tanh(x[k])
+
+scaled_tanh(np.ones(64, np.float32), np.empty(64, np.float32))
+asm = scaled_tanh.inspect_asm(scaled_tanh.signatures[0])
+features = cpu_target.target_context.codegen()._tm_features
+print("-prefer-256-bit" in features.split(","), "zmm" in asm)
+"""
+
+
+def _probe(env):
+    import os
+    import subprocess
+    import sys
+    env = {**{k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}, **env}
+    out = subprocess.run([sys.executable, "-c", _FULL_WIDTH_PROBE], capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    return out.stdout.split()
+
+
+def test_kernels_use_512_bit_vectors_on_an_avx512_host():
+    """Importing the run time sets Numba's target before anything compiles; on an
+    AVX-512 host a float32 loop then vectorises over zmm registers (16 lanes), and
+    elsewhere the target is Numba's own. BPTTGEN_VECTOR_WIDTH=256 keeps LLVM's choice."""
+    from numba.core.codegen import get_host_cpu_features
+    avx512 = "+avx512f" in get_host_cpu_features().split(",")
+    assert _probe({"BPTTGEN_VECTOR_WIDTH": ""}) == [str(avx512), str(avx512)]
+    assert _probe({"BPTTGEN_VECTOR_WIDTH": "256"}) == ["False", "False"]
