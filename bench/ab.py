@@ -28,6 +28,17 @@ SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
 QUICK_SIZES = ((2, 5, 3, 4, 3),)
 
 
+_LEGACY_RUN = """
+def _ab_run(kernels):
+    def run(stages, t_hi, t_lo, targets, weights, scale, y, args):
+        if stages != runtime.calls.EVERY_STAGE:
+            raise NotImplementedError("bench/ab.py runs an old module's full BPTT only")
+        return kernels["bptt"](targets, weights, scale, y, args)
+    return run
+
+"""
+
+
 def module_at(rev, model, folder):
     """generated/<model>.py as it was at rev, imported under another name."""
     text = subprocess.run(["git", "show", f"{rev}:generated/{model}.py"], cwd=ROOT,
@@ -42,6 +53,12 @@ def module_at(rev, model, folder):
     # A module from before several inputs states its one input so.
     text = re.sub(r'"input": (\(.*?\)),', r'"inputs": (\1,),', text)
     text = re.sub(r'\binput=("\w+"),', r'inputs=[\1],', text)
+    # A module from before _run hands the driver its kernels by role: the full BPTT
+    # call (all this script times) goes to its fused _bptt.
+    text = re.sub(r"kernels=dict\((.*?forward_states=\(.*?\))\),",
+                  r"run=_ab_run(dict(\1)), rtrl_kernel=None,", text, flags=re.S)
+    if "_ab_run(" in text:
+        text = text.replace("\n_MODEL = runtime.Model(", _LEGACY_RUN + "\n_MODEL = runtime.Model(")
     path = os.path.join(folder, f"ab_{model}.py")
     with open(path, "w") as f:
         f.write(text)

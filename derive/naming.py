@@ -72,7 +72,7 @@ CALLED = frozenset({
 #: Arguments and locals of the step kernels, where every name of the model but the
 #: loss's sums is a variable too.
 KERNEL_LOCALS = frozenset({
-    "T", "B", "TB", "NP", "t_hi", "t_lo", "carry", "grad", "l2", "loss", "scale",
+    "T", "B", "TB", "NP", "t_hi", "t_lo", "carry", "grad", "l2", "loss", "scale", "stages",
     "targets", "total", "w", "weights",
     "y",  # the kernels' prediction array is y_seq, which a vector y would also take
 })

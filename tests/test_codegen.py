@@ -129,7 +129,7 @@ def test_float32_close_to_float64(problem):
     # a size H in a kernel line would widen what follows, and a tanh or exp of a double
     # leaves its vectorised float32 version: LayerNorm LSTM's loop ran 2.3x slower).
     # Compiled again without the cache: a kernel loaded from it has no IR to read.
-    args = next(s for s in module._bptt.signatures if "float32" in str(s))[-1]  # _args
+    args = next(s for s in module._run.signatures if "float32" in str(s))[-1]  # _args
     for name, signature in (("_forward_loop", (args,)),
                             ("_backward_loop", (numba.int64, numba.int64, args))):
         kernel = getattr(module, name)

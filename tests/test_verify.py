@@ -99,7 +99,7 @@ def test_verify_leaves_the_run_time_compiled(tmp_path):
         f"path, = generate(build('elman'), {str(tmp_path)!r}, 'test')\n"
         "m = import_path(path, 'elman_after_verify')\n"
         "from bpttgen.codegen.runtime import kernel_functions as kf\n"
-        "print(type(m._bptt).__name__, type(kf._sigmoid_f64).__name__)\n")
+        "print(type(m._run).__name__, type(kf._sigmoid_f64).__name__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=600).stdout.split()  # timeout: a hang only
     assert out == ["CPUDispatcher", "CPUDispatcher"]

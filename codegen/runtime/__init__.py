@@ -28,9 +28,11 @@ from .cpu_target import prefer_full_vector_width
 prefer_full_vector_width()  # before any kernel compiles (cpu_target.py says why)
 
 from .calls import (  # noqa: F401 (the surface generated modules use)
-    ALGORITHMS, BIDIRECTIONAL_ALGORITHMS, JIT_OPTIONS, ArrayCache, backward_windows,
-    check_call, check_direction, check_fingerprint, init_params, input_width, loss_weights,
-    pack_inputs, windows)
+    ALGORITHMS, BIDIRECTIONAL_ALGORITHMS, JIT_OPTIONS, PHASE_OPTIONS, ArrayCache,
+    backward_windows, check_call, check_direction, check_fingerprint, init_params, input_width,
+    loss_weights, pack_inputs, windows)
+from .calls import (  # noqa: F401 (the stages of a module's _run)
+    BACKWARD, BACKWARD_REVERSE, GRADIENTS, LOSS, POST_ADJOINTS, READOUT, STATES)
 from .driver import Model  # noqa: F401
 from .online import ALGORITHMS as _ONLINE
 

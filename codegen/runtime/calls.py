@@ -8,7 +8,19 @@ import threading
 
 import numpy as np
 
-from .kernel_functions import JIT_OPTIONS, fingerprint  # noqa: F401 (used by modules)
+from .kernel_functions import JIT_OPTIONS, PHASE_OPTIONS, fingerprint  # noqa: F401 (modules)
+
+#: The phases of a module's _run, as bits of its first argument.
+STATES = 1  # the pre-loop nodes and the recurrence(s): the states at every step
+READOUT = 2  # the post-loop nodes: the output z
+LOSS = 4  # the loss, the predictions y and dl/dz (returned: the weighted loss sum)
+POST_ADJOINTS = 8  # the post-loop nodes' adjoints
+BACKWARD = 16  # the accumulated recurrence, steps t_hi down to t_lo
+BACKWARD_REVERSE = 32  # a reverse state's, steps t_lo up to t_hi
+GRADIENTS = 64  # the pre-loop adjoints, then the weight and bias gradients
+#: Forward and loss with its adjoints: what every algorithm runs before its backward.
+FORWARD_AND_LOSS = STATES | READOUT | LOSS | POST_ADJOINTS
+EVERY_STAGE = FORWARD_AND_LOSS | BACKWARD | BACKWARD_REVERSE | GRADIENTS
 
 
 def check_fingerprint(module_name, stated):

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-from .calls import (bytes_text, check_memory_limit, input_columns, input_rows,
-                    input_width_text)
+from .calls import (BACKWARD, FORWARD_AND_LOSS, GRADIENTS, STATES, bytes_text,
+                    check_memory_limit, input_columns, input_rows, input_width_text)
 
 #: Python's cost of one segment's kernel calls, in steps of the recurrence: the
 #: planner's penalty for segments so short that calls, not steps, dominate.
@@ -217,7 +217,6 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     O = sizes[model.spec["output"][1]]
     y = np.empty((L * B, O), dtype)
     weights, total = _weights(model.spec, T, B, mask, dtype)
-    k = model.kernel
     zeros, ones = model.cache.zeros, model.cache.ones
 
     def load(i, state):
@@ -240,9 +239,7 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     def advance(a, m, state):
         for i in range(a, m):
             seg, lo, hi, _ = load(i, state)
-            args = model._tuple(seg)
-            for kernel in k["forward_states"]:
-                kernel(args)
+            model.run(STATES, model._tuple(seg))
             state = {s: seg[array][(hi - lo) * B:].copy() for s, array in model.states.items()}
         return state
 
@@ -255,16 +252,13 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
         for name in ones:
             seg[name].fill(1)
         args = model._tuple(seg)
-        k["forward"](args)
         steps = hi - lo
-        flat = model._targets(sizes, steps, B, ts)
-        loss = k["loss_and_adjoints"](flat, weights(lo, hi), 1.0 / total, y[:steps * B], args)
+        loss = model.run(FORWARD_AND_LOSS, args, targets=model._targets(sizes, steps, B, ts),
+                         weights=weights(lo, hi), scale=1.0 / total, y=y[:steps * B])
         for s, array in model.adjoints.items():
             if array is not None and delta is not None:
                 seg[array][steps * B:] += delta[s]
-        k["backward_loop"](steps - 1, 0, args)
-        k["backward_pre"](args)
-        k["weight_gradients"](args)
+        model.run(BACKWARD | GRADIENTS, args, steps - 1, 0)
         delta = {s: (seg[a][:B].copy() if a is not None else None)
                  for s, a in model.adjoints.items()}
         return loss, model._gradients(seg), delta

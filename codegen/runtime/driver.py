@@ -9,7 +9,9 @@ gradient, add L2. The module's public functions are the methods of its ``Model``
 
 Every kernel takes one tuple of arrays and sizes (``args``, names in kernel order)
 instead of dozens of arguments: Numba unpacks it at no cost, and its dispatcher types
-a tuple about as fast as separate arguments.
+a tuple about as fast as separate arguments. A module has one entry point for all
+but RTRL, ``_run(stages, t_hi, t_lo, targets, weights, scale, y, args)``, which runs
+the phases whose bits ``stages`` holds (calls.STATES, ... in the order they run).
 """
 
 import math
@@ -18,6 +20,8 @@ import operator
 import numpy as np
 
 from . import calls, checkpoint, online
+from .calls import (BACKWARD, BACKWARD_REVERSE, EVERY_STAGE, FORWARD_AND_LOSS, GRADIENTS, LOSS,
+                    READOUT, STATES)
 
 
 #: The workspace's entry of the gradients' places: (first views, views that add).
@@ -30,9 +34,8 @@ class Model:
     name, spec    the module's NAME and SPEC
     args          the names of the tuple every kernel takes, in its order
     shapes        shapes(T, B, *sizes in SPEC order) -> {work array: shape}
-    kernels       {role: @njit function}: forward, loss, loss_and_adjoints, bptt,
-                  backward_loop, backward_pre, weight_gradients, rtrl; forward_states:
-                  the kernels that compute the states (forward without the readout)
+    run           the module's _run (the stages above)
+    rtrl_kernel   its RTRL kernel, or None
     inputs        the kernels' names of the inputs, each (T*B, its size), in SPEC order
     output        (the output z's array, its adjoint's): the loss kernel's
     states        {state: its array}, (T+1)*B rows, s_(t-1) at row t*B + b (a reverse
@@ -49,10 +52,10 @@ class Model:
                   RTRL kernel (a model with a reverse state)
     """
 
-    def __init__(self, name, spec, args, shapes, *, kernels, inputs, output, states, adjoints,
-                 vectors, groups, zeros, ones, carry, window_local, l2, rtrl):
+    def __init__(self, name, spec, args, shapes, *, run, rtrl_kernel, inputs, output, states,
+                 adjoints, vectors, groups, zeros, ones, carry, window_local, l2, rtrl):
         self.name, self.spec, self.args, self.shapes = name, spec, args, shapes
-        self.kernel = kernels
+        self.run_kernel, self.rtrl_kernel = run, rtrl_kernel
         self.inputs, self.output, self.states, self.vectors = inputs, output, states, vectors
         self.adjoints = adjoints
         self.groups, self.window_local, self.l2 = groups, window_local, l2
@@ -68,6 +71,23 @@ class Model:
         self._vectors = tuple(vectors)
         self._states = tuple(states.items())
         self._reverse = frozenset(spec.get("reverse", ()))
+        self._output_index = args.index(output[0])  # a float array of the call's dtype
+        self._placeholders = {}
+
+    def run(self, stages, args, t_hi=0, t_lo=0, targets=None, weights=None, scale=0.0,
+            y=None):
+        """The module's _run: the phases in ``stages`` on the workspace tuple ``args``.
+        Only LOSS reads targets, weights, scale and y; a call without them passes empty
+        arrays of their types, so every call has the one signature (one compile)."""
+        if targets is None:
+            dtype = args[self._output_index].dtype
+            if dtype not in self._placeholders:
+                index = self.spec["target"] == "index"
+                self._placeholders[dtype] = (
+                    np.zeros(0, np.int64) if index else np.zeros((0, 0), dtype),
+                    np.zeros(0, dtype), np.zeros((0, 0), dtype))
+            targets, weights, y = self._placeholders[dtype]
+        return self.run_kernel(stages, t_hi, t_lo, targets, weights, scale, y, args)
 
     # -- the workspace --------------------------------------------------------------
     def _allocate(self, T, B, dtype, *dims):
@@ -120,9 +140,11 @@ class Model:
         forward call computes predictions only)."""
         O = sizes[self.spec["output"][1]]
         shape = (T * B,) if self.spec["target"] == "index" else (T * B, O)
+        index = self.spec["target"] == "index"
         if targets is None:
-            return np.zeros(shape, np.int64 if self.spec["target"] == "index" else dtype)
-        return np.ascontiguousarray(targets.reshape(shape))
+            return np.zeros(shape, np.int64 if index else dtype)
+        # int64 classes whatever integer type they came as: _run's one signature
+        return np.ascontiguousarray(targets.reshape(shape), np.int64 if index else None)
 
     # -- memory ---------------------------------------------------------------------
     def _call_bytes(self, sizes, T, B, itemsize):
@@ -214,11 +236,11 @@ class Model:
         x = calls.pack_inputs(self.spec, x)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, state0=state0)
         ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
-        self.kernel["forward"](self._tuple(ws))
         O = sizes[self.spec["output"][1]]
         y = np.empty((T * B, O), dtype)
-        self.kernel["loss"](T * B, O, ws[self.output[0]], self._targets(sizes, T, B, dtype=dtype),
-                            np.zeros(T * B, dtype), 0.0, y, np.empty_like(y))
+        # the loss phase with zero weights: the predictions y alone
+        self.run(STATES | READOUT | LOSS, self._tuple(ws), targets=self._targets(
+            sizes, T, B, dtype=dtype), weights=np.zeros(T * B, dtype), y=y)
         return y.reshape(T, B, O), self._final_states(ws, T, B)
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
@@ -270,19 +292,18 @@ class Model:
         args = self._tuple(ws)
         y = np.empty((T * B, sizes[self.spec["output"][1]]), dtype)
         flat_targets = self._targets(sizes, T, B, targets)
-        k = self.kernel
         if plan is None:
-            loss = k["bptt"](flat_targets, weights, 1.0 / total, y, args) / total
+            loss = self.run(EVERY_STAGE, args, T - 1, 0, flat_targets, weights, 1.0 / total,
+                            y) / total
         else:
-            k["forward"](args)
-            loss = k["loss_and_adjoints"](flat_targets, weights, 1.0 / total, y, args) / total
-            calls.backward_windows(k["backward_loop"], self.args, ws, T, B, plan,
-                                   self.window_local)
-            if "backward_reverse" in k:  # a bidirectional layer's second direction
-                calls.reverse_windows(k["backward_reverse"], self.args, ws, T, B, plan,
-                                      self.window_local)
-            k["backward_pre"](args)
-            k["weight_gradients"](args)
+            loss = self.run(FORWARD_AND_LOSS, args, targets=flat_targets, weights=weights,
+                            scale=1.0 / total, y=y) / total
+            calls.backward_windows(lambda hi, lo, a: self.run(BACKWARD, a, hi, lo), self.args,
+                                   ws, T, B, plan, self.window_local)
+            if self._reverse:  # a bidirectional layer's second direction
+                calls.reverse_windows(lambda lo, hi, a: self.run(BACKWARD_REVERSE, a, hi, lo),
+                                      self.args, ws, T, B, plan, self.window_local)
+            self.run(GRADIENTS, args)
         return self._with_l2(params, loss, self._gradients(ws), l2)
 
     def _checkpointed(self, params, x, targets, state0, mask, l2, memory_limit, snapshots,
@@ -337,20 +358,19 @@ class Model:
         args = self._tuple(ws)
         y = np.empty((T * B, sizes[self.spec["output"][1]]), dtype)
         scale = 1.0 / total if total > 0 else 0.0
-        k = self.kernel
-        k["forward"](args)
-        loss = k["loss_and_adjoints"](self._targets(sizes, T, B, targets), weights, scale, y,
-                                      args) * scale
+        loss = self.run(FORWARD_AND_LOSS, args, targets=self._targets(sizes, T, B, targets),
+                        weights=weights, scale=scale, y=y) * scale
         grad = np.zeros(NP, dtype)
-        k["rtrl"](grad, tuple([sens[s] if s is not None else np.empty((rows, B * NP), dtype)
+        self.rtrl_kernel(grad, tuple([sens[s] if s is not None else np.empty((rows, B * NP), dtype)
                                for s, rows in tangents]), args)
         # What the post phase wrote into the loop's adjoints (a state's, or a loop node's
         # that the readout reads) flowed into grad through the tangents above; zeroed, so
         # that a product sharing such an array adds nothing twice below.
         for name, _, _ in self.window_local:
             ws[name][:] = 0
-        k["backward_pre"](args)  # paths from a pre node straight to the readout
-        k["weight_gradients"](args)  # the readout's (the loop's adjoints are zero)
+        # paths from a pre node straight to the readout, and the readout's weights (the
+        # loop's adjoints are zero)
+        self.run(GRADIENTS, args)
         grads = self._gradients(ws)
         for name, first, count, shape in directions:
             grads[name] = grads[name] + grad[first:first + count].reshape(shape)
