@@ -16,16 +16,11 @@ codegen/, so a generated trainer runs without SymPy or jinja2. One job per modul
     stream.py            the online engines fed chunks: Trainer.fit_stream
     distributed.py       data parallel on Dask: Trainer.fit(client=...) (dask lazily)
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
-    cpu_target.py        Numba's CPU target: 512-bit vectors on AVX-512 hosts
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer
     gradcheck.py         a generated module's gradients against finite differences
 
 Generated modules read ``runtime.<name>`` for the names below.
 """
-
-from .cpu_target import prefer_full_vector_width
-
-prefer_full_vector_width()  # before any kernel compiles (cpu_target.py says why)
 
 from .calls import (  # noqa: F401 (the surface generated modules use)
     ALGORITHMS, BIDIRECTIONAL_ALGORITHMS, JIT_OPTIONS, PHASE_OPTIONS, ArrayCache,
