@@ -50,6 +50,7 @@ def exp(x):
 
 def sigmoid(x):
     """The logistic function; float32 kernels use 0.5 + 0.5 tanh(x / 2)."""
+    # Two branches keep exp's argument <= 0: no overflow for large |x|.
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
@@ -133,13 +134,8 @@ def _exp_f32(x):
     return y
 
 
-@njit(**_SCALAR)
-def _sigmoid_f64(x):
-    # Two branches keep exp's argument <= 0: no overflow for large |x|.
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+#: float64 kernels' sigmoid: the formula above, compiled.
+_sigmoid_f64 = njit(**_SCALAR)(sigmoid)
 
 
 @overload(tanh, inline="always")
