@@ -148,3 +148,31 @@ def test_forward_matches_reference(problem):
     np.testing.assert_allclose(y, ry, rtol=1e-12, atol=1e-14)
     for k in rfinal:
         np.testing.assert_allclose(final[k], rfinal[k], rtol=1e-12, atol=1e-14)
+
+
+def test_every_algorithm_calls_one_compiled_entry_point():
+    """Each algorithm but RTRL runs as calls of the module's _run with the bits of the
+    phases it needs; all of them, forward() and targets of another integer type
+    included, share _run's one compiled signature per float type (a second one would
+    compile the whole module again: seconds)."""
+    from bpttgen.generated import elman as module
+    rng = np.random.default_rng(3)
+    T, B, sizes = 6, 2, {"I": 3, "H": 4, "O": 3}
+    params = module.init_params(sizes, dtype=np.float64)
+    x = rng.standard_normal((T, B, 3))
+    targets = rng.integers(0, 3, (T, B))
+    mask = np.ones((T, B))
+    before = {str(s) for s in module._run.signatures}
+    losses = []
+    for t in (targets, targets.astype(np.int32)):
+        for algorithm, extra in (("bptt", {}), ("naive", {}), ("tbptt", dict(k1=2, k2=3)),
+                                 ("epochwise", {}), ("artbp", dict(c=0.3, seed=1)),
+                                 ("checkpoint", dict(segment=2, snapshots=1))):
+            losses.append(module.loss_and_grads(params, x, t, algorithm=algorithm, mask=mask,
+                                                **extra)[0])
+        module.forward(params, x)
+    new = {str(s) for s in module._run.signatures} - before
+    float64 = {str(s) for s in module._run.signatures if "float64" in str(s)}
+    assert len(float64) == 1, float64
+    assert len(new) <= 1
+    assert losses[:6] == losses[6:]  # int32 targets: the same numbers
