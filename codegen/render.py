@@ -294,6 +294,8 @@ def cpu_context(derivation):
     d = derivation
     rows = {"TB": "(T * B, {})", "TB1": "((T + 1) * B, {})", "B": "(B, {})", "1": "({},)",
             "T": "(T,)"}
+    # The products of a step (not lookups) also take their weights transposed.
+    loop_products = [g for g in plan.groups if g.phase in LOOPS and not g.lookup]
     # A loop product's scratch holds one step: B rows, not T*B.
     step_scratch = {f"scratch_{g.name}" for g in plan.groups if g.phase in LOOPS}
     arrays = [dict(name=a.name, role=a.role,
@@ -304,6 +306,7 @@ def cpu_context(derivation):
                     shape=f"({g.width}, {plan.size_of(g.source)})") for g in plan.groups]
     args = ["T", "B", "TB", *d.sizes, *plan.input_arrays.values(), *plan.vector_params,
             *[naming.code_group_weights(g.name) for g in plan.groups],
+            *[naming.code_group_transposed(g.name) for g in loop_products],
             *[a.name for a in plan.arrays],
             *[naming.code_group_gradient(g.name) for g in plan.groups]]
     gradients = [a.name for a in plan.arrays if a.role == "grad"]
@@ -327,6 +330,9 @@ def cpu_context(derivation):
         group_tuple=repr(tuple((naming.code_group_weights(g.name),
                                 naming.code_group_gradient(g.name),
                                 tuple(w for _, w, _, _ in g.members)) for g in plan.groups)),
+        transposed_tuple=repr(tuple((naming.code_group_weights(g.name),
+                                     naming.code_group_transposed(g.name))
+                                    for g in loop_products)),
         state_arrays=repr({s.name: plan.storage(s.name)[0] for s in d.states}),
         state_adjoints=repr(state_adjoints(plan, d)),
         vector_gradients=repr(dict(zip(plan.vector_params, gradients))),

@@ -60,7 +60,7 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", 
 #: product groups P_ and their stacked weights W_P_ and scratch rows, temporaries _)
 #: and appends to it (value arrays _seq, RTRL tangents _dot, CUDA per-row bias
 #: gradients _rows). A second group of one source is P_<source>__<phase>.
-DERIVED_PREFIXES = ("_", "d_", "delta_", "dW_", "P_", "W_P_", "scratch_")
+DERIVED_PREFIXES = ("_", "d_", "delta_", "dW_", "P_", "W_P_", "WT_P_", "scratch_")
 DERIVED_SUFFIXES = ("_seq", "_dot", "_rows")
 
 #: Functions and modules the generated kernels call (the printer's targets included).
@@ -234,6 +234,15 @@ def code_lookup_group(weight, tokens):
     'P_E__x'
     """
     return f"P_{weight}__{tokens}"
+
+
+def code_group_transposed(group):
+    """A recurrent product group's stacked weights transposed, contiguous (or empty).
+
+    >>> code_group_transposed("P_h_prev")
+    'WT_P_h_prev'
+    """
+    return f"WT_{group}"
 
 
 def code_group_weights(group):

@@ -176,3 +176,22 @@ def test_every_algorithm_calls_one_compiled_entry_point():
     assert len(float64) == 1, float64
     assert len(new) <= 1
     assert losses[:6] == losses[6:]  # int32 targets: the same numbers
+
+
+def test_small_and_large_weights_take_the_same_product(monkeypatch):
+    """A time loop's product x_t W^T runs on W's transposed copy where W is small
+    (calls.SMALL_WEIGHTS) and on W^T itself where it is not: both branches of every
+    loop product give the same loss and gradients (float64, to rounding)."""
+    from bpttgen.codegen.runtime import calls
+    from bpttgen.generated import gru as module
+    rng = np.random.default_rng(5)
+    T, B, sizes = 5, 3, {"I": 3, "H": 4, "O": 3}
+    params = {k: rng.standard_normal(v.shape) * 0.5
+              for k, v in module.init_params(sizes, dtype=np.float64).items()}
+    x, targets = rng.standard_normal((T, B, 3)), rng.integers(0, 3, (T, B))
+    small = module.loss_and_grads(params, x, targets, algorithm="tbptt", k1=2, k2=3)
+    monkeypatch.setattr(calls, "SMALL_WEIGHTS", 0)
+    large = module.loss_and_grads(params, x, targets, algorithm="tbptt", k1=2, k2=3)
+    assert large[0] == pytest.approx(small[0], rel=1e-14)
+    for name in small[1]:
+        assert max_relative_error(large[1][name], small[1][name]) < 1e-13, name

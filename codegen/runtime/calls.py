@@ -22,6 +22,16 @@ GRADIENTS = 64  # the pre-loop adjoints, then the weight and bias gradients
 FORWARD_AND_LOSS = STATES | READOUT | LOSS | POST_ADJOINTS
 EVERY_STAGE = FORWARD_AND_LOSS | BACKWARD | BACKWARD_REVERSE | GRADIENTS
 
+#: Stacked weights of a product inside a time loop with at most this many elements
+#: reach the kernels also transposed, contiguous: x_t W^T is then an untransposed
+#: product, for which OpenBLAS has a faster path at small sizes. A step of the LSTM
+#: at B = 8, H = 128, (8 x 128)(128 x 512): 23.4 us with W^T, 6.9 us with the copy (an
+#: Emerald Rapids Xeon, OpenBLAS 0.3.30); at B = 32, 41.0 against 38.3 us; above this
+#: size the two were even or the copy slower (H = 512, 4 gates: 738 against 759 us).
+#: A rule on sizes, not a timing at the first call: the two products can round
+#: differently, and a run must give the same numbers each time.
+SMALL_WEIGHTS = 128 * 512
+
 
 def check_fingerprint(module_name, stated):
     """Warn when a generated module was made against other kernel functions:

@@ -43,6 +43,9 @@ class Model:
     adjoints      {state: its adjoint's array (like the state's), or None}
     vectors       {vector parameter: its gradient's array}
     groups        ((stacked weights, their gradient, member weights), ...) per product
+    transposed    ((stacked weights, their transposed copy), ...) of each product in a
+                  time loop: the copy is given where the weights are small
+                  (calls.SMALL_WEIGHTS), an empty array where they are not
     zeros, ones   work arrays a call starts with zeroed, filled with ones
     carry         the array of ARTBP's per-step factors (ones: plain BPTT)
     window_local  (adjoint, (T+1)*B rows, summed over windows): private to a window
@@ -53,7 +56,8 @@ class Model:
     """
 
     def __init__(self, name, spec, args, shapes, *, run, rtrl_kernel, inputs, output, states,
-                 adjoints, vectors, groups, zeros, ones, carry, window_local, l2, rtrl):
+                 adjoints, vectors, groups, zeros, ones, carry, window_local, l2, rtrl,
+                 transposed=()):
         self.name, self.spec, self.args, self.shapes = name, spec, args, shapes
         self.run_kernel, self.rtrl_kernel = run, rtrl_kernel
         self.inputs, self.output, self.states, self.vectors = inputs, output, states, vectors
@@ -69,6 +73,7 @@ class Model:
         self._stacks = tuple((stacked, weights[0] if len(weights) == 1 else weights)
                              for stacked, _, weights in groups)
         self._vectors = tuple(vectors)
+        self._transposed = tuple(transposed)
         self._states = tuple(states.items())
         self._reverse = frozenset(spec.get("reverse", ()))
         self._output_index = args.index(output[0])  # a float array of the call's dtype
@@ -118,6 +123,10 @@ class Model:
         for stacked, weights in self._stacks:
             ws[stacked] = np.ascontiguousarray(params[weights]) if type(weights) is str \
                 else np.concatenate([params[w] for w in weights])
+        for stacked, transposed in self._transposed:
+            w = ws[stacked]
+            ws[transposed] = (np.ascontiguousarray(w.T) if w.size <= calls.SMALL_WEIGHTS
+                              else np.empty((0, 0), w.dtype))
         for p in self._vectors:
             ws[p] = np.ascontiguousarray(params[p])
         for s, array in self._states:
