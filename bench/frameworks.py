@@ -414,7 +414,9 @@ def profile_phases(np, module, params, x, targets, repeats=9):
         out_f = np.empty((B, W.shape[0]), dtype)
         out_b = np.empty((B, W.shape[1]), dtype)
         t = time.perf_counter()
-        step_products(ws["h_seq"], W.T, out_f, T, B, 0)
+        WT = ws.get("WT_P_h_prev")  # the kernels' transposed copy, where W is small
+        step_products(ws["h_seq"], WT if WT is not None and WT.shape[0] else W.T, out_f, T, B,
+                      0)
         note("  of which forward per-step GEMMs", time.perf_counter() - t)
         t = time.perf_counter()
         step_products(ws["d_P_h_prev_seq"], W, out_b, T, B, 0)
