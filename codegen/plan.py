@@ -486,7 +486,8 @@ class Plan:
                              f"        {naming.code_array(g.name)}[_r, _k] = {weights}[_k, _c]"
                              + self.cite("fwd", g.members[0][0])]
             return
-        product = f"np.dot({self.rows(g.source)}, {weights}.T, {naming.code_array(g.name)}[_lo:_hi])"
+        product = (f"np.dot({self.rows(g.source)}, {weights}.T, "
+                   f"{naming.code_array(g.name)}[_lo:_hi])")
         if g.phase in LOOPS:
             # A step's product is small: with the weights' transposed copy (given when
             # they are small, runtime.calls.SMALL_WEIGHTS) OpenBLAS takes a faster path.

@@ -370,8 +370,9 @@ class Model:
         loss = self.run(FORWARD_AND_LOSS, args, targets=self._targets(sizes, T, B, targets),
                         weights=weights, scale=scale, y=y) * scale
         grad = np.zeros(NP, dtype)
-        self.rtrl_kernel(grad, tuple([sens[s] if s is not None else np.empty((rows, B * NP), dtype)
-                               for s, rows in tangents]), args)
+        self.rtrl_kernel(grad, tuple([sens[s] if s is not None else
+                                      np.empty((rows, B * NP), dtype)
+                                      for s, rows in tangents]), args)
         # What the post phase wrote into the loop's adjoints (a state's, or a loop node's
         # that the readout reads) flowed into grad through the tangents above; zeroed, so
         # that a product sharing such an array adds nothing twice below.
