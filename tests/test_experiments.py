@@ -61,6 +61,16 @@ def test_ab_compares_a_revision_with_the_working_tree():
     assert row["diff"] < 1e-5  # HEAD's module and this tree's: the same gradients
 
 
+def test_ab_env_times_two_settings_in_two_processes():
+    ab_env = _script("bench", "ab_env")
+
+    rows = ab_env.main(["BPTTGEN_AB_SIDE=a", "BPTTGEN_AB_SIDE=b", "--models", "elman",
+                        "--sizes", "2,5,3,4,3", "--rounds", "2", "--seconds", "0"])
+    (row,) = rows
+    assert row["size"] == (2, 5, 3, 4, 3) and row["a"] > 0 and row["b"] > 0
+    assert row["diff"] == 0.0  # the same module, two processes: the same gradients
+
+
 def test_adding_bounds_and_smoke():
     adding = _script("experiments", "adding")
 
