@@ -486,18 +486,18 @@ class Plan:
                              f"        {naming.code_array(g.name)}[_r, _k] = {weights}[_k, _c]"
                              + self.cite("fwd", g.members[0][0])]
             return
-        product = (f"np.dot({self.rows(g.source)}, {weights}.T, "
-                   f"{naming.code_array(g.name)}[_lo:_hi])")
+        def product(right):  # the source's rows times ``right``, into the group's rows
+            return (f"np.dot({self.rows(g.source)}, {right}, "
+                    f"{naming.code_array(g.name)}[_lo:_hi])")
+
         if g.phase in LOOPS:
             # A step's product is small: with the weights' transposed copy (given when
             # they are small, runtime.calls.SMALL_WEIGHTS) OpenBLAS takes a faster path.
             transposed = naming.code_group_transposed(g.name)
-            block.forward = [f"if {transposed}.shape[0]:",
-                             "    " + product.replace(f"{weights}.T", transposed),
-                             "else:",
-                             "    " + product]
+            block.forward = [f"if {transposed}.shape[0]:", f"    {product(transposed)}",
+                             "else:", f"    {product(weights + '.T')}"]
         else:
-            block.forward = [product]
+            block.forward = [product(weights + ".T")]
         target = self.adjoint(g.source, row="_r", col="_k")
         if target is None:  # no gradient with respect to the input
             return
