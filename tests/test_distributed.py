@@ -106,6 +106,30 @@ def test_a_shard_without_loss_weight_is_skipped(client):
         dp.loss_and_grads(params, x, targets, mask=mask)
 
 
+def test_a_workers_reused_buffers_hold_each_calls_own_numbers():
+    """A worker reads a shard's rows, and takes an update's parameters, into the memory
+    its last call used: each call still sees its own numbers, and a row outside the
+    held data is refused (np.take's mode="clip" would read the last row instead)."""
+    held = {"x": np.arange(4 * 6 * 2, dtype=np.float64).reshape(4, 6, 2)}
+    first = dist._resolve(held, dist._Held("x", 1, 3, np.array([4, 0])))
+    assert np.array_equal(first, held["x"][1:3][:, [4, 0]])
+    again = dist._resolve(held, dist._Held("x", 0, 2, np.array([5, 2])))
+    assert np.shares_memory(first, again)  # the same memory, now the second call's rows
+    assert np.array_equal(again, held["x"][0:2][:, [5, 2]])
+    with pytest.raises(IndexError, match="sequences 2..6 of 6"):
+        dist._resolve(held, dist._Held("x", 0, 2, np.array([2, 6])))
+    layout = (("W", (2, 3)), ("b", (2,)))
+    fit = "test-reused-params"
+    one = dist._worker_params(layout, (fit, 1), np.arange(8.0))
+    two = dist._worker_params(layout, (fit, 2), np.arange(8.0) + 10)
+    assert np.shares_memory(one["W"], two["W"])
+    assert np.array_equal(two["W"], np.arange(6.0).reshape(2, 3) + 10)
+    assert np.array_equal(dist._worker_params(layout, (fit, 2), None)["b"], [16.0, 17.0])
+    with pytest.raises(dist._Stale):
+        dist._worker_params(layout, (fit, 1), None)  # the last update's are gone
+    dist._PARAMS.pop(fit)
+
+
 def test_rtrl_does_not_split_and_says_why(client):
     m = _module("elman")
     params, x, targets, _, _ = _problem(m)

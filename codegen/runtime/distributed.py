@@ -39,10 +39,15 @@ travel as one flat buffer inside a worker's first call of each update (a separat
 call putting them there would cost a round trip before the shard could start); the
 update's later calls on that worker (the online algorithms' forward passes) name
 them by version, and a call that lands where they are not (a restarted worker)
-fails with ``_Stale`` and goes again with them. Gradients come back as one flat
-buffer. Everything a worker needs is on it before its shard starts: a Numba kernel
-holds its worker's GIL, so a worker that computes answers no other worker's fetch
-until its kernel ends.
+fails with ``_Stale`` and goes again with them. Gradients come back as the module's
+own arrays (each a buffer of the message, not copied into one first). A worker reads
+its shard's rows and takes the parameters into the memory its last call used: fresh
+memory is zero-filled and mapped a page at a time, and on a 2-core machine those page
+faults were a quarter of elman's overhead. Everything a worker needs is on it before
+its shard starts: a Numba kernel holds its worker's GIL, so a worker that computes
+answers no other worker's fetch until its kernel ends (kernels compiled nogil=True
+were tried: the worker's own messages then compete with its kernel for the core, and
+elman's step took 210-250 ms against 190-200).
 
 Faults. The module and the data are the results of tasks that return them (not
 scattered data, which a dead worker takes with it), so when a worker dies (kill -9)
@@ -74,6 +79,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import time
 import uuid
 from typing import NamedTuple
@@ -106,6 +112,9 @@ class SchedulerLost(RuntimeError):
 #: state never changes, nor is it cancelled: the suite once hung in gather), so every
 #: wait is cut into slices of this length.
 PATIENCE = 5.0
+
+#: Seconds the list of workers is trusted before the scheduler is asked again.
+LIST_AGE = 2.0
 
 
 class _NoScheduler(ConnectionError):
@@ -209,8 +218,15 @@ def _unflatten(layout, flat):
     return arrays
 
 
-def _flatten(arrays, layout):
-    return np.concatenate([np.ravel(arrays[name]) for name, _ in layout])
+def _flatten(arrays, layout, out=None):
+    """One buffer of ``arrays`` in ``layout`` order: ``out`` when it fits (no new
+    pages to fault in), else a new one."""
+    parts = [np.ravel(arrays[name]) for name, _ in layout]
+    n = sum(p.size for p in parts)
+    dtype = np.result_type(*parts)
+    if out is None or out.shape != (n,) or out.dtype != dtype:
+        return np.concatenate(parts)
+    return np.concatenate(parts, out=out)
 
 
 class _Held(NamedTuple):
@@ -223,14 +239,32 @@ class _Held(NamedTuple):
     rows: np.ndarray
 
 
+#: (thread, field) -> the array this thread's last shard read that field into, in
+#: each worker process: a step reads its rows into the same memory as the last did,
+#: not into new pages (which the kernel zero-fills and maps at a fault per page: 4 MB
+#: of fresh x cost elman's shard 2-4 ms of its step). Per thread: an actor's call and
+#: a task may run at once on one worker.
+_READ_INTO = {}
+
+
 def _resolve(held, value):
     """``value``, or the numbers it names when it is a ``_Held``."""
-    if isinstance(value, _Held):
-        field, start, stop, rows = value
-        # take copies whole rows (a sequence's step at a time): several times faster
-        # than the fancy index [start:stop, rows], and contiguous
-        return np.take(held[field][start:stop], rows, axis=1)
-    return value
+    if not isinstance(value, _Held):
+        return value
+    field, start, stop, rows = value
+    source = held[field][start:stop]
+    shape = (source.shape[0], len(rows)) + source.shape[2:]
+    key = (threading.get_ident(), field)
+    out = _READ_INTO.get(key)
+    if out is None or out.shape != shape or out.dtype != source.dtype:
+        out = _READ_INTO[key] = np.empty(shape, source.dtype)
+    if len(rows) and not 0 <= rows.min() <= rows.max() < source.shape[1]:
+        raise IndexError(f"sequences {rows.min()}..{rows.max()} of {source.shape[1]} held")
+    # take copies whole rows (a sequence's step at a time): several times faster
+    # than the fancy index [start:stop, rows], and contiguous. mode="clip" (the rows
+    # are checked above): with mode="raise" take writes into ``out`` through a buffer,
+    # 3-10x slower.
+    return np.take(source, rows, axis=1, out=out, mode="clip")
 
 
 #: fit's id -> (version, flat parameters), in each worker process: the parameters of
@@ -248,8 +282,16 @@ def _worker_params(layout, tag, flat):
     ``flat`` when sent (and kept for the update's later tasks), else the kept copy."""
     fit, version = tag
     if flat is not None:
-        _PARAMS.pop(fit, None)
-        _PARAMS[fit] = (version, _aligned(flat))
+        # Into the buffer of this fit's last update: Dask's message hands ``flat`` over
+        # unaligned, and a new aligned copy each update (new pages, faulted in) cost
+        # elman's shard 1.5 ms of its step where this copy costs 0.3. A call of the
+        # last update still running (one whose step was abandoned) has its result
+        # thrown away; calls of this update read the same numbers.
+        kept = _PARAMS.pop(fit, None)
+        if kept is None or kept[1].shape != flat.shape or kept[1].dtype != flat.dtype:
+            kept = (None, np.empty(flat.shape, flat.dtype))
+        np.copyto(kept[1], flat)
+        _PARAMS[fit] = (version, kept[1])
         while len(_PARAMS) > 4:  # a few fits' worth: ended fits' buffers go
             _PARAMS.pop(next(iter(_PARAMS)))
     kept = _PARAMS.get(fit)
@@ -259,8 +301,9 @@ def _worker_params(layout, tag, flat):
 
 
 def _shard_loss_and_grads(home, layout, tag, flat, x, targets, kw):
-    """One shard's loss without L2, its gradients as one flat buffer, and the seconds
-    the kernels took (the slicing of held data and the flattening are overhead)."""
+    """One shard's loss without L2, its gradients (the module's own arrays: Dask sends
+    each as a buffer of the message, so flattening them first would only copy them
+    once more), and the seconds the kernels took (reading the held data is overhead)."""
     ref, held = home
     module = _worker_module(ref)
     params = _worker_params(layout, tag, flat)
@@ -269,7 +312,7 @@ def _shard_loss_and_grads(home, layout, tag, flat, x, targets, kw):
     start = time.perf_counter()
     loss, grads = module.loss_and_grads(params, x, targets, l2=0.0, **kw)
     seconds = time.perf_counter() - start
-    return loss, _flatten(grads, layout), seconds
+    return loss, grads, seconds
 
 
 def _shard_forward(home, layout, tag, flat, x, state0):
@@ -393,6 +436,7 @@ class DataParallel:
         self._params_key = self._flat = self._layout = None
         self._id, self._version = uuid.uuid4().hex, 0
         self._sent = set()  # workers sent the current parameters
+        self._listed = None  # (when, workers) of the last list asked of the scheduler
         self.stats = dict(calls=0, scatters=0, bytes_params=0, bytes_data=0, bytes_held=0,
                           bytes_results=0, wall=0.0, compute=0.0, shard_seconds=0.0,
                           tasks=0)
@@ -404,7 +448,7 @@ class DataParallel:
     def close(self):
         """Release the module, data and parameters held on the cluster."""
         self._ref = self._held = self._batch = self._flat = self._params_key = None
-        self._sent, self._homes, self._actors = set(), {}, {}
+        self._sent, self._homes, self._actors, self._listed = set(), {}, {}, None
 
     def hold(self, x, targets, mask=None):
         """Keep ``x``, ``targets`` and ``mask`` (a fit's data, as its Trainer slices
@@ -412,7 +456,7 @@ class DataParallel:
         data = {"x": x, "targets": targets, "mask": mask}
         self._held = self._put(data)
         self.stats["bytes_held"] += _nbytes(data)
-        self._homes, self._actors = {}, {}
+        self._homes, self._actors, self._listed = {}, {}, None
         self._workers()
 
     def minibatch(self, rows, x, targets, mask):
@@ -422,9 +466,16 @@ class DataParallel:
 
     def _workers(self):
         """The workers now, in a fixed order; each has its home (the module and the
-        held data) before it gets a shard: fetched while no worker computes."""
+        held data) before it gets a shard: fetched while no worker computes. The list
+        is the scheduler's, asked again after a failed call and at most every
+        ``LIST_AGE`` seconds: asking costs a round trip to the scheduler (1 ms a step
+        of elman's 10% budget at (64,128,256,512,256)), and a worker gone is found by
+        the call that fails on it anyway."""
         from distributed import wait
 
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < LIST_AGE:
+            return self._listed[1]
         workers = sorted(self.client.scheduler_info().get("workers", {}))
         while not workers:  # all dead (kill -9) and their nannies not yet back: wait
             _patiently(self.client, lambda t: self.client.wait_for_workers(1, timeout=t))
@@ -440,6 +491,7 @@ class DataParallel:
         for w in workers:
             if w not in self._actors:
                 self._actors[w] = self._actor(w)
+        self._listed = (now, workers)
         return workers
 
     def _actor(self, worker):
@@ -472,7 +524,9 @@ class DataParallel:
             key = ("hash", h.hexdigest())
         if key != self._params_key:
             self._layout = tuple((k, v.shape) for k, v in params.items())
-            self._flat = _flatten(params, self._layout)  # a copy: later edits stay here
+            # A copy (later edits of params stay here), into the last update's buffer:
+            # every call of that update has returned, so its messages have gone.
+            self._flat = _flatten(params, self._layout, self._flat)
             self._params_key, self._sent = key, set()
             self._version += 1
             self.stats["scatters"] += 1
@@ -532,6 +586,7 @@ class DataParallel:
                 w = workers[i % len(workers)]
                 if not isinstance(err, _Stale):
                     self._actors.pop(w, None)  # its worker is gone: _workers() remakes it
+                    self._listed = None  # and asks the scheduler who is left
                 tasks[i] = self._submit(w, function, tag, True, calls[i]).future
         while tasks:
             futures = list(tasks.values())
@@ -597,15 +652,15 @@ class DataParallel:
                   state0=_rows(state0, lo, hi, 0)))
             for lo, hi in pieces])
         total = sum(weights)
-        loss, flat = 0.0, None
-        for w, (loss_s, flat_s, _) in zip(weights, results):  # shard order: deterministic
+        loss, grads = 0.0, None
+        for w, (loss_s, grads_s, _) in zip(weights, results):  # shard order: deterministic
             share = w / total
             loss += share * loss_s
-            if flat is None:
-                flat = flat_s * share
+            if grads is None:
+                grads = {name: grads_s[name] * share for name, _ in self._layout}
             else:
-                flat += flat_s * share
-        grads = _unflatten(self._layout, flat)
+                for name, _ in self._layout:
+                    grads[name] += grads_s[name] * share
         if l2:  # once, not once per shard: the module's penalty on its weight matrices
             for name, role in self.module.SPEC["roles"].items():
                 if role == "weight":
