@@ -18,6 +18,7 @@ import numba
 from bpttgen.derive import derive
 from bpttgen.derive.models import BUILTIN, build
 
+from bpttgen.codegen import module_cache
 from bpttgen.codegen.render import is_unedited, render_cpu
 from bpttgen.codegen.render_cuda import render_cuda
 # Imported (and their Numba functions made) before verify() turns the JIT off: what
@@ -122,6 +123,20 @@ def generate(model, out_dir, command, target="cpu", force=False, check=True):
         write_safely(path, text, force=force)
         written.append(path)
     return written
+
+
+def generate_cached(model, command, stack, check=True):
+    """The path of model's CPU module for a command that generates it only to import
+    it: in the module cache (module_cache.py: the same source, the same path, so
+    Numba's cache of its kernels is found again), or, where that cannot be written,
+    in a temporary folder that ``stack`` (a contextlib.ExitStack) removes."""
+    (filename, source), = module_sources(model, command, "cpu", check=check).items()
+    path = module_cache.module_path(filename, source)
+    if path is None:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bpttgen-"))
+        path = os.path.join(folder, filename)
+        write_safely(path, source)
+    return path
 
 
 def generate_builtins(out_dir=GENERATED_DIR, target="all", force=False, progress=None,

@@ -10,6 +10,19 @@ import pytest
 from helpers import CASES
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _module_cache(tmp_path_factory):
+    """Modules that commands generate only to import them (bpttgen check, train,
+    demo) go to a folder of this session, not the user's cache (module_cache.py)."""
+    old = os.environ.get("BPTTGEN_CACHE_DIR")
+    os.environ["BPTTGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("module-cache"))
+    yield
+    if old is None:
+        os.environ.pop("BPTTGEN_CACHE_DIR", None)
+    else:
+        os.environ["BPTTGEN_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def generated_module(tmp_path_factory):
     """case id -> imported generated CPU module. Built-in models come from the

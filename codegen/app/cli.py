@@ -8,11 +8,11 @@ with 130 after saving a checkpoint.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 
@@ -95,13 +95,13 @@ def _cmd_check(args):
     from bpttgen.derive.loader import load_model
 
     from bpttgen.codegen.runtime import gradcheck
-    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.codegen.generate import generate_cached, import_path
     from bpttgen.codegen.runtime import Progress
 
     model = load_model(args.model)
-    with tempfile.TemporaryDirectory(prefix="bpttgen-check-") as folder:
+    with contextlib.ExitStack() as stack:
         # No verify(): the compiled check below is the full version, with a table.
-        path, = generate(model, folder, f"bpttgen check {args.model}", check=False)
+        path = generate_cached(model, f"bpttgen check {args.model}", stack, check=False)
         name = f"bpttgen_check_{model.name}"
         module = import_path(path, name)
         try:
@@ -135,19 +135,22 @@ _RUN_IDENTITY = ("model", "task", "text", "seq_len", "samples", "seed", "batch_s
 
 def _trainer_module(spec, generated_dir, stack):
     """The generated module of a model: the committed one for a built-in (Numba's
-    cache is warm), else generated into generated_dir or a temporary folder that
-    ``stack`` (an ExitStack) removes."""
+    cache is warm), else generated into generated_dir or the module cache (a second
+    run loads the kernels the first compiled; ``stack``, an ExitStack, removes the
+    temporary folder used where the cache cannot be written)."""
     from bpttgen.derive.loader import load_model
     from bpttgen.derive.models import BUILTIN
 
-    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.codegen.generate import generate, generate_cached, import_path
 
     if spec in BUILTIN and os.path.isfile(os.path.join(GENERATED_DIR, f"{spec}.py")):
         return importlib.import_module(f"bpttgen.generated.{spec}")
     model = load_model(spec)
-    folder = generated_dir or stack.enter_context(
-        tempfile.TemporaryDirectory(prefix="bpttgen-train-"))
-    path, = generate(model, folder, f"bpttgen generate {spec} --target cpu")
+    command = f"bpttgen generate {spec} --target cpu"
+    if generated_dir:
+        path, = generate(model, generated_dir, command)
+    else:
+        path = generate_cached(model, command, stack)
     return import_path(path, f"bpttgen_train_{model.name}")
 
 

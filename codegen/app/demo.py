@@ -13,10 +13,10 @@ compiled kernels Numba caches after the first run; step 3 compiles the freshly
 generated LSTM in float64 (about 10 s on a 2-core machine).
 """
 
+import contextlib
 import importlib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -121,7 +121,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     from bpttgen.derive import derive
     from bpttgen.derive.models import build
 
-    from bpttgen.codegen.generate import generate, import_path
+    from bpttgen.codegen.generate import generate_cached, import_path
 
     config = config or Config()
     t0 = time.perf_counter()
@@ -133,10 +133,11 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
     _say(quiet, *derivation_excerpt(derivation),
          "  (the whole derivation: bpttgen latex lstm --form text)", "")
 
-    with tempfile.TemporaryDirectory(prefix="bpttgen-demo-") as folder:
+    with contextlib.ExitStack() as stack:
         _say(quiet, "[2/5] Generating its Numba kernels")
-        # check=False: the compiled check below is the one the tour shows.
-        path, = generate(model, folder, "bpttgen demo", check=False)
+        # check=False: the compiled check below is the one the tour shows. In the
+        # module cache: a second demo loads the kernels the first compiled.
+        path = generate_cached(model, "bpttgen demo", stack, check=False)
         with open(path) as f:
             n_lines = sum(1 for _ in f)
         _say(quiet, f"  wrote {path} ({n_lines} lines)", "")
