@@ -140,7 +140,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
         path = generate_cached(model, "bpttgen demo", stack, check=False)
         with open(path) as f:
             n_lines = sum(1 for _ in f)
-        _say(quiet, f"  wrote {path} ({n_lines} lines)", "")
+        _say(quiet, f"  {path} ({n_lines} lines)", "")
         module = import_path(path, "bpttgen_demo_lstm")
         try:
             _say(quiet, "[3/5] Checking its gradients against finite differences (float64; "
