@@ -152,8 +152,19 @@ def _signature(kinds, float_type):
 _COMPILED = set()
 
 
+#: Kernels that sum in float64 on purpose whatever the float type (the loss's softmax
+#: sums and total, the L2 penalty's), as the CPU modules do.
+FLOAT64_ACCUMULATORS = {"_loss_rows", "_l2"}
+#: PTX instructions that compute in float64 (not moves, loads or conversions).
+F64_ARITHMETIC = re.compile(
+    r"^\s*((?:add|sub|mul|div|fma|rcp|sqrt|ex2|lg2|neg|abs|min|max)\.\S*f64)\b", re.M)
+
+
 def _compile_all(kernels, dtype):
-    """Compile (name, function, kinds) for both compute capabilities; failures by name."""
+    """Compile (name, function, kinds) for both compute capabilities; failures by name.
+    A float32 kernel must compute in float32: float64 arithmetic in its PTX (a Python
+    float in a scalar function, say) is a failure, save in FLOAT64_ACCUMULATORS. A
+    consumer GPU runs float64 at 1/32 to 1/64 of its float32 rate."""
     from numba import cuda, types
 
     float_type = {"float32": types.float32, "float64": types.float64}[dtype]
@@ -167,6 +178,10 @@ def _compile_all(kernels, dtype):
             try:
                 ptx, _ = cuda.compile_ptx(function, _signature(kinds, float_type), cc=cc)
                 assert f".target sm_{cc[0]}{cc[1]}" in ptx and ".entry" in ptx
+                wide = F64_ARITHMETIC.findall(ptx)
+                if dtype == "float32" and wide and name not in FLOAT64_ACCUMULATORS:
+                    failures.append(f"{name} cc={cc}: float32 kernel computes in float64 "
+                                    f"({len(wide)} instructions: {sorted(set(wide))})")
             except Exception as err:  # noqa: BLE001 - collect every kernel's failure
                 failures.append(f"{name} cc={cc}: {type(err).__name__}: {str(err)[:600]}")
         if not failures:

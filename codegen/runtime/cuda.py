@@ -81,8 +81,9 @@ def configure(tile=None, block=None, chunks=None, move_grid=None):
 # kernel_functions overloads with float32 versions (numba.extending.overload); but
 # neither an overload nor a cuda.jit(device=True) function compiles to PTX where no GPU
 # is present (numba-cuda then asks the current device for its compute capability),
-# while a plain @njit function does, inlined as a device function. (The Python numbers
-# in these make a float32 GPU kernel compute them in float64.)
+# while a plain @njit function does, inlined as a device function. Their constants
+# take their argument's type, so a float32 kernel computes them in float32
+# (tests/test_cuda.py fails on float64 arithmetic in a float32 kernel's PTX).
 tanh, exp, sigmoid, softplus, relu, step = (
     njit(inline="always")(getattr(kernel_functions, name))
     for name in ("tanh", "exp", "sigmoid", "softplus", "relu", "step"))

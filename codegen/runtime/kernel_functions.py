@@ -48,13 +48,18 @@ def exp(x):
     return math.exp(x)
 
 
+# The formulas below make their constants in their argument's type (type(x)(1.0)):
+# compiled for a float32 argument they compute in float32. A GPU kernel calls them as
+# they are (runtime/cuda.py): with Python floats, a float32 GPU kernel computed them
+# in float64, which a consumer GPU runs at 1/32 to 1/64 of its float32 rate.
 def sigmoid(x):
-    """The logistic function; float32 kernels use 0.5 + 0.5 tanh(x / 2)."""
+    """The logistic function; float32 CPU kernels use 0.5 + 0.5 tanh(x / 2)."""
+    one = type(x)(1.0)
     # Two branches keep exp's argument <= 0: no overflow for large |x|.
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
+        return one / (one + math.exp(-x))
     e = math.exp(x)
-    return e / (1.0 + e)
+    return e / (one + e)
 
 
 # The float32 tanh of Eigen and XLA: odd rational function of x, exact to a few
@@ -161,42 +166,29 @@ def _sigmoid_overload(x):
 
 def softplus(x):
     """log(1 + e^x), without overflow."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+    return max(x, type(x)(0.0)) + math.log1p(math.exp(-abs(x)))
 
 
 def relu(x):
-    return max(x, 0.0)
+    return max(x, type(x)(0.0))
 
 
 def step(x):
     """The derivative of relu: 1 where x > 0, else 0."""
-    return 1.0 if x > 0 else 0.0
+    return type(x)(1.0) if x > 0 else type(x)(0.0)
 
 
-# In a float32 kernel these return float32: a float64 zero would widen every value
-# computed from them (and a tanh or exp of it would leave its float32 version).
-def _zero_one(x):
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        return np.float32(0.0), np.float32(1.0)
-    return 0.0, 1.0
+# The CPU kernels compile these three as they are, in their argument's type (a
+# float64 zero would widen every value computed from them, and a tanh or exp of it
+# would leave its float32 version).
+def _as_written(function):
+    def implementation(x):
+        return function
+    return implementation
 
 
-@overload(softplus, inline="always")
-def _softplus_overload(x):
-    zero, _ = _zero_one(x)
-    return lambda x: max(x, zero) + math.log1p(math.exp(-abs(x)))
-
-
-@overload(relu, inline="always")
-def _relu_overload(x):
-    zero, _ = _zero_one(x)
-    return lambda x: max(x, zero)
-
-
-@overload(step, inline="always")
-def _step_overload(x):
-    zero, one = _zero_one(x)
-    return lambda x: one if x > 0 else zero
+for _function in (softplus, relu, step):
+    overload(_function, inline="always")(_as_written(_function))
 
 
 def fingerprint():
