@@ -10,7 +10,8 @@
 
 Training uses the committed generated/elman.py and generated/lstm.py, whose
 compiled kernels Numba caches after the first run; step 3 compiles the freshly
-generated LSTM in float64 (about 10 s on a 2-core machine).
+generated LSTM in float64 (about 10 s on a 2-core machine), the first time only: the
+module cache (codegen/module_cache.py) keeps it, and its kernels, for the next run.
 """
 
 import contextlib
