@@ -106,7 +106,7 @@ def _cmd_check(args):
         module = import_path(path, name)
         try:
             bar = Progress(len(gradcheck.algorithms(module)), not args.quiet,
-                           f"checking {model.name} (the first call compiles)")
+                           f"checking {model.name} (its first run compiles)")
             rows = gradcheck.check(module, size=args.size, T=args.steps, B=args.batch,
                                    seed=args.seed, progress=lambda a: bar.update())
             bar.close()

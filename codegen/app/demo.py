@@ -145,7 +145,7 @@ def run(config=None, *, quiet=False, plot="bpttgen_demo.png"):
         module = import_path(path, "bpttgen_demo_lstm")
         try:
             _say(quiet, "[3/5] Checking its gradients against finite differences (float64; "
-                        "the first call compiles the kernels)")
+                        "the first demo compiles the kernels, later ones load them)")
             algs = gradcheck.algorithms(module)
             bar = Progress(len(algs), not quiet, "  gradient check")
             rows = gradcheck.check(module, progress=lambda a: bar.update())
