@@ -22,9 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from frameworks import fmt_load, pin_threads, source_version, timed_rounds  # noqa: E402
-SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
-         (64, 128, 256, 512, 256))
+from frameworks import SIZES, fmt_load, pin_threads, source_version, timed_rounds  # noqa: E402
 QUICK_SIZES = ((2, 5, 3, 4, 3),)
 
 

@@ -21,8 +21,9 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIZES = ((8, 256, 32, 32, 32), (32, 128, 64, 128, 64), (32, 512, 64, 128, 64),
-         (64, 128, 256, 512, 256))
+sys.path.insert(0, HERE)
+
+from frameworks import SIZES  # noqa: E402
 
 WORKER = r"""
 import importlib, json, sys, time

@@ -218,14 +218,19 @@ def _unflatten(layout, flat):
     return arrays
 
 
+def _reused(buffer, shape, dtype):
+    """``buffer`` when it has this shape and dtype, else a new array: a step writes
+    into the memory the last one used, not into new pages (which the kernel zero-fills
+    and maps at a fault per page)."""
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+        return np.empty(shape, dtype)
+    return buffer
+
+
 def _flatten(arrays, layout, out=None):
-    """One buffer of ``arrays`` in ``layout`` order: ``out`` when it fits (no new
-    pages to fault in), else a new one."""
+    """One buffer of ``arrays`` in ``layout`` order: ``out`` when it fits."""
     parts = [np.ravel(arrays[name]) for name, _ in layout]
-    n = sum(p.size for p in parts)
-    dtype = np.result_type(*parts)
-    if out is None or out.shape != (n,) or out.dtype != dtype:
-        return np.concatenate(parts)
+    out = _reused(out, (sum(p.size for p in parts),), np.result_type(*parts))
     return np.concatenate(parts, out=out)
 
 
@@ -240,10 +245,8 @@ class _Held(NamedTuple):
 
 
 #: (thread, field) -> the array this thread's last shard read that field into, in
-#: each worker process: a step reads its rows into the same memory as the last did,
-#: not into new pages (which the kernel zero-fills and maps at a fault per page: 4 MB
-#: of fresh x cost elman's shard 2-4 ms of its step). Per thread: an actor's call and
-#: a task may run at once on one worker.
+#: each worker process (_reused: 4 MB of fresh x cost elman's shard 2-4 ms of its
+#: step). Per thread: an actor's call and a task may run at once on one worker.
 _READ_INTO = {}
 
 
@@ -253,13 +256,12 @@ def _resolve(held, value):
         return value
     field, start, stop, rows = value
     source = held[field][start:stop]
-    shape = (source.shape[0], len(rows)) + source.shape[2:]
-    key = (threading.get_ident(), field)
-    out = _READ_INTO.get(key)
-    if out is None or out.shape != shape or out.dtype != source.dtype:
-        out = _READ_INTO[key] = np.empty(shape, source.dtype)
     if len(rows) and not 0 <= rows.min() <= rows.max() < source.shape[1]:
         raise IndexError(f"sequences {rows.min()}..{rows.max()} of {source.shape[1]} held")
+    key = (threading.get_ident(), field)
+    out = _READ_INTO[key] = _reused(_READ_INTO.get(key),
+                                    (source.shape[0], len(rows)) + source.shape[2:],
+                                    source.dtype)
     # take copies whole rows (a sequence's step at a time): several times faster
     # than the fancy index [start:stop, rows], and contiguous. mode="clip" (the rows
     # are checked above): with mode="raise" take writes into ``out`` through a buffer,
@@ -287,11 +289,9 @@ def _worker_params(layout, tag, flat):
         # elman's shard 1.5 ms of its step where this copy costs 0.3. A call of the
         # last update still running (one whose step was abandoned) has its result
         # thrown away; calls of this update read the same numbers.
-        kept = _PARAMS.pop(fit, None)
-        if kept is None or kept[1].shape != flat.shape or kept[1].dtype != flat.dtype:
-            kept = (None, np.empty(flat.shape, flat.dtype))
-        np.copyto(kept[1], flat)
-        _PARAMS[fit] = (version, kept[1])
+        buffer = _reused(_PARAMS.pop(fit, (None, None))[1], flat.shape, flat.dtype)
+        np.copyto(buffer, flat)
+        _PARAMS[fit] = (version, buffer)
         while len(_PARAMS) > 4:  # a few fits' worth: ended fits' buffers go
             _PARAMS.pop(next(iter(_PARAMS)))
     kept = _PARAMS.get(fit)

@@ -148,8 +148,8 @@ class Model:
         """Targets as the loss kernel reads them, (T*B,) or (T*B, O); None: zeros (a
         forward call computes predictions only)."""
         O = sizes[self.spec["output"][1]]
-        shape = (T * B,) if self.spec["target"] == "index" else (T * B, O)
         index = self.spec["target"] == "index"
+        shape = (T * B,) if index else (T * B, O)
         if targets is None:
             return np.zeros(shape, np.int64 if index else dtype)
         # int64 classes whatever integer type they came as: _run's one signature
