@@ -3,6 +3,10 @@ working tree's, calls interleaved in one process (float32, loss + all gradients;
 timed_rounds), so that the machine's drift between runs hits both alike.
 
     python bench/ab.py REV [--models elman,lstm,gru] [--threads 2] [--repeats 15] [--quick]
+                           [--old-threads 1]
+
+--old-threads 1 calls the old module with threads=1, the batch never split (split.py):
+with REV = HEAD, the same kernels with and without the split.
 
 Prints per size the median ms of each, old/new (above 1: the working tree is faster)
 and the largest relative difference of the gradients (float32 rounding expected).
@@ -75,6 +79,8 @@ def parser():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="one tiny size (a smoke run)")
+    ap.add_argument("--old-threads", type=int, default=None,
+                    help="threads= of the old module's calls (1: its batch never split)")
     return ap
 
 
@@ -85,7 +91,10 @@ def main(argv=None):
     args = parser().parse_args(argv)
     sys.path.insert(0, ROOT)
     print(f"# python bench/ab.py {args.rev} --models {args.models} --threads {args.threads}"
-          f" --repeats {args.repeats}; new: {source_version()}; load {fmt_load()}")
+          f" --repeats {args.repeats}"
+          + ("" if args.old_threads is None else f" --old-threads {args.old_threads}")
+          + f"; new: {source_version()}; load {fmt_load()}")
+    old_kw = {} if args.old_threads is None else {"threads": args.old_threads}
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models.split(","):
@@ -97,12 +106,12 @@ def main(argv=None):
                 x = rng.standard_normal((T, B, I)).astype(np.float32)
                 targets = rng.integers(0, O, (T, B))
                 _, g_new = new.loss_and_grads(params, x, targets)  # warm-up, compile
-                _, g_old = old.loss_and_grads(params, x, targets)
+                _, g_old = old.loss_and_grads(params, x, targets, **old_kw)
                 diff = max(float(np.abs(g_new[k] - g_old[k]).max() / np.abs(g_old[k]).max())
                            for k in g_new)
                 times = timed_rounds(
-                    {name: (lambda m=module: m.loss_and_grads(params, x, targets))
-                     for name, module in (("old", old), ("new", new))},
+                    {name: (lambda m=module, kw=kw: m.loss_and_grads(params, x, targets, **kw))
+                     for name, module, kw in (("old", old, old_kw), ("new", new, {}))},
                     args.repeats, args.repeats, 0)
                 o, n = (1e3 * float(np.median(times[k])) for k in ("old", "new"))
                 print(f"{model:6s} {B},{T},{I},{H},{O}: old {o:9.2f} ms  new {n:9.2f} ms  "

@@ -1,8 +1,8 @@
 """The run-time package: everything a generated module imports, and nothing else.
 
-NumPy, Numba and tqdm (numba-cuda for cuda.py, matplotlib for plots.py, dask for
-distributed.py); it imports nothing from derive/ or from the build-time modules of
-codegen/, so a generated trainer runs without SymPy or jinja2. One job per module:
+NumPy, Numba, tqdm and threadpoolctl (numba-cuda for cuda.py, matplotlib for plots.py,
+dask for distributed.py); it imports nothing from derive/ or from the build-time
+modules of codegen/, so a generated trainer runs without SymPy or jinja2. One job per module:
 
     calls.py             checks of a call's arguments, backward windows, reused work
                          arrays, parameter initialisation
@@ -14,6 +14,7 @@ codegen/, so a generated trainer runs without SymPy or jinja2. One job per modul
     online.py            RTRL and ARTBP: options, memory estimate, online loops
     checkpoint.py        checkpointed BPTT: binomial schedules, memory plans, the run
     stream.py            the online engines fed chunks: Trainer.fit_stream
+    split.py             one call's batch split over threads (threadpoolctl)
     distributed.py       data parallel on Dask: Trainer.fit(client=...) (dask lazily)
     kernel_functions.py  the scalar functions kernels inline (vectorising in float32)
     cuda.py              the CUDA twin of calls.py: GEMMs, moves, the CUDA Trainer

@@ -5,6 +5,7 @@ parameter initialisation. NumPy and Numba only.
 
 import math
 import threading
+import weakref
 
 import numpy as np
 
@@ -71,16 +72,27 @@ class ArrayCache:
     64 MB here). On reuse the arrays named in ``zeros`` are zeroed and those in
     ``ones`` filled with ones, as a fresh allocation would give them; the rest are
     overwritten by the kernels before they are read. Results handed to a caller
-    must be copies. ``clear()`` frees the arrays (of the calling thread)."""
+    must be copies. ``clear()`` frees the arrays of every thread."""
 
     def __init__(self, zeros=(), ones=()):
         self.zeros, self.ones = tuple(zeros), tuple(ones)
         self._local = threading.local()
+        # every thread's slot, for clear(); a thread's goes when the thread ends
+        self._slots, self._lock = weakref.WeakSet(), threading.Lock()
+
+    def _slot(self):
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            slot = self._local.slot = _Slot()
+            with self._lock:
+                self._slots.add(slot)
+        return slot
 
     def get(self, key, allocate):
         """The arrays for ``key`` (a tuple of sizes and dtype): the cached ones if the
         last call of this thread had the same key, else ``allocate(*key)``."""
-        last = getattr(self._local, "last", None)
+        slot = self._slot()
+        last = slot.last
         if last is not None and last[0] == key:
             arrays = last[1]
             for name in self.zeros:
@@ -88,13 +100,24 @@ class ArrayCache:
             for name in self.ones:
                 arrays[name].fill(1)
             return arrays
-        self._local.last = None  # free the old arrays before allocating new ones
+        slot.last = None  # free the old arrays before allocating new ones
         arrays = allocate(*key)
-        self._local.last = (key, arrays)
+        slot.last = (key, arrays)
         return arrays
 
     def clear(self):
-        self._local.last = None
+        with self._lock:
+            for slot in self._slots:
+                slot.last = None
+
+
+class _Slot:
+    """One thread's entry of an ArrayCache: (key, arrays) of its last call, or None."""
+
+    __slots__ = ("last", "__weakref__")
+
+    def __init__(self):
+        self.last = None
 
 
 def windows(algorithm, T, k1=None, k2=None):

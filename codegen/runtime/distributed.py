@@ -87,6 +87,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .calls import loss_weights
+from .split import combine
 
 INSTALL = ('data-parallel training needs dask.distributed: pip install '
            '"bpttgen[distributed]" (or pip install "dask[distributed]")')
@@ -651,16 +652,8 @@ class DataParallel:
              dict(kw, algorithm=algorithm, mask=self._piece("mask", mask, lo, hi),
                   state0=_rows(state0, lo, hi, 0)))
             for lo, hi in pieces])
-        total = sum(weights)
-        loss, grads = 0.0, None
-        for w, (loss_s, grads_s, _) in zip(weights, results):  # shard order: deterministic
-            share = w / total
-            loss += share * loss_s
-            if grads is None:
-                grads = {name: grads_s[name] * share for name, _ in self._layout}
-            else:
-                for name, _ in self._layout:
-                    grads[name] += grads_s[name] * share
+        # in shard order: deterministic
+        loss, grads = combine(weights, [(loss_s, grads_s) for loss_s, grads_s, _ in results])
         if l2:  # once, not once per shard: the module's penalty on its weight matrices
             for name, role in self.module.SPEC["roles"].items():
                 if role == "weight":

@@ -19,7 +19,7 @@ import operator
 
 import numpy as np
 
-from . import calls, checkpoint, online
+from . import calls, checkpoint, online, split
 from .calls import (BACKWARD, BACKWARD_REVERSE, EVERY_STAGE, FORWARD_AND_LOSS, GRADIENTS, LOSS,
                     READOUT, STATES)
 
@@ -74,6 +74,10 @@ class Model:
                              for stacked, _, weights in groups)
         self._vectors = tuple(vectors)
         self._transposed = tuple(transposed)
+        # the weights of the products inside a time loop (split.count's rule)
+        looped = {stacked for stacked, _ in transposed}
+        self._loop_weights = tuple(w for stacked, _, weights in groups if stacked in looped
+                                   for w in weights)
         self._states = tuple(states.items())
         self._reverse = frozenset(spec.get("reverse", ()))
         self._output_index = args.index(output[0])  # a float array of the call's dtype
@@ -136,7 +140,8 @@ class Model:
         return ws
 
     def free_workspace(self):
-        """Free the work arrays this thread keeps from its last call."""
+        """Free the work arrays kept from the last calls: this thread's and those of
+        the threads a split call ran on (split.py)."""
         self.cache.clear()
 
     def _final_states(self, ws, T, B):
@@ -254,7 +259,7 @@ class Model:
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
                        k2=None, mask=None, l2=0.0, c=None, seed=None, truncate=None,
-                       memory_limit=None, snapshots=None, segment=None):
+                       memory_limit=None, snapshots=None, segment=None, threads=None):
         """Loss sum_tb w l / sum_tb w (+ l2/2 sum ||W||^2) and its gradients, keyed like
         params.
 
@@ -274,6 +279,8 @@ class Model:
         arrays read by slices x[a:b], such as np.memmap; see checkpoint.py).
         memory_limit (bytes): every algorithm refuses a call that would allocate more
         (memory() says how much, before it runs), naming the checkpointed plan that fits.
+        threads: the batch split into this many pieces, each run by a thread of its own
+        (bptt, epochwise, naive, tbptt; 1: never); None: decided by sizes, split.count.
         """
         if targets is None:
             raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
@@ -293,6 +300,41 @@ class Model:
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
             return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
                              memory_limit=memory_limit)[:2]
+        loop = sum(params[w].size for w in self._loop_weights)
+        pieces = split.count(threads, algorithm, T, B, loop * np.dtype(dtype).itemsize, loop)
+        if pieces > 1:
+            return self._split(pieces, params, x, targets, state0, mask, l2, algorithm, k1,
+                               k2, sizes, T, B, dtype)
+        return self._whole(params, x, targets, state0, mask, l2, algorithm, k1, k2, c, seed,
+                           truncate, sizes, T, B, dtype)
+
+    def _split(self, n, params, x, targets, state0, mask, l2, algorithm, k1, k2, sizes, T, B,
+               dtype):
+        """loss_and_grads with the batch split into n pieces, one thread each (split.py);
+        a piece without loss terms (masked) is left out."""
+        calls.windows(algorithm, T, k1, k2)  # checks k1, k2 before any thread starts
+        pieces, weights = [], []
+        for lo, hi in split.pieces(B, n):
+            m = None if mask is None else mask[:, lo:hi]
+            _, w = calls.loss_weights(self.spec, T, hi - lo, m, dtype, allow_empty=True)
+            if w > 0:
+                pieces.append((lo, hi, m))
+                weights.append(w)
+        if not pieces:
+            calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses: no loss term
+
+        def piece(lo, hi, m):
+            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
+            return self._whole(params, x[:, lo:hi], targets[:, lo:hi], s0, m, 0.0, algorithm,
+                               k1, k2, None, None, None, sizes, T, hi - lo, dtype)
+
+        results = split.run([lambda p=p: piece(*p) for p in pieces])
+        loss, grads = split.combine(weights, results)
+        return self._with_l2(params, loss, grads, l2)
+
+    def _whole(self, params, x, targets, state0, mask, l2, algorithm, k1, k2, c, seed,
+               truncate, sizes, T, B, dtype):
+        """loss_and_grads on the whole batch, in this thread: the arguments checked."""
         plan = None if algorithm == "artbp" else calls.windows(algorithm, T, k1, k2)
         weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
         ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)

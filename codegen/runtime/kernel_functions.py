@@ -27,8 +27,9 @@ _SCALAR = dict(cache=True, inline="always")
 
 #: Options of every generated kernel. error_model="numpy": no ZeroDivisionError
 #: checks, which block vectorisation. fastmath without nnan/ninf, so NaN and Inf
-#: still propagate and a diverging run is detected.
-JIT_OPTIONS = dict(cache=True, error_model="numpy",
+#: still propagate and a diverging run is detected. nogil: the threads of a call split
+#: over its batch (split.py) run their kernels at once.
+JIT_OPTIONS = dict(cache=True, nogil=True, error_model="numpy",
                    fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
 #: Options of a module's phase kernels (forward loop, loss, backward loop, ...): Numba
 #: inlines them into their caller, the module's one entry point _run, so they are typed,
