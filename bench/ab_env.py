@@ -6,7 +6,7 @@ such as Numba's CPU target (BPTTGEN_VECTOR_WIDTH=256 against 512-bit vectors).
         [--rounds 9] [--seconds 0.3] [--sizes B,T,I,H,O ...]
 
 Each round asks A, then B (then B, then A: the order alternates) for as many calls as
-fill --seconds, and keeps each one's median call; the two processes hold their
+fill --seconds, after a --pause, and keeps each one's median call; the two processes hold their
 compiled modules, so only the calls are timed. Prints the median over rounds of each
 and A/B (above 1: B is faster), with the largest relative difference of the gradients.
 """
@@ -38,6 +38,7 @@ for line in sys.stdin:
     params = m.init_params({"I": I, "H": H, "O": O}, dtype=np.float32)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     targets = rng.integers(0, O, (T, B))
+    time.sleep(cmd.get("pause", 0.0))  # the other process's BLAS threads stop spinning
     _, g = m.loss_and_grads(params, x, targets)
     times, end = [], time.perf_counter() + cmd["seconds"]
     while len(times) < 3 or time.perf_counter() < end:
@@ -74,6 +75,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--seconds", type=float, default=0.3, help="per process per round")
     ap.add_argument("--sizes", nargs="*", help="B,T,I,H,O each (default: frameworks.py's)")
+    ap.add_argument("--pause", type=float, default=0.25,
+                    help="s before each block: OpenBLAS's idle threads spin 0.1-0.2 s after "
+                         "a product on several threads, slowing the other process's block")
     args = ap.parse_args(argv)
     sizes = [tuple(map(int, s.split(","))) for s in args.sizes] if args.sizes else SIZES
     print(f"# python bench/ab_env.py {args.a!r} {args.b!r} --models {args.models} "
@@ -93,7 +97,7 @@ def main(argv=None):
                 for r in range(args.rounds):
                     for k in ("AB" if r % 2 == 0 else "BA"):
                         ms[k].append(ask(procs[k], model=model, size=size,
-                                         seconds=args.seconds)["ms"])
+                                         seconds=args.seconds, pause=args.pause)["ms"])
                 a, b = (float(np.median(ms[k])) for k in "AB")
                 print(f"{model:6s} {','.join(map(str, size))}: A {a:9.2f} ms  B {b:9.2f} ms  "
                       f"A/B {a / b:5.2f}  grad diff {diff:.1e}", flush=True)

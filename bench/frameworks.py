@@ -305,10 +305,12 @@ def max_error(np, grads, ref):
     return worst
 
 
-def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.01):
+def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.25):
     """Interleaved: each round calls every runner once, in a rotating order, with a
-    short pause between calls so that spinning worker threads of the previous
-    library have gone to sleep. Returns {name: [seconds, ...]}."""
+    pause between calls so that spinning worker threads of the previous library have
+    gone to sleep: OpenBLAS's spin 0.1-0.2 s after a product on several threads (a
+    1024^3 torch matmul ran at 148-199 GFLOP/s 10-50 ms after a bpttgen call that
+    used OpenBLAS's two threads, 245-279 from 0.2 s on). Returns {name: [seconds, ...]}."""
     names = list(runners)
     times = {n: [] for n in names}
     start = time.perf_counter()

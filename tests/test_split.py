@@ -75,14 +75,21 @@ def test_the_rule_splits_mid_sizes_only(monkeypatch):
     cache, an algorithm whose gradient is a sum over sequences."""
     monkeypatch.delenv("BPTTGEN_THREADS", raising=False)
     monkeypatch.setattr(split, "available", lambda: 2)
-    lstm_mid = dict(loop_weight_bytes=4 * 512 * 128, loop_weight_elements=512 * 128)
+    lstm_mid = dict(loop_weight_bytes=4 * 512 * 128, parameters=512 * 192 + 64 * 128)
     assert split.count(None, "bptt", 128, 32, **lstm_mid) == 2
     assert split.count(None, "tbptt", 128, 32, **lstm_mid) == 2
     assert split.count(None, "bptt", 128, 31, **lstm_mid) == 1  # 15 rows a thread
     assert split.count(None, "artbp", 128, 32, **lstm_mid) == 1
     assert split.count(None, "bptt", 1, 32, **lstm_mid) == 1  # too little work
+    assert split.count(None, "bptt", 128, 32, loop_weight_bytes=4 * 64 * 64,
+                       parameters=6144) == 1  # Elman (32,128,16,64,16): 3 ms a call
+    assert split.count(None, "bptt", 4, 64, **lstm_mid) == 1  # work for one thread only
     assert split.count(None, "bptt", 128, 64, loop_weight_bytes=4 * 2048 * 512,
-                       loop_weight_elements=2048 * 512) == 1  # weights beyond the cache
+                       parameters=2048 * 768) == 1  # weights beyond the cache
+    monkeypatch.setattr(split, "available", lambda: 4)
+    assert split.count(None, "bptt", 128, 64, **lstm_mid) == 4
+    assert split.count(None, "bptt", 128, 48, **lstm_mid) == 3  # 16 rows each
+    assert split.count(None, "bptt", 16, 64, **lstm_mid) == 3  # 2^25 work each: not 4
     monkeypatch.setattr(split, "available", lambda: 1)  # a Dask worker's one BLAS thread
     assert split.count(None, "bptt", 128, 32, **lstm_mid) == 1
     assert split.count(3, "bptt", 1, 2, 0, 0) == 2  # as asked, at most B

@@ -300,8 +300,9 @@ class Model:
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
             return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
                              memory_limit=memory_limit)[:2]
-        loop = sum(params[w].size for w in self._loop_weights)
-        pieces = split.count(threads, algorithm, T, B, loop * np.dtype(dtype).itemsize, loop)
+        loop = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
+        pieces = split.count(threads, algorithm, T, B, loop,
+                             sum(params[p].size for p in self.spec["params"]))
         if pieces > 1:
             return self._split(pieces, params, x, targets, state0, mask, l2, algorithm, k1,
                                k2, sizes, T, B, dtype)

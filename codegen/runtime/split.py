@@ -18,8 +18,13 @@ cache: split by rows, every core streams all of them each step. Elman at
 products efficient and work enough to pay for the hand-over. So by default a call is
 split over the BLAS's thread count (a Dask worker's is 1: it never splits) when the
 loop's weights take at most ``MAX_WEIGHT_BYTES``, each thread gets at least
-``MIN_ROWS`` rows and ``MIN_WORK`` multiply-adds of the loop's products. A rule on
+``MIN_ROWS`` rows and ``MIN_WORK`` work. A rule on
 sizes, not a timing: a call gives the same numbers each time it is made.
+
+One cost seen: OpenBLAS's idle threads spin on a core for a while (~0.1 s) after a
+product it ran on several threads, so a split call right after an unsplit one (of
+other sizes, or a forward) ran its pieces at 44-52 ms against 21-30 ms (the LSTM
+above). Consecutive split calls, as a training loop makes, do not meet it.
 
 Exact. The loss is a weighted sum over sequences, L = sum_tb w_tb l_tb / W (the
 derivation's, derive/reference.py), so with piece s holding the weight W_s and
@@ -40,9 +45,12 @@ ALGORITHMS = ("bptt", "epochwise", "naive", "tbptt")
 MAX_WEIGHT_BYTES = 512 * 1024
 #: Rows each thread gets at least: below this its products lose more than a core gains.
 MIN_ROWS = 16
-#: Multiply-adds of the loop's products each thread gets at least (~0.2 ms at their
-#: rate; handing a piece to a thread and back costs tens of microseconds).
-MIN_WORK = 1 << 23
+#: Work each thread gets at least, as steps x rows x parameters (every parameter is
+#: multiplied about once per row and step): 2^25, a few ms of compute. A split costs
+#: 0.5-0.7 ms more than the call on this VM, whose idle threads wake slowly (a round
+#: trip of two empty tasks through a pool: 0.2 ms); at 2^23 (Elman and LSTM calls of
+#: 2.5-3 ms) the split ran 0.73-1.13x, from 2^25 on 1.06-1.5x (BENCHMARKS.md).
+MIN_WORK = 1 << 25
 
 _lock = threading.Lock()  # one split call at a time: each takes every core
 _pool = None
@@ -78,7 +86,7 @@ def available():
     return max(1, min(blas, cpus or 1))
 
 
-def count(threads, algorithm, T, B, loop_weight_bytes, loop_weight_elements):
+def count(threads, algorithm, T, B, loop_weight_bytes, parameters):
     """Pieces to split a call of B sequences into: ``threads`` as given (at most B), or
     for ``threads=None`` $BPTTGEN_THREADS where it is set, else the rule above. 1: do
     not split (the same numbers on every machine: a split rounds by its pieces)."""
@@ -99,7 +107,7 @@ def count(threads, algorithm, T, B, loop_weight_bytes, loop_weight_elements):
     if algorithm not in ALGORITHMS or loop_weight_bytes > MAX_WEIGHT_BYTES:
         return 1
     n = min(available(), B // MIN_ROWS)
-    while n > 1 and T * (B // n) * loop_weight_elements < MIN_WORK:
+    while n > 1 and T * (B // n) * parameters < MIN_WORK:
         n -= 1
     return max(n, 1)
 

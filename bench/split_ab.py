@@ -1,0 +1,90 @@
+"""A call split over threads (codegen/runtime/split.py) against the same call unsplit:
+one process, blocks of calls with threads=1 and with the default rule in turn
+(float32 loss + all gradients), a pause before each block so that OpenBLAS's idle
+threads (which spin 0.1-0.2 s after a product on several threads) have stopped.
+
+    python bench/split_ab.py [--models elman,lstm,gru] [--threads 2] [--rounds 8]
+                             [--seconds 0.5] [--sizes B,T,I,H,O ...]
+
+Prints per size the pieces the rule chose, the median over rounds of each block's
+median call, unsplit/split (above 1: the split is faster) and the largest relative
+difference of the gradients (float32 rounding where the rule splits).
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from frameworks import SIZES, fmt_load, pin_threads, problem, source_version  # noqa: E402
+
+#: Sizes near the rule's edges: the fewest rows, the least work it splits.
+EDGE_SIZES = ((32, 128, 16, 64, 16), (32, 32, 16, 64, 16), (64, 64, 32, 64, 32))
+
+
+def parser():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="elman,lstm,gru")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=0.5, help="per block")
+    ap.add_argument("--pause", type=float, default=0.3, help="s before each block")
+    ap.add_argument("--sizes", nargs="*", help="B,T,I,H,O each (default: frameworks.py's "
+                    "and three near the rule's edges)")
+    return ap
+
+
+def main(argv=None):
+    import numpy as np
+
+    from bpttgen.codegen.runtime import split
+
+    args = parser().parse_args(argv)
+    sizes = ([tuple(map(int, s.split(","))) for s in args.sizes] if args.sizes
+             else list(SIZES) + list(EDGE_SIZES))
+    print(f"# python bench/split_ab.py --models {args.models} --threads {args.threads} "
+          f"--rounds {args.rounds}; {source_version()}; load {fmt_load()}", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        module = importlib.import_module(f"bpttgen.generated.{model}")
+        for B, T, I, H, O in sizes:
+            params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
+            loop = sum(params[w].size for w in module._MODEL._loop_weights)
+            pieces = split.count(None, "bptt", T, B, 4 * loop,
+                                 sum(p.size for p in params.values()))
+
+            def block(threads):
+                time.sleep(args.pause)
+                _, grads = module.loss_and_grads(params, x, targets, threads=threads)
+                times, end = [], time.perf_counter() + args.seconds
+                while len(times) < 3 or time.perf_counter() < end:
+                    start = time.perf_counter()
+                    module.loss_and_grads(params, x, targets, threads=threads)
+                    times.append(time.perf_counter() - start)
+                return 1e3 * float(np.median(times)), grads
+
+            ms = {1: [], None: []}
+            grads = {}
+            for r in range(args.rounds):
+                for threads in ((1, None) if r % 2 == 0 else (None, 1)):
+                    t, grads[threads] = block(threads)
+                    ms[threads].append(t)
+            diff = max(float(np.abs(grads[None][k] - grads[1][k]).max()
+                             / np.abs(grads[1][k]).max()) for k in grads[1])
+            one, rule = (float(np.median(ms[k])) for k in (1, None))
+            print(f"{model:6s} {B},{T},{I},{H},{O}: pieces {pieces}  unsplit {one:8.2f} ms  "
+                  f"split {rule:8.2f} ms  unsplit/split {one / rule:5.2f}  "
+                  f"grad diff {diff:.1e}", flush=True)
+            rows.append(dict(model=model, sizes=(B, T, I, H, O), pieces=pieces, unsplit=one,
+                             split=rule, diff=diff))
+    print(f"# load at end {fmt_load()}")
+    return rows
+
+
+if __name__ == "__main__":
+    pin_threads(parser().parse_args().threads)  # before NumPy loads its BLAS
+    main()
