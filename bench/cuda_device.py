@@ -656,7 +656,7 @@ def worker_time(args, part):
             for run in runners.values():
                 run()
         rounds, min_time = (2, 0.0) if args.quick else (args.rounds, args.min_time)
-        times = fw.timed_rounds(runners, rounds, 200, min_time)
+        times = fw.timed_rounds(runners, rounds, 200, min_time, pause=0.01, block=0.0)
         ms = {n: 1e3 * sorted(v)[len(v) // 2] for n, v in times.items()}
         flops = fw.flops(model, B, T, I, H, O)
         for name in runners:

@@ -305,12 +305,18 @@ def max_error(np, grads, ref):
     return worst
 
 
-def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.25):
-    """Interleaved: each round calls every runner once, in a rotating order, with a
-    pause between calls so that spinning worker threads of the previous library have
-    gone to sleep: OpenBLAS's spin 0.1-0.2 s after a product on several threads (a
-    1024^3 torch matmul ran at 148-199 GFLOP/s 10-50 ms after a bpttgen call that
-    used OpenBLAS's two threads, 245-279 from 0.2 s on). Returns {name: [seconds, ...]}."""
+def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.25, block=0.5):
+    """Interleaved: each round times every runner once, in a rotating order, as the
+    median of a block of calls (as many as fill ``block`` seconds, at least one) after
+    a pause and an untimed call: each library timed in its own steady state, as a
+    training loop calls it, not beside the threads of the library before it nor on
+    cores just woken. On the 2-core VM of BENCHMARKS.md: worker threads spin after
+    their work (OpenBLAS's 0.1-0.2 s after a product on several threads: a 1024^3
+    torch matmul ran at 148-199 GFLOP/s 10-50 ms after a bpttgen call that used
+    OpenBLAS's two threads, 245-279 from 0.2 s on), hence the pause; and after 50 ms
+    idle, calls that keep both cores busy ran up to 1.7x slower for their first
+    ~0.1 s (Elman at (32,128,64,128,64) split over two threads: 12.5-19 ms for seven
+    calls, then 7.8), hence the block. Returns {name: [seconds, ...]}, one per round."""
     names = list(runners)
     times = {n: [] for n in names}
     start = time.perf_counter()
@@ -319,9 +325,13 @@ def timed_rounds(runners, min_rounds, max_rounds, min_time, pause=0.25):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             time.sleep(pause)
-            t = time.perf_counter()
             runners[n]()
-            times[n].append(time.perf_counter() - t)
+            calls, end = [], time.perf_counter() + block
+            while not calls or time.perf_counter() < end:
+                t = time.perf_counter()
+                runners[n]()
+                calls.append(time.perf_counter() - t)
+            times[n].append(sorted(calls)[len(calls) // 2])
         r += 1
     return times
 

@@ -6,9 +6,10 @@ over the cores, with a hand-over per product, while the elementwise work, the lo
 and the zeroing of work arrays run on one core. The sequences of a batch do not
 interact until their gradients are summed, so each core can instead run the whole
 call (every phase, its own time loops, a one-thread BLAS) on its share of the rows,
-with no synchronisation until the end. Measured on a 2-core AVX-512 Xeon, float32,
-(B, T, I, H, O) = (32, 128, 64, 128, 64): Elman 1.19x, LSTM 1.12x, GRU 1.40x; LSTM at
-(32, 512, 64, 128, 64) 1.25x (BENCHMARKS.md has the A/B run).
+with no synchronisation until the end. Measured on a 2-core AVX-512 Xeon, float32
+(bench/split_ab.py, two runs), at (B, T, I, H, O) = (32, 128, 64, 128, 64): Elman
+1.24-1.38x, LSTM 1.06-1.11x, GRU 1.36-1.46x; at (32, 512, 64, 128, 64): 1.26-1.35x,
+1.11-1.22x, 1.47-1.49x.
 
 When (``count``). Where the time loop's weights are large, the cores' share of a
 BLAS product is also their share of the weights, which then stay in each core's own
