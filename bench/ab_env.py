@@ -6,8 +6,8 @@ such as Numba's CPU target (BPTTGEN_VECTOR_WIDTH=256 against 512-bit vectors).
         [--rounds 9] [--seconds 0.3] [--sizes B,T,I,H,O ...]
 
 Each round asks A, then B (then B, then A: the order alternates) for as many calls as
-fill --seconds, after a --pause, and keeps each one's median call; the two processes hold their
-compiled modules, so only the calls are timed. Prints the median over rounds of each
+fill --seconds, after a --pause, and keeps each one's median call; the two processes
+hold their compiled modules, so only the calls are timed. Prints the median over rounds of each
 and A/B (above 1: B is faster), with the largest relative difference of the gradients.
 """
 

@@ -19,7 +19,7 @@ alike:
 Before any timing, every framework's loss and gradients are compared with bpttgen's
 at the same size (max |a - b| / max |b| per parameter <= 1e-4 in float32), and once
 in float64 at a tiny size against torch.nn (<= 1e-9), which proves the parameter
-mapping exact. Reported: ms per call (median over interleaved rounds after warm-up),
+mapping exact. Reported: ms per call (median over interleaved rounds of blocks of calls),
 the first call (compile) separately, GFLOP/s of the matrix products, the ratio of
 each framework's time to bpttgen's, the float32 matrix-product rate of the machine
 (1024^3, NumPy/OpenBLAS and torch) measured in the same run, and the load average.

@@ -280,7 +280,8 @@ class Model:
         memory_limit (bytes): every algorithm refuses a call that would allocate more
         (memory() says how much, before it runs), naming the checkpointed plan that fits.
         threads: the batch split into this many pieces, each run by a thread of its own
-        (bptt, epochwise, naive, tbptt; 1: never); None: decided by sizes, split.count.
+        (bptt, epochwise, naive, tbptt; 1: never); None: $BPTTGEN_THREADS where set, else
+        decided by sizes (split.count).
         """
         if targets is None:
             raise TypeError("loss_and_grads needs targets; use forward(params, x) for "
@@ -300,8 +301,8 @@ class Model:
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
             return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
                              memory_limit=memory_limit)[:2]
-        loop = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
-        pieces = split.count(threads, algorithm, T, B, loop,
+        loop_bytes = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
+        pieces = split.count(threads, algorithm, T, B, loop_bytes,
                              sum(params[p].size for p in self.spec["params"]))
         if pieces > 1:
             return self._split(pieces, params, x, targets, state0, mask, l2, algorithm, k1,
