@@ -93,6 +93,7 @@ def test_the_rule_splits_mid_sizes_only(monkeypatch):
     monkeypatch.setattr(split, "available", lambda: 1)  # a Dask worker's one BLAS thread
     assert split.count(None, "bptt", 128, 32, **lstm_mid) == 1
     assert split.count(3, "bptt", 1, 2, 0, 0) == 2  # as asked, at most B
+    assert split.count(np.int64(2), "bptt", 1, 8, 0, 0) == 2
     monkeypatch.setenv("BPTTGEN_THREADS", "1")
     monkeypatch.setattr(split, "available", lambda: 2)
     assert split.count(None, "bptt", 128, 32, **lstm_mid) == 1

@@ -33,6 +33,7 @@ returning L_s, g_s: L = sum_s (W_s / W) L_s and g = sum_s (W_s / W) g_s, up to
 rounding (float32: a few ulp; float64: 1e-15). distributed.py sums its shards so too.
 """
 
+import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -54,13 +55,14 @@ MIN_ROWS = 16
 MIN_WORK = 1 << 25
 
 _lock = threading.Lock()  # one split call at a time: each takes every core
-_pool = None
+_pool, _pool_size = None, 0
 _blas = None
 
 
 def _forget_pool():
-    global _pool, _lock
-    _pool, _lock = None, threading.Lock()  # a forked child has none of the parent's threads
+    global _pool, _pool_size, _lock
+    # a forked child has none of its parent's threads
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -98,13 +100,14 @@ def count(threads, algorithm, T, B, loop_weight_bytes, parameters):
             raise ValueError(f"BPTTGEN_THREADS must be a positive integer, got "
                              f"{os.environ['BPTTGEN_THREADS']!r}") from None
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) \
+                or threads < 1:
             raise ValueError(f"threads must be a positive integer (or None: decided by "
                              f"sizes), got {threads!r}")
         if threads > 1 and algorithm not in ALGORITHMS:
             raise ValueError(f"threads={threads} splits the batch of {ALGORITHMS}, not "
                              f"algorithm={algorithm!r}; leave threads=None")
-        return min(threads, B)
+        return min(int(threads), B)
     if algorithm not in ALGORITHMS or loop_weight_bytes > MAX_WEIGHT_BYTES:
         return 1
     n = min(available(), B // MIN_ROWS)
@@ -124,10 +127,13 @@ def run(calls):
     (kernel_functions.JIT_OPTIONS: nogil). Not in the calling thread: its work arrays
     (calls.ArrayCache, one set per thread) stay those of its own calls, which an
     unsplit call of other sizes, between two split ones, would otherwise replace."""
-    global _pool
+    global _pool, _pool_size
     with _lock, _blas_controller().limit(limits=1):
-        if _pool is None or _pool._max_workers < len(calls):
+        if _pool_size < len(calls):
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads end, and their work arrays go
             _pool = ThreadPoolExecutor(len(calls), thread_name_prefix="bpttgen-split")
+            _pool_size = len(calls)
         futures = [_pool.submit(call) for call in calls]
         wait(futures)  # all of them, before the BLAS gets its threads back
     return [f.result() for f in futures]  # raises a piece's exception
