@@ -98,9 +98,13 @@ def test_the_rule_splits_mid_sizes_only(monkeypatch):
     monkeypatch.setattr(split, "available", lambda: 2)
     assert split.count(None, "bptt", 128, 32, **lstm_mid) == 1
     assert split.count(2, "bptt", 128, 32, **lstm_mid) == 2  # the argument wins
-    monkeypatch.setenv("BPTTGEN_THREADS", "many")
-    with pytest.raises(ValueError, match="BPTTGEN_THREADS must be a positive integer"):
-        split.count(None, "bptt", 128, 32, **lstm_mid)
+    monkeypatch.setenv("BPTTGEN_THREADS", "3")
+    assert split.count(None, "bptt", 1, 2, **lstm_mid) == 2  # at most B, no size rule
+    assert split.count(None, "artbp", 128, 32, **lstm_mid) == 1  # a default, not a demand
+    for bad in ("many", "0", "-2"):
+        monkeypatch.setenv("BPTTGEN_THREADS", bad)
+        with pytest.raises(ValueError, match="BPTTGEN_THREADS must be a positive integer"):
+            split.count(None, "bptt", 128, 32, **lstm_mid)
 
 
 def _blas_threads():

@@ -91,14 +91,19 @@ def available():
 
 def count(threads, algorithm, T, B, loop_weight_bytes, parameters):
     """Pieces to split a call of B sequences into: ``threads`` as given (at most B), or
-    for ``threads=None`` $BPTTGEN_THREADS where it is set, else the rule above. 1: do
-    not split (the same numbers on every machine: a split rounds by its pieces)."""
+    for ``threads=None`` $BPTTGEN_THREADS where it is set (a call of an algorithm that
+    cannot be split then runs whole), else the rule above. 1: do not split (the same
+    numbers on every machine: a split rounds by its pieces)."""
     if threads is None and os.environ.get("BPTTGEN_THREADS"):
         try:
-            threads = int(os.environ["BPTTGEN_THREADS"])
+            default = int(os.environ["BPTTGEN_THREADS"])
         except ValueError:
+            default = 0
+        if default < 1:
             raise ValueError(f"BPTTGEN_THREADS must be a positive integer, got "
-                             f"{os.environ['BPTTGEN_THREADS']!r}") from None
+                             f"{os.environ['BPTTGEN_THREADS']!r}")
+        # a default: an algorithm that cannot be split runs whole
+        return min(default, B) if algorithm in ALGORITHMS else 1
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) \
                 or threads < 1:
