@@ -41,8 +41,6 @@ def parser():
 def main(argv=None):
     import numpy as np
 
-    from bpttgen.codegen.runtime import split
-
     args = parser().parse_args(argv)
     sizes = ([tuple(map(int, s.split(","))) for s in args.sizes] if args.sizes
              else list(SIZES) + list(EDGE_SIZES))
@@ -53,9 +51,7 @@ def main(argv=None):
         module = importlib.import_module(f"bpttgen.generated.{model}")
         for B, T, I, H, O in sizes:
             params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
-            loop = sum(params[w].size for w in module._MODEL._loop_weights)
-            pieces = split.count(None, "bptt", T, B, 4 * loop,
-                                 sum(p.size for p in params.values()))
+            pieces = module._MODEL.pieces(params, T, B, np.float32)
 
             def block(threads):
                 time.sleep(args.pause)

@@ -44,10 +44,10 @@ own arrays (each a buffer of the message, not copied into one first). A worker r
 its shard's rows and takes the parameters into the memory its last call used: fresh
 memory is zero-filled and mapped a page at a time, and on a 2-core machine those page
 faults were a quarter of elman's overhead. Everything a worker needs is on it before
-its shard starts: a Numba kernel holds its worker's GIL, so a worker that computes
-answers no other worker's fetch until its kernel ends (kernels compiled nogil=True
-were tried: the worker's own messages then compete with its kernel for the core, and
-elman's step took 210-250 ms against 190-200).
+its shard starts, so no fetch from another worker waits on a computing one. (The
+kernels release the GIL, for split.py's threads; measured here, elman's overhead at
+(64,128,256,512,256) was 8.3% and 8.8% a step with them so compiled, 10.6% and 9.4%
+without: an earlier run without that split had seen the steps slower.)
 
 Faults. The module and the data are the results of tasks that return them (not
 scattered data, which a dead worker takes with it), so when a worker dies (kill -9)

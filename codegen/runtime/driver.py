@@ -301,14 +301,19 @@ class Model:
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses a mask without loss
             return self.rtrl(params, x, targets, state0=state0, mask=mask, l2=l2,
                              memory_limit=memory_limit)[:2]
-        loop_bytes = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
-        pieces = split.count(threads, algorithm, T, B, loop_bytes,
-                             sum(params[p].size for p in self.spec["params"]))
+        pieces = self.pieces(params, T, B, dtype, algorithm, threads)
         if pieces > 1:
             return self._split(pieces, params, x, targets, state0, mask, l2, algorithm, k1,
                                k2, sizes, T, B, dtype)
         return self._whole(params, x, targets, state0, mask, l2, algorithm, k1, k2, c, seed,
                            truncate, sizes, T, B, dtype)
+
+    def pieces(self, params, T, B, dtype, algorithm="bptt", threads=None):
+        """How many pieces a loss_and_grads call of these parameters and sizes splits
+        its batch into (split.count: 1, not split)."""
+        loop_bytes = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
+        return split.count(threads, algorithm, T, B, loop_bytes,
+                           sum(params[p].size for p in self.spec["params"]))
 
     def _split(self, n, params, x, targets, state0, mask, l2, algorithm, k1, k2, sizes, T, B,
                dtype):
