@@ -133,6 +133,16 @@ def _patiently(client, wait):
                 raise _NoScheduler("the Dask scheduler does not answer") from None
 
 
+def _workers(client):
+    """The addresses of the cluster's workers, sorted, asked of the scheduler now.
+
+    Not ``client.scheduler_info()["workers"]``: that returns an attribute the client's
+    own periodic refresh also sets, with the workers left out, and the refresh can land
+    between the call's fetch and its return (1 in 6 calls with a 1 ms refresh; CI once
+    saw a cluster of two with no workers)."""
+    return sorted(client.nthreads())
+
+
 def require_dask():
     """The ``distributed`` package, or ImportError saying what to install."""
     try:
@@ -415,9 +425,8 @@ class DataParallel:
     def __init__(self, client, module, *, shards=None, trainer=None):
         require_dask()
         self.client, self.module, self.trainer = client, module, trainer
-        workers = client.scheduler_info().get("workers", {})
         if shards is None:
-            shards = len(workers)
+            shards = len(_workers(client))
         if not (isinstance(shards, (int, np.integer)) and shards >= 1):
             raise ValueError(f"the cluster has no workers (shards = {shards!r}); start "
                              "some or wait for them (client.wait_for_workers)")
@@ -477,10 +486,10 @@ class DataParallel:
         now = time.monotonic()
         if self._listed is not None and now - self._listed[0] < LIST_AGE:
             return self._listed[1]
-        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        workers = _workers(self.client)
         while not workers:  # all dead (kill -9) and their nannies not yet back: wait
             _patiently(self.client, lambda t: self.client.wait_for_workers(1, timeout=t))
-            workers = sorted(self.client.scheduler_info().get("workers", {}))
+            workers = _workers(self.client)
         new = {w: self.client.submit(_home, self._ref, self._held, pure=False, workers=[w],
                                      allow_other_workers=True)
                for w in workers if w not in self._homes}
