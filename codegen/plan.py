@@ -429,6 +429,38 @@ class Plan:
         phase = next(h.phase for h in self.groups if h.name == owner)
         return not (self.nodes[node].phase == "loop" and phase not in LOOPS)
 
+    def overwritten(self):
+        """The adjoint arrays every call writes whole before it reads them, so that a
+        call may start them holding anything (the run time's reused work arrays are
+        then not zeroed first; a per-call fill of up to 8 bytes an element):
+
+        - the output's adjoint, an array of its own: the loss kernel, which runs before
+          any backward phase, assigns every row and column;
+        - a time loop's product adjoint whose every member is assigned (=) by the one
+          loop node it feeds (_assigns): every sweep visits each step of the arrays it
+          is given, and a truncated window sweeps copies (runtime.calls.backward_windows).
+
+        The stacked weight gradients are not here, nor zeroed: gradient_lines writes
+        each whole. Whatever else is left out is zeroed at every call."""
+        arrays = {a.name: a for a in self.arrays}
+        out = set()
+        array, shift, offset = self.storage(self.d.loss.node, adjoint=True)
+        if (shift, offset) == ("0", "0") and array in arrays and arrays[array].rows == "TB" \
+                and arrays[array].cols == str(self.d.loss.size):
+            out.add(array)
+        # (a pre group sharing a loop group's array holds the same terms: _share_adjoints)
+        for g in self.groups:
+            if g.phase not in LOOPS or g.name in self.alias or g.name in self.node_alias:
+                continue
+            array = self.group_adjoint(g)
+            if array in arrays and all(
+                    m in self.single and self.nodes[self.single[m].via].phase in LOOPS
+                    and self._assigns(self.single[m].via, m)
+                    and self.storage(m, adjoint=True)[0] == array
+                    for m, _, _, _ in g.members):
+                out.add(array)
+        return out
+
     def bias_lines(self):
         """Code for the bias gradients taken as column sums of product adjoints,
         run once after the whole backward (shared adjoints)."""

@@ -309,6 +309,7 @@ def cpu_context(derivation):
             *[naming.code_group_transposed(g.name) for g in loop_products],
             *[a.name for a in plan.arrays],
             *[naming.code_group_gradient(g.name) for g in plan.groups]]
+    zeroed = {a.name for a in plan.arrays if a.role in ("adjoint", "grad")} - plan.overwritten()
     gradients = [a.name for a in plan.arrays if a.role == "grad"]
     if len(gradients) != len(plan.vector_params):
         raise PlanError(f"vector parameters {plan.vector_params} have the gradient arrays "
@@ -340,7 +341,8 @@ def cpu_context(derivation):
                        plan.storage(d.loss.node, adjoint=True)[0]),
         carry_array=next(a.name for a in plan.arrays if a.role == "carry"),
         window_local=repr(window_local(plan)),
-        zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["role"] in ("adjoint", "grad"))),
+        # what a reused work array must start as; the rest is written before it is read
+        zeroed_arrays=repr(tuple(a["name"] for a in arrays if a["name"] in zeroed)),
         ones_arrays=repr(tuple(a["name"] for a in arrays if a["role"] == "carry")),
         kernel_functions=fingerprint(),
         # a reverse state's model runs only the algorithms that hold the whole sequence

@@ -4,6 +4,7 @@ parameter initialisation. NumPy and Numba only.
 """
 
 import math
+import os
 import threading
 import weakref
 
@@ -65,17 +66,27 @@ def check_direction(name, spec, algorithm):
             f"and {algorithm} {kind}; use one of {BIDIRECTIONAL_ALGORITHMS}")
 
 
+#: Set to 1 to fill every work array that a call does not start zeroed or with ones
+#: with NaN, when it is allocated and when it is reused: a kernel that read such an
+#: array before writing it would then give NaN rather than a number left from an
+#: earlier call. For tests and the fuzzer (``ArrayCache.poison``); a fill per call.
+POISON = os.environ.get("BPTTGEN_POISON_WORKSPACE", "") not in ("", "0")
+
+
 class ArrayCache:
     """The work arrays of a module's last call, per thread, for the next call of the
     same sizes: a training loop then neither allocates nor page-faults its
     trajectory (fresh pages cost about as much again as writing them: ~9 ms per
     64 MB here). On reuse the arrays named in ``zeros`` are zeroed and those in
     ``ones`` filled with ones, as a fresh allocation would give them; the rest are
-    overwritten by the kernels before they are read. Results handed to a caller
-    must be copies. ``clear()`` frees the arrays of every thread."""
+    overwritten by the kernels before they are read (the layout says which: plan.py,
+    ``Plan.overwritten``), and with ``poison`` set are filled with NaN to show it.
+    Results handed to a caller must be copies. ``clear()`` frees the arrays of every
+    thread."""
 
-    def __init__(self, zeros=(), ones=()):
+    def __init__(self, zeros=(), ones=(), poison=None):
         self.zeros, self.ones = tuple(zeros), tuple(ones)
+        self.poison = POISON if poison is None else poison
         self._local = threading.local()
         # every thread's slot, for clear(); a thread's goes when the thread ends
         self._slots, self._lock = weakref.WeakSet(), threading.Lock()
@@ -99,10 +110,15 @@ class ArrayCache:
                 arrays[name].fill(0)
             for name in self.ones:
                 arrays[name].fill(1)
-            return arrays
-        slot.last = None  # free the old arrays before allocating new ones
-        arrays = allocate(*key)
-        slot.last = (key, arrays)
+        else:
+            slot.last = None  # free the old arrays before allocating new ones
+            arrays = allocate(*key)
+            slot.last = (key, arrays)
+        if self.poison:
+            for name, a in arrays.items():
+                if name not in self.zeros and name not in self.ones and \
+                        isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                    a.fill(np.nan)
         return arrays
 
     def clear(self):
