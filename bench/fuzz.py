@@ -106,9 +106,11 @@ typing) and every ``--jit-every``-th cell compiled. A worker runs many cells (it
 imports cost 1.5-3.5 s, a JIT-off cell ~0.5 s: one process per cell measured 5x
 slower, 2.4 s a cell against 0.48 s) and is replaced after ``--recycle`` cells, on a
 timeout or when it dies. Workers start with PYTHONHASHSEED=0, so a cell generates
-the same code on every run. A compiled cell's module is written under
-``--cache-dir`` (a folder per source hash, rewritten only when it changed), so a
-rerun finds Numba's cache: the suite's compiled cell takes ~25-45 s cold, ~5 s warm.
+the same code on every run, and with BPTTGEN_POISON_WORKSPACE=1, so that a kernel
+reading a work array that the layout says it writes first gives NaN. A compiled
+cell's module is written under ``--cache-dir`` (a folder per source hash, rewritten
+only when it changed), so a rerun finds Numba's cache: the suite's compiled cell
+takes ~25-45 s cold, ~5 s warm.
 
 *Shrinking* is this file's own, not Hypothesis's: cells must run in killable
 subprocesses whose JIT mode is fixed at start (Hypothesis runs and shrinks a test
@@ -1511,8 +1513,11 @@ def worker_main():
 
 class Worker:
     def __init__(self, jit, log):
+        # BPTTGEN_POISON_WORKSPACE: every work array a call does not zero starts as NaN,
+        # so a kernel reading one before writing it fails the checks (runtime ArrayCache)
         env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1",
-                   OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+                   OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+                   BPTTGEN_POISON_WORKSPACE="1")
         if jit:
             env.pop("NUMBA_DISABLE_JIT", None)
         else:

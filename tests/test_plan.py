@@ -2,6 +2,7 @@
 pass with or without them): shared adjoints and the reuse of work arrays."""
 
 import numpy as np
+import pytest
 
 from bpttgen.codegen.plan import Plan
 from bpttgen.derive import derive
@@ -60,7 +61,7 @@ def test_work_arrays_are_reused_and_results_are_not(generated_module):
     first = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
     second = module._workspace(tiny_sizes(D), 5, 2, np.float64, params, x, state0)
     assert first["d_P_h_prev_seq"] is second["d_P_h_prev_seq"]  # reused ...
-    assert not second["d_P_h_prev_seq"].any() and not second["delta_h_seq"].any()  # ... zeroed
+    assert not second["delta_h_seq"].any() and not second["delta_c_seq"].any()  # ... zeroed
     # Another problem of the same sizes: the first results stay as they were, and
     # the same problem again gives the same numbers from the reused arrays.
     module.loss_and_grads(params, 2 * x, targets, state0=state0, algorithm="tbptt", k1=2, k2=3)
@@ -150,3 +151,66 @@ def test_lines_cite_the_equations_they_implement():
     adjoint = next(line for line in lines if line.strip().startswith("delta_c += "))
     number = adjoint.rsplit("# (", 1)[1].rstrip(")")
     assert "delta}^{c}_{t}" in text.split(f"\\tag{{{number}}}")[0].rsplit("$$", 1)[1]
+
+
+#: Every algorithm of a CPU module, with the options it needs at T = 5.
+ALGORITHMS = {"bptt": {}, "naive": {}, "tbptt": dict(k1=2, k2=3), "epochwise": {},
+              "artbp": dict(c=0.3, seed=4), "checkpoint": dict(segment=2), "rtrl": {}}
+
+
+def _poisoned_equals_fresh(module, params, x, targets, state0, mask):
+    """Each algorithm's loss and gradients with every work array the call does not
+    zero filled with NaN first (runtime.calls.ArrayCache.poison), against a call on
+    fresh arrays: bit for bit, twice (allocated, then reused)."""
+    cache = module._MODEL.cache
+    for algorithm, kw in ALGORITHMS.items():
+        if algorithm not in module.ALGORITHMS:
+            continue
+        call = (module.rtrl if algorithm == "rtrl" else
+                lambda *a, **k: module.loss_and_grads(*a, algorithm=algorithm, threads=1, **k))
+        module.free_workspace()
+        cache.poison = False
+        want = call(params, x, targets, state0=state0, mask=mask, **kw)[:2]
+        module.free_workspace()
+        cache.poison = True
+        try:
+            for _ in range(2):
+                loss, grads = call(params, x, targets, state0=state0, mask=mask, **kw)[:2]
+                assert loss == want[0], algorithm
+                for k in want[1]:
+                    assert np.array_equal(grads[k], want[1][k]), (algorithm, k)
+        finally:
+            cache.poison = False
+            module.free_workspace()
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_work_arrays_left_unzeroed_are_written_before_they_are_read(generated_module, name):
+    """A call zeroes only the adjoints it accumulates into (Plan.overwritten says which
+    it writes whole first); the rest, NaN before the call, must not reach a result.
+    bench/fuzz.py runs every cell this way too."""
+    module = generated_module(name)
+    D = derive(BUILTIN[name]())
+    params, x, targets, state0 = random_problem(D, tiny_sizes(D), T=5, B=3, seed=5)
+    mask = np.random.default_rng(5).random((5, 3))
+    mask[2] = 0
+    _poisoned_equals_fresh(module, params, x, targets, state0, mask)
+
+
+def test_the_poisoned_workspace_finds_an_array_that_needed_zeroing(generated_module):
+    """The check above can fail: the LSTM's cell-state adjoint is accumulated (+=) from
+    the last step down, so without its zeroing the poisoned call's gradients are NaN."""
+    module = generated_module("lstm")
+    D = derive(BUILTIN["lstm"]())
+    params, x, targets, state0 = random_problem(D, tiny_sizes(D), T=5, B=3, seed=5)
+    assert "delta_c_seq" in module._MODEL.cache.zeros
+    assert "d_P_h_prev_seq" not in module._MODEL.cache.zeros  # the layout's choice
+    cache = module._MODEL.cache
+    zeros = cache.zeros
+    cache.zeros, cache.poison = tuple(z for z in zeros if z != "delta_c_seq"), True
+    try:
+        _, grads = module.loss_and_grads(params, x, targets, state0=state0, threads=1)
+        assert np.isnan(grads["U_f"]).all()
+    finally:
+        cache.zeros, cache.poison = zeros, False
+        module.free_workspace()
