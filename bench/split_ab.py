@@ -1,14 +1,15 @@
 """A call split over threads (codegen/runtime/split.py) against the same call unsplit:
 one process, blocks of calls with threads=1 and with the default rule in turn
-(float32 loss + all gradients), a pause before each block so that OpenBLAS's idle
-threads (which spin 0.1-0.2 s after a product on several threads) have stopped.
+(float32 loss + all gradients, or with --forward the predictions), a pause before each
+block so that OpenBLAS's idle threads (which spin 0.1-0.2 s after a product on several
+threads) have stopped.
 
     python bench/split_ab.py [--models elman,lstm,gru] [--threads 2] [--rounds 8]
-                             [--seconds 0.5] [--sizes B,T,I,H,O ...]
+                             [--seconds 0.5] [--sizes B,T,I,H,O ...] [--forward]
 
 Prints per size the pieces the rule chose, the median over rounds of each block's
 median call, unsplit/split (above 1: the split is faster) and the largest relative
-difference of the gradients (float32 rounding where the rule splits).
+difference of the gradients or predictions (float32 rounding where the rule splits).
 """
 
 import argparse
@@ -35,6 +36,8 @@ def parser():
     ap.add_argument("--pause", type=float, default=0.3, help="s before each block")
     ap.add_argument("--sizes", nargs="*", help="B,T,I,H,O each (default: frameworks.py's "
                     "and three near the rule's edges)")
+    ap.add_argument("--forward", action="store_true", help="time forward(), not "
+                    "loss_and_grads()")
     return ap
 
 
@@ -45,21 +48,27 @@ def main(argv=None):
     sizes = ([tuple(map(int, s.split(","))) for s in args.sizes] if args.sizes
              else list(SIZES) + list(EDGE_SIZES))
     print(f"# python bench/split_ab.py --models {args.models} --threads {args.threads} "
-          f"--rounds {args.rounds}; {source_version()}; load {fmt_load()}", flush=True)
+          f"--rounds {args.rounds}{' --forward' if args.forward else ''}; {source_version()}; "
+          f"load {fmt_load()}", flush=True)
     rows = []
     for model in args.models.split(","):
         module = importlib.import_module(f"bpttgen.generated.{model}")
         for B, T, I, H, O in sizes:
             params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
-            pieces = module._MODEL.pieces(params, T, B, np.float32)
+            pieces = module._MODEL.pieces(params, T, B, np.float32, forward=args.forward)
+
+            def call(threads):
+                if args.forward:
+                    return {"y": module.forward(params, x, threads=threads)[0]}
+                return module.loss_and_grads(params, x, targets, threads=threads)[1]
 
             def block(threads):
                 time.sleep(args.pause)
-                _, grads = module.loss_and_grads(params, x, targets, threads=threads)
+                grads = call(threads)
                 times, end = [], time.perf_counter() + args.seconds
                 while len(times) < 3 or time.perf_counter() < end:
                     start = time.perf_counter()
-                    module.loss_and_grads(params, x, targets, threads=threads)
+                    call(threads)
                     times.append(time.perf_counter() - start)
                 return 1e3 * float(np.median(times)), grads
 

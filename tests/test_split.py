@@ -54,6 +54,30 @@ def test_a_split_call_equals_the_whole_batch(generated_module, derivations, case
         assert np.abs(grads_n[name] - grads1[name]).max() / scale < 1e-12, name
 
 
+@pytest.mark.parametrize("case", CASES)
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_a_split_forward_equals_the_whole_batch(generated_module, derivations, case, data):
+    """forward(threads=n) against threads=1, float64: predictions and final states (a
+    reverse state's is at t = 0) in the batch's order, equal to rounding (1e-12)."""
+    module = generated_module(case)
+    B = data.draw(st.integers(2, 7), label="B")
+    n = data.draw(st.integers(2, B + 1), label="threads")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    D = derivations[case]
+    params, x, _, state0 = random_problem(D, tiny_sizes(D), T=5, B=B, seed=seed)
+    if data.draw(st.booleans(), label="no state0"):
+        state0 = None
+    y1, final1 = module.forward(params, x, state0=state0, threads=1)
+    y_n, final_n = module.forward(params, x, state0=state0, threads=n)
+    assert y_n.shape == y1.shape
+    assert np.abs(y_n - y1).max() <= 1e-12 * max(np.abs(y1).max(), 1e-300)
+    assert final_n.keys() == final1.keys()
+    for s in final1:
+        assert final_n[s].shape == final1[s].shape
+        assert np.abs(final_n[s] - final1[s]).max() <= 1e-12 * max(np.abs(final1[s]).max(), 1)
+
+
 def test_threads_refuses_what_it_cannot_split(generated_module, derivations):
     module = generated_module("elman")
     D = derivations["elman"]
@@ -64,6 +88,8 @@ def test_threads_refuses_what_it_cannot_split(generated_module, derivations):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="threads must be a positive integer"):
             module.loss_and_grads(params, x, targets, threads=bad)
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            module.forward(params, x, threads=bad)
     with pytest.raises(ValueError, match="k1 and k2"):  # before any thread starts
         module.loss_and_grads(params, x, targets, algorithm="tbptt", threads=2)
     with pytest.raises(ValueError, match="mask selects no loss term"):
@@ -105,6 +131,20 @@ def test_the_rule_splits_mid_sizes_only(monkeypatch):
         monkeypatch.setenv("BPTTGEN_THREADS", bad)
         with pytest.raises(ValueError, match="BPTTGEN_THREADS must be a positive integer"):
             split.count(None, "bptt", 128, 32, **lstm_mid)
+
+
+def test_a_forward_counts_a_third_of_a_calls_work(generated_module, monkeypatch):
+    """At (B,T,I,H,O) = (32,128,64,128,64) on 2 threads: the Elman net's whole call
+    splits and its forward (a third of the work: 2^24.4 a thread) does not; the LSTM's
+    forward, with 3.2x the parameters, splits too."""
+    monkeypatch.delenv("BPTTGEN_THREADS", raising=False)
+    monkeypatch.setattr(split, "available", lambda: 2)
+    for name, forward_splits in (("elman", False), ("lstm", True)):
+        module = generated_module(name)
+        params = module.init_params(dict(zip(module.SIZES, (64, 128, 64))), dtype=np.float32)
+        assert module._MODEL.pieces(params, 128, 32, np.float32) == 2
+        assert module._MODEL.pieces(params, 128, 32, np.float32, forward=True) == \
+            (2 if forward_splits else 1), name
 
 
 def _blas_threads():

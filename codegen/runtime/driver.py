@@ -245,10 +245,29 @@ class Model:
         in +-1/sqrt(fan_in), biases zero."""
         return calls.init_params(self.spec, sizes, seed=seed, dtype=dtype)
 
-    def forward(self, params, x, state0=None):
-        """Predictions y (T, B, output size) and the final states {name: (B, size)}."""
+    def forward(self, params, x, state0=None, *, threads=None):
+        """Predictions y (T, B, output size) and the final states {name: (B, size)}.
+
+        threads: the batch split into this many pieces, each run by a thread of its own
+        (1: never); None: $BPTTGEN_THREADS where set, else decided by sizes as for
+        loss_and_grads, the forward counting a third of a call's work (split.count).
+        Each sequence's numbers are its own, split or not, up to the BLAS's rounding."""
         x = calls.pack_inputs(self.spec, x)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, state0=state0)
+        n = self.pieces(params, T, B, dtype, threads=threads, forward=True)
+        if n == 1:
+            return self._forward(params, x, state0, sizes, T, B, dtype)
+
+        def piece(lo, hi):
+            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
+            return self._forward(params, x[:, lo:hi], s0, sizes, T, hi - lo, dtype)
+
+        results = split.run([lambda lo=lo, hi=hi: piece(lo, hi) for lo, hi in split.pieces(B, n)])
+        return (np.concatenate([y for y, _ in results], axis=1),
+                {s: np.concatenate([final[s] for _, final in results]) for s in self.states})
+
+    def _forward(self, params, x, state0, sizes, T, B, dtype):
+        """forward on the whole batch, in this thread: the arguments checked."""
         ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
         O = sizes[self.spec["output"][1]]
         y = np.empty((T * B, O), dtype)
@@ -308,12 +327,15 @@ class Model:
         return self._whole(params, x, targets, state0, mask, l2, algorithm, k1, k2, c, seed,
                            truncate, sizes, T, B, dtype)
 
-    def pieces(self, params, T, B, dtype, algorithm="bptt", threads=None):
-        """How many pieces a loss_and_grads call of these parameters and sizes splits
-        its batch into (split.count: 1, not split)."""
+    def pieces(self, params, T, B, dtype, algorithm="bptt", threads=None, forward=False):
+        """How many pieces a loss_and_grads call (or with ``forward``, a forward call)
+        of these parameters and sizes splits its batch into (split.count: 1, not split).
+        A forward multiplies each parameter once per row and step, a third of what a
+        call with its gradients does: its work counts a third."""
         loop_bytes = sum(params[w].size for w in self._loop_weights) * np.dtype(dtype).itemsize
+        parameters = sum(params[p].size for p in self.spec["params"])
         return split.count(threads, algorithm, T, B, loop_bytes,
-                           sum(params[p].size for p in self.spec["params"]))
+                           parameters // 3 if forward else parameters)
 
     def _split(self, n, params, x, targets, state0, mask, l2, algorithm, k1, k2, sizes, T, B,
                dtype):

@@ -20,7 +20,9 @@ products efficient and work enough to pay for the hand-over. So by default a cal
 split over the BLAS's thread count (a Dask worker's is 1: it never splits) when the
 loop's weights take at most ``MAX_WEIGHT_BYTES``, each thread gets at least
 ``MIN_ROWS`` rows and ``MIN_WORK`` work. A rule on
-sizes, not a timing: a call gives the same numbers each time it is made.
+sizes, not a timing: a call gives the same numbers each time it is made. A forward
+call splits by the same rule, its work counted a third (it multiplies each parameter
+once per row and step, a call with gradients three times): Model.pieces.
 
 One cost seen: OpenBLAS's idle threads spin on a core for a while (~0.1 s) after a
 product it ran on several threads, so a split call right after an unsplit one (of
