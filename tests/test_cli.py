@@ -149,6 +149,32 @@ def test_train_a_task(capsys, tmp_path):
     assert out.startswith("final loss ")
 
 
+def test_train_holds_out_sequences_for_validation(capsys, tmp_path):
+    """--validation 0.25: the last 32 of 128 sequences are held out; each epoch's line
+    and the summary give their loss, the curve has two lines, and the loss printed
+    is the module's loss() of the saved parameters on those sequences."""
+    out_file = tmp_path / "parity.npz"
+    rc, out, err = run(capsys, "train", "elman", "--task", "parity", "--seq-len", "8",
+                       "--samples", "128", "--hidden", "8", "--epochs", "2",
+                       "--validation", "0.25", "-o", str(out_file))
+    assert rc == 0, err
+    assert "training elman on parity: 96 sequences of T = 8" in out
+    assert re.search(r"^epoch 2/2  loss \d\.\d{4}  perplexity \d\.\d{3}  held-out loss "
+                     r"\d\.\d{4}  perplexity \d\.\d{3}$", out, re.M), out
+    held = float(re.search(r"held-out loss (\d\.\d{4});", out).group(1))
+    elman = importlib.import_module("bpttgen.generated.elman")
+    trainer = elman.Trainer({"I": 1, "H": 8, "O": 2}).load(out_file)
+    data = tasks.parity(8, 128, seed=0)
+    assert trainer.evaluate(data.x[:, 96:], data.targets[:, 96:]) == pytest.approx(
+        held, abs=5e-5)
+    assert len(trainer.history["val_loss"]) == 2
+    assert_curves_drawn(tmp_path / "parity.png", lines=2)
+    for bad in ("1", "0.001", "-0.5"):
+        rc, _, err = run(capsys, "train", "elman", "--task", "parity", "--samples", "128",
+                         "--validation", bad, "-o", str(out_file))
+        assert rc == cli.EXIT_USAGE and "--validation must hold out" in err, err
+
+
 def test_train_a_character_language_model(capsys, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 40)
@@ -223,6 +249,10 @@ def test_train_streams_a_text(capsys, tmp_path):
     rc, _, err = run(capsys, "train", "elman", "--text", str(text), "--stream",
                      "-o", str(tmp_path / "p.npz"))
     assert rc == cli.EXIT_USAGE and "--stream trains with --algorithm tbptt, rtrl or artbp" in err
+    rc, _, err = run(capsys, "train", "elman", "--text", str(text), "--stream",
+                     "--algorithm", "tbptt", "--k1", "5", "--k2", "5", "--validation", "0.1",
+                     "-o", str(tmp_path / "p.npz"))
+    assert rc == cli.EXIT_USAGE and "--validation holds out whole sequences" in err
 
 
 @pytest.mark.parametrize("argv,message", [

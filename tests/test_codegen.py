@@ -150,6 +150,18 @@ def test_forward_matches_reference(problem):
         np.testing.assert_allclose(final[k], rfinal[k], rtol=1e-12, atol=1e-14)
 
 
+def test_loss_is_the_loss_of_loss_and_grads(problem):
+    """loss() runs the forward and the loss phase only: the same number, bit for bit,
+    with a mask, initial states and L2 (every case: each loss kernel)."""
+    module, D, (params, x, targets, state0) = problem
+    kw = dict(state0=state0, mask=np.array([[1, 1], [0, 1], [1, 0], [1, 1], [0.5, 1]]),
+              l2=0.05)
+    assert module.loss(params, x, targets, threads=1, **kw) == \
+        module.loss_and_grads(params, x, targets, threads=1, **kw)[0]
+    with pytest.raises(ValueError, match="mask selects no loss term"):
+        module.loss(params, x, targets, mask=np.zeros((5, 2)))
+
+
 def test_every_algorithm_calls_one_compiled_entry_point():
     """Each algorithm but RTRL runs as calls of the module's _run with the bits of the
     phases it needs; all of them, forward() and targets of another integer type

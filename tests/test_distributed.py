@@ -239,14 +239,18 @@ def test_fit_equals_one_process(client, algorithm, kw):
     m = _module("elman")
     data = tasks.parity(8, 40, seed=1)
     mask = np.random.default_rng(0).random(data.x.shape[:2])
+    held = tasks.parity(8, 6, seed=2)
     one, split = _trainer(m, algorithm, **kw), _trainer(m, algorithm, **kw)
-    one.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False)
+    one.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False,
+            validation=(held.x, held.targets))
     split.fit(data.x, data.targets, epochs=2, batch_size=16, mask=mask, progress=False,
-              client=client)
+              client=client, validation=(held.x, held.targets))
     assert split.steps == one.steps
     assert split.module is m  # handed back after the fit
     assert _relative(split.params, one.params) <= 1e-12
-    assert np.allclose(split.history["loss"], one.history["loss"], rtol=1e-12, atol=0)
+    for key in ("loss", "val_loss"):
+        assert len(split.history[key]) == 2
+        assert np.allclose(split.history[key], one.history[key], rtol=1e-12, atol=0), key
 
 
 def test_a_step_sends_the_parameters_not_the_data(client, monkeypatch):

@@ -58,8 +58,9 @@ def test_a_split_call_equals_the_whole_batch(generated_module, derivations, case
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_a_split_forward_equals_the_whole_batch(generated_module, derivations, case, data):
-    """forward(threads=n) against threads=1, float64: predictions and final states (a
-    reverse state's is at t = 0) in the batch's order, equal to rounding (1e-12)."""
+    """forward(threads=n) and loss(threads=n) against threads=1, float64: predictions
+    and final states (a reverse state's is at t = 0) in the batch's order, and the
+    loss, equal to rounding (1e-12)."""
     module = generated_module(case)
     B = data.draw(st.integers(2, 7), label="B")
     n = data.draw(st.integers(2, B + 1), label="threads")
@@ -68,6 +69,10 @@ def test_a_split_forward_equals_the_whole_batch(generated_module, derivations, c
     params, x, _, state0 = random_problem(D, tiny_sizes(D), T=5, B=B, seed=seed)
     if data.draw(st.booleans(), label="no state0"):
         state0 = None
+    targets = random_problem(D, tiny_sizes(D), T=5, B=B, seed=seed)[2]
+    loss1 = module.loss(params, x, targets, state0=state0, l2=0.05, threads=1)
+    loss_n = module.loss(params, x, targets, state0=state0, l2=0.05, threads=n)
+    assert loss_n == pytest.approx(loss1, rel=1e-12, abs=1e-14)
     y1, final1 = module.forward(params, x, state0=state0, threads=1)
     y_n, final_n = module.forward(params, x, state0=state0, threads=n)
     assert y_n.shape == y1.shape

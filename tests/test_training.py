@@ -184,3 +184,45 @@ def test_save_load_round_trip(lstm, tmp_path):
     # Another optimizer takes the parameters but not the slots.
     sgd = lstm.Trainer(sizes_for(task, 5), optimizer="sgd").load(tmp_path / "p.npz")
     assert sgd._slots == {}
+
+
+# -- a held-out loss --------------------------------------------------------------------
+def test_fit_records_the_held_out_loss_of_each_epoch(elman):
+    """validation=(x, targets, mask): after each epoch its loss, as the module's loss()
+    gives it for the parameters of that moment (L2 included), in history and in the
+    epoch's callback; and it survives save and load."""
+    task, held = tasks.parity(6, 16, seed=0), tasks.parity(6, 5, seed=1)
+    mask = np.random.default_rng(2).random(held.x.shape[:2])
+    tr = elman.Trainer(sizes_for(task, 5), optimizer="adam", lr=0.05, l2=0.01, seed=3,
+                       dtype=np.float64)
+    seen = []
+
+    def callback(trainer, info):
+        if info["event"] == "epoch":
+            want = elman.loss(trainer.params, held.x.astype(np.float64), held.targets,
+                              mask=mask, l2=0.01)
+            seen.append((info["val_loss"], want))
+
+    history = tr.fit(task.x, task.targets, epochs=3, batch_size=8, progress=False,
+                     validation=(held.x, held.targets, mask), callback=callback)
+    assert len(history["val_loss"]) == 3 == len(history["loss"])
+    assert [v for v, _ in seen] == history["val_loss"]
+    assert all(v == want for v, want in seen)
+    assert history["val_loss"][0] != history["val_loss"][-1]  # the parameters moved
+    assert tr.evaluate(held.x, held.targets, mask) == seen[-1][1]
+    tr.fit(task.x, task.targets, epochs=4, batch_size=8, progress=False, resume=True,
+           validation=(held.x, held.targets, mask))
+    assert len(tr.history["val_loss"]) == 4  # one more epoch, one more entry
+    tr.fit(task.x, task.targets, epochs=1, batch_size=8, progress=False)
+    assert "val_loss" not in tr.history  # a new fit without validation
+
+
+def test_bad_validation_data_is_refused_before_training(elman):
+    task = tasks.parity(6, 16, seed=0)
+    tr = elman.Trainer(sizes_for(task, 5), seed=3)
+    with pytest.raises(TypeError, match=r"validation must be \(x, targets\)"):
+        tr.fit(task.x, task.targets, progress=False, validation=task.x)
+    with pytest.raises(ValueError, match="targets must start with x's"):
+        tr.fit(task.x, task.targets, progress=False,
+               validation=(task.x, task.targets[:3]))
+    assert tr.steps == 0

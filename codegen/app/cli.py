@@ -130,7 +130,7 @@ def _cmd_check(args):
 #: Options that decide the data and the shapes: a checkpoint only resumes a run
 #: made with the same ones.
 _RUN_IDENTITY = ("model", "task", "text", "seq_len", "samples", "seed", "batch_size",
-                 "hidden", "dtype")
+                 "hidden", "dtype", "validation")
 
 
 def _trainer_module(spec, generated_dir, stack):
@@ -171,6 +171,21 @@ def _load_task(args, module):
                          "(the tasks give vectors)")
     return tasks.make(args.task, args.seq_len or 30, args.samples, target=target,
                       seed=args.seed)
+
+
+def _held_out(args, task):
+    """(training task, fit's validation (x, targets, mask) or None): --validation holds
+    out the last fraction of the task's sequences."""
+    if not args.validation:
+        return task, None
+    N = task.x.shape[1]
+    k = round(args.validation * N)
+    if not 0 < args.validation < 1 or not 1 <= k < N:
+        raise UsageError(f"--validation must hold out at least one of the {N} sequences "
+                         f"and leave one to train on (a fraction in (0, 1)), got "
+                         f"{args.validation}")
+    train, held = task.split(k)
+    return train, (held.x, held.targets, held.mask)
 
 
 def _sizes(module, task, hidden):
@@ -245,7 +260,7 @@ def _train(args, module, client=None):
 
     if args.stream:
         return _train_stream(args, module)
-    task = _load_task(args, module)
+    task, held = _held_out(args, _load_task(args, module))
     if args.batch_size > task.x.shape[1]:
         args.batch_size = task.x.shape[1]
     output = args.output or f"{module.NAME}-{args.task or 'text'}.npz"
@@ -292,6 +307,10 @@ def _train(args, module, client=None):
             line = f"epoch {info['epoch'] + 1}/{args.epochs}  loss {info['loss']:.4f}"
             if index_loss:
                 line += f"  perplexity {math.exp(min(info['loss'], 700)):.3f}"
+            if "val_loss" in info:
+                line += f"  held-out loss {info['val_loss']:.4f}"
+                if index_loss:
+                    line += f"  perplexity {math.exp(min(info['val_loss'], 700)):.3f}"
             say(line)
         else:
             since["n"] += 1
@@ -306,7 +325,7 @@ def _train(args, module, client=None):
         try:
             trainer.fit(task.x, task.targets, epochs=args.epochs, batch_size=args.batch_size,
                         mask=task.mask, progress=not args.quiet, callback=callback,
-                        resume=args.resume, client=client)
+                        resume=args.resume, client=client, validation=held)
         except SchedulerLost as err:  # the trainer is at its last finished minibatch
             save_checkpoint()
             print(f"bpttgen train: {err}; checkpoint saved to {checkpoint}. Continue with "
@@ -343,6 +362,8 @@ def _finish(args, trainer, output, checkpoint, meta, seconds, index_loss, *, int
     summary = f"final loss {final:.4f}"
     if index_loss:
         summary += f", perplexity {math.exp(min(final, 700)):.3f}"
+    if trainer.history.get("val_loss"):
+        summary += f", held-out loss {trainer.history['val_loss'][-1]:.4f}"
     summary += f"; {trainer.steps} updates in {seconds:.1f} s; parameters saved to {output}"
     if not args.no_plot and trainer.history["loss"]:
         png = args.plot or os.path.splitext(output)[0] + ".png"
@@ -369,6 +390,9 @@ def _train_stream(args, module):
                          f"look back a bounded number of steps), not {args.algorithm}")
     if args.workers or args.scheduler:
         raise UsageError("--stream runs in one process (no --workers or --scheduler)")
+    if args.validation:
+        raise UsageError("--validation holds out whole sequences; --stream trains on one "
+                         "pass of the file (hold out the text's end in a file of its own)")
     text = tasks.TextStream(args.text, args.batch_size, args.chunk,
                             target=module.SPEC["target"],
                             tokens=module.SPEC.get("tokens", False))
@@ -547,6 +571,9 @@ def parser():
                       help="sequence length T (default 30 for a task, 50 for text)")
     data.add_argument("--samples", type=int, default=1000,
                       help="number of synthetic sequences (default 1000)")
+    data.add_argument("--validation", type=float, default=0.0, metavar="FRACTION",
+                      help="hold out this fraction of the sequences (the last ones) and "
+                           "print their loss after each epoch (not with --stream)")
     opt = s.add_argument_group("training")
     opt.add_argument("--algorithm", default="bptt",
                      help=f"one of {', '.join(CPU_ALGORITHMS)} (default bptt)")

@@ -239,6 +239,15 @@ class Model:
         # Copies: the workspace the gradients live in is reused by the next call.
         return float(loss), {name: np.array(grads[name]) for name in self.spec["params"]}
 
+    def _with_l2_penalty(self, params, loss, l2):
+        """The loss with the penalty added as _with_l2 adds it (in the same order: the
+        same float)."""
+        if l2:
+            for name, role in self.spec["roles"].items():
+                if role == "weight":
+                    loss += self.l2(params[name], l2)[0]
+        return float(loss)
+
     # -- the public functions of the module -------------------------------------------
     def init_params(self, sizes, *, seed=0, dtype=np.float32):
         """Parameters for sizes {name: int} (or a tuple in SIZES order): weights uniform
@@ -275,6 +284,31 @@ class Model:
         self.run(STATES | READOUT | LOSS, self._tuple(ws), targets=self._targets(
             sizes, T, B, dtype=dtype), weights=np.zeros(T * B, dtype), y=y)
         return y.reshape(T, B, O), self._final_states(ws, T, B)
+
+    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0, threads=None):
+        """The loss of loss_and_grads (its arguments, weights and L2) without the
+        gradients: the forward and the loss phase, about a third of the work. For a
+        held-out loss. threads: as for forward()."""
+        x = calls.pack_inputs(self.spec, x)
+        sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
+                                              l2=l2)
+        weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
+        weights = weights.reshape(T, B)
+        n = self.pieces(params, T, B, dtype, threads=threads, forward=True)
+
+        def piece(lo, hi):  # the weighted sum of the losses of sequences lo..hi-1
+            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
+            ws = self.workspace(sizes, T, hi - lo, dtype, params,
+                                np.ascontiguousarray(x[:, lo:hi]), s0)
+            y = np.empty((T * (hi - lo), sizes[self.spec["output"][1]]), dtype)
+            return self.run(STATES | READOUT | LOSS, self._tuple(ws),
+                            targets=self._targets(sizes, T, hi - lo, targets[:, lo:hi]),
+                            weights=np.ascontiguousarray(weights[:, lo:hi]).ravel(),
+                            scale=0.0, y=y)
+
+        sums = (split.run([lambda lo=lo, hi=hi: piece(lo, hi)
+                           for lo, hi in split.pieces(B, n)]) if n > 1 else [piece(0, B)])
+        return self._with_l2_penalty(params, sum(sums) / total, l2)
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
                        k2=None, mask=None, l2=0.0, c=None, seed=None, truncate=None,

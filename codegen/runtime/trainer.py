@@ -300,10 +300,12 @@ class Trainer:
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
 
     def fit(self, x, targets, epochs=1, batch_size=None, progress=True, mask=None,
-            callback=None, resume=False, client=None):
+            callback=None, resume=False, client=None, validation=None):
         """Train on x (T, N, I) (several inputs side by side, or a dict) and targets (T, N[, O]) in minibatches of sequences.
 
-        Returns ``self.history``, {"loss": [mean loss of each epoch]}. If the loss
+        Returns ``self.history``, {"loss": [mean loss of each epoch]}; with
+        ``validation``, held-out data (x, targets) or (x, targets, mask), also
+        "val_loss": its loss (``evaluate``) after each epoch. If the loss
         becomes NaN or Inf it stops, keeps the last good parameters and sets
         ``self.diverged`` to a message saying at which update (and warns).
         ``callback(trainer, info)`` runs after every minibatch and every epoch
@@ -317,11 +319,14 @@ class Trainer:
         import warnings
 
         x = pack_inputs(self.module.SPEC, x)
+        if validation is not None:
+            validation = self._validation(validation)
         if client is not None:
             from .distributed import fit
 
             return fit(self, client, x, targets, epochs=epochs, batch_size=batch_size,
-                       progress=progress, mask=mask, callback=callback, resume=resume)
+                       progress=progress, mask=mask, callback=callback, resume=resume,
+                       validation=validation)
 
         self._check_data(x, targets, mask)
         N = x.shape[1]
@@ -333,6 +338,8 @@ class Trainer:
         batches = -(-N // batch_size)
         if not resume:
             self.history, self.position, self._partial = {"loss": []}, (0, 0), None
+        if validation is not None:
+            self.history.setdefault("val_loss", [])
         epoch0, batch0 = self.position
         if batch0 > batches:
             raise ValueError(f"cannot resume at minibatch {batch0} of an epoch of "
@@ -377,15 +384,38 @@ class Trainer:
                         warnings.warn(self.diverged, RuntimeWarning, stacklevel=2)
                         return self.history
                 self.history["loss"].append(part["total"] / part["count"])
+                info = dict(event="epoch", epoch=epoch, batch=None, batches=batches,
+                            loss=self.history["loss"][-1])
+                if validation is not None:
+                    info["val_loss"] = self.evaluate(*validation)
+                    self.history["val_loss"].append(info["val_loss"])
                 self._partial = None
                 self.position = (epoch + 1, 0)
-                if callback is not None and callback(self, dict(
-                        event="epoch", epoch=epoch, batch=None, batches=batches,
-                        loss=self.history["loss"][-1])):
+                if callback is not None and callback(self, info):
                     return self.history
         finally:
             bar.close()
         return self.history
+
+    def evaluate(self, x, targets, mask=None, state0=None):
+        """The loss of the current parameters on x, targets (and mask), as a training
+        step would weigh it (with its L2), without gradients: module.loss."""
+        x = pack_inputs(self.module.SPEC, x)
+        self._check_data(x, targets, mask)
+        x, targets = self._cast(x, targets)
+        return self.module.loss(self.params, x, targets, state0=state0, mask=mask,
+                                l2=self.l2)
+
+    def _validation(self, validation):
+        """fit's held-out data, (x, targets) or (x, targets, mask), checked before any
+        training."""
+        if not (isinstance(validation, (tuple, list)) and len(validation) in (2, 3)):
+            raise TypeError("validation must be (x, targets) or (x, targets, mask), got "
+                            f"{type(validation).__name__}")
+        vx, vt, *vm = validation
+        vx, vm = pack_inputs(self.module.SPEC, vx), (vm[0] if vm else None)
+        self._check_data(vx, vt, vm)
+        return vx, vt, vm
 
     def predict(self, x, state0=None):
         """Predictions (T, B, O) for x (T, B, I), or (T, B) tokens."""
@@ -489,13 +519,18 @@ class Trainer:
         return self
 
     def plot(self, path=None, *, baseline=None, title=None):
-        """The training curve (mean loss of each epoch) as a PNG at ``path`` (default
-        <model>_training.png); returns the path. ``baseline``: a dashed reference
-        line, e.g. the loss of a model without memory."""
+        """The training curve (mean loss of each epoch, and the held-out loss where fit
+        had validation data) as a PNG at ``path`` (default <model>_training.png);
+        returns the path. ``baseline``: a dashed reference line, e.g. the loss of a
+        model without memory."""
         from .plots import plot_curves
 
         if not self.history["loss"]:
             raise ValueError("no finished epoch to plot yet: call fit() first")
         path = path or f"{self.module.NAME}_training.png"
-        return plot_curves({f"{self.module.NAME} {self.algorithm}": self.history["loss"]},
-                           path, baseline=baseline, title=title)
+        label = f"{self.module.NAME} {self.algorithm}"
+        curves = {label: self.history["loss"]}
+        if self.history.get("val_loss"):
+            curves[f"{label}, held out"] = self.history["val_loss"]
+        return plot_curves(curves, path, baseline=baseline, title=title,
+                           ylabel="loss" if len(curves) > 1 else "training loss")
