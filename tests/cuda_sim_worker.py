@@ -207,8 +207,13 @@ def run_case(case_id, folder):
         mask = np.ones((T, B))
         mask[1, 0], mask[2, 2] = 0.0, 0.5
         kw = dict(state0=state0, mask=mask, l2=0.05)
-        return _compare(cpu.loss_and_grads(params, x, targets, **kw),
-                        gpu.loss_and_grads(params, x, targets, **kw))
+        result = _compare(cpu.loss_and_grads(params, x, targets, **kw),
+                          gpu.loss_and_grads(params, x, targets, **kw))
+        # loss(): the forward and the loss kernel alone give the same loss
+        alone = gpu.loss(params, x, targets, **kw)
+        result["loss"] = max(result["loss"],
+                             abs(alone - result["cpu_loss"]) / max(1.0, abs(result["cpu_loss"])))
+        return result
     if check in ("tbptt", "naive"):
         kw = TBPTT if check == "tbptt" else dict(algorithm="naive")
         return _compare(cpu.loss_and_grads(params, x, targets, state0=state0, **kw),
@@ -255,18 +260,20 @@ def run_case(case_id, folder):
     if check == "trainer":
         # The CPU Trainer's loop around each module: Adam, minibatches, online tbptt.
         sizes = {s: SIZES[i % 2] for i, s in enumerate(D.sizes)}
-        final = []
+        final, held = [], []
         for module in (cpu, gpu):
-            err = 0.0
             for kw in (dict(optimizer="adam", lr=0.05),
                        dict(algorithm="tbptt", k1=2, k2=2, lr=0.1)):
                 trainer = module.Trainer(sizes, dtype=np.float64, seed=3, **kw)
-                trainer.fit(x, targets, epochs=1, batch_size=2, progress=False)
+                trainer.fit(x, targets, epochs=1, batch_size=2, progress=False,
+                            validation=(x, targets))  # the module's loss() after it
                 final.append(trainer.params)
+                held.append(trainer.history["val_loss"][-1])
         from helpers import max_relative_error
 
-        err = max(max_relative_error(final[i + 2][k], final[i][k])
-                  for i in (0, 1) for k in final[i])
+        err = max([max_relative_error(final[i + 2][k], final[i][k])
+                   for i in (0, 1) for k in final[i]] +
+                  [abs(held[i + 2] - held[i]) / max(1.0, abs(held[i])) for i in (0, 1)])
         return {"loss": 0.0, "grads": err, "bad_arrays": []}
     raise ValueError(f"unknown check {check!r}")
 

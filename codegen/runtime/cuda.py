@@ -637,6 +637,16 @@ class Model:
                  for s, array in self.states.items()}
         return call.output(y.reshape(T, B, y.shape[1])), final
 
+    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0):
+        """The loss of loss_and_grads (its arguments, weights and L2) without the
+        gradients: the forward and the loss kernel only."""
+        call = Call(self.spec, params, x, targets, state0, mask)
+        weights, total_weight = call.weights(self.spec)
+        ws = self.workspace(call)
+        self._run("forward", ws)
+        _, loss_rows = self._loss(ws, call.targets, weights, 0.0)
+        return self._with_l2(call, total(loss_rows) / total_weight, None, l2)
+
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
                        k2=None, mask=None, l2=0.0, memory_limit=None, snapshots=None,
                        segment=None):
@@ -712,15 +722,22 @@ class Model:
             grads[w] = terms[stacked][lo:hi] if first else grads[w] + terms[stacked][lo:hi]
         for p in self.vectors:
             grads[p] = terms[p]
+        loss = self._with_l2(call, loss, grads, l2)
+        return loss, {name: call.output(grads[name]) for name in self.spec["params"]}
+
+    def _with_l2(self, call, loss, grads, l2):
+        """The loss with l2/2 sum ||W||^2 added, and l2 W added to each weight's device
+        gradient in ``grads`` (None: the loss alone, the kernel's gradient discarded)."""
         if l2:
             for name, role in self.spec["roles"].items():
                 if role == "weight":
-                    w, g = call.params[name], grads[name]
+                    w = call.params[name]
+                    g = grads[name] if grads is not None else zeros(w.shape, call.dtype)
                     penalty_rows = empty((w.shape[0] * w.shape[1], 1), call.dtype)
                     launch(self.l2_kernel, w.shape[0] * w.shape[1])(w, g, penalty_rows,
                                                                     w.shape[1], float(l2))
                     loss += total(penalty_rows)
-        return float(loss), {name: call.output(grads[name]) for name in self.spec["params"]}
+        return float(loss)
 
     # -- memory: runtime.Model's accounting over this module's device arrays -----------
     def _call_bytes(self, sizes, T, B, itemsize):
