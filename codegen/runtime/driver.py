@@ -287,8 +287,8 @@ class Model:
 
     def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0, threads=None):
         """The loss of loss_and_grads (its arguments, weights and L2) without the
-        gradients: the forward and the loss phase, about a third of the work. For a
-        held-out loss. threads: as for forward()."""
+        gradients: the forward and the loss phase, 0.35-0.6 of loss_and_grads' time
+        (BENCHMARKS.md). For a held-out loss. threads: as for forward()."""
         x = calls.pack_inputs(self.spec, x)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)
