@@ -324,12 +324,14 @@ def _start_scheduler(folder):
     scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
                                   "--scheduler-file", file, "--port", "0", "--no-dashboard"],
                                  **quiet)
-    while not os.path.exists(file):
+    address = None
+    while address is None:  # the file may be there before it is written whole
         assert scheduler.poll() is None, "the scheduler did not start"
-        time.sleep(0.05)
-    time.sleep(0.1)  # the file is written whole, but give it a moment
-    with open(file) as f:
-        address = json.load(f)["address"]
+        try:
+            with open(file) as f:
+                address = json.load(f)["address"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.05)
     workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                  "--nthreads", "1", "--no-dashboard"], **quiet)
                for _ in range(2)]
