@@ -369,8 +369,10 @@ _DEF = re.compile(r"def \w+\(")
 def define_float_type(source, arrays, unpack_line=None):
     """``source`` with ``_T = a.dtype.type`` at the top of each function that uses
     ``_T(`` (a number printed in the kernel's float type: printer.NumbaPrinter._number),
-    ``a`` the first of the float ``arrays`` the function reads: after its docstring,
-    or after ``unpack_line`` where the function binds its arguments so."""
+    ``a`` the first of the float ``arrays`` the function reads and takes as an argument
+    (not a local of that name: the loss kernel's sums are named by the Loss, and a
+    model may name a parameter alike): after its docstring, or after ``unpack_line``
+    where the function binds its arguments so."""
     lines = source.split("\n")
     out, i = [], 0
     while i < len(lines):
@@ -393,8 +395,11 @@ def define_float_type(source, arrays, unpack_line=None):
         if unpack_line is not None:
             at = next((k + 1 for k, b in enumerate(body) if b.strip() == unpack_line), at)
         read = [b for b in body if unpack_line is None or b.strip() != unpack_line]
-        used = set(_IDENTIFIER.findall(line + "\n" + "\n".join(read)))
-        name = next((a for a in arrays if a in used), None)
+        arguments = set(_IDENTIFIER.findall(line.partition("(")[2]))
+        if unpack_line is not None and len(read) < len(body):
+            arguments |= set(_IDENTIFIER.findall(unpack_line.partition("=")[0]))
+        used = set(_IDENTIFIER.findall("\n".join(read)))
+        name = next((a for a in arrays if a in used and a in arguments), None)
         if name is None:
             raise PlanError(f"{line.strip()} prints typed numbers (_T) but reads none of "
                             f"the float arrays {list(arrays)}")
