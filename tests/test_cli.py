@@ -401,6 +401,13 @@ def test_progress_is_silent_off_a_terminal(capsys):
         bar.update(loss)
     bar.close()
     assert re.search(r"work: 100%\|#+\| 3/3 \[.*, loss 0\.2500\]\n$", term.text), term.text
+    term = Terminal()
+    bar = Progress(2, True, "work", stream=term)
+    bar.update(0.9)
+    bar.held_out = 0.75  # fit sets it after an epoch with validation data
+    bar.update(0.5)
+    bar.close()
+    assert re.search(r"2/2 \[.*, loss 0\.5000, held-out 0\.7500\]\n$", term.text), term.text
     quiet = Terminal()
     bar = Progress(3, False, "work", stream=quiet)
     bar.update(0.1)

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 
 class Progress:
-    """A bar over ``total`` steps, with the last loss beside it."""
+    """A bar over ``total`` steps, with the last loss beside it (and the last held-out
+    loss, once ``held_out`` is set)."""
 
     def __init__(self, total, enabled=True, label="", stream=None):
         stream = stream or sys.stderr
@@ -19,10 +20,12 @@ class Progress:
         self._bar = tqdm(total=total, desc=label or None, file=stream, leave=True,
                          disable=not (enabled and interactive), mininterval=0.1,
                          dynamic_ncols=True)
+        self.held_out = None
 
     def update(self, loss=None, n=1):
         if loss is not None:
-            self._bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            held = "" if self.held_out is None else f", held-out {self.held_out:.4f}"
+            self._bar.set_postfix_str(f"loss {loss:.4f}{held}", refresh=False)
         self._bar.update(n)
 
     def close(self):

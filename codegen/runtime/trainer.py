@@ -387,7 +387,7 @@ class Trainer:
                 info = dict(event="epoch", epoch=epoch, batch=None, batches=batches,
                             loss=self.history["loss"][-1])
                 if validation is not None:
-                    info["val_loss"] = self.evaluate(*validation)
+                    info["val_loss"] = bar.held_out = self.evaluate(*validation)
                     self.history["val_loss"].append(info["val_loss"])
                 self._partial = None
                 self.position = (epoch + 1, 0)
