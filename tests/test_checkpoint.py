@@ -8,7 +8,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from bpttgen.codegen.runtime import checkpoint
+from bpttgen.codegen.runtime import calls, checkpoint
 from bpttgen.codegen.runtime.gradcheck import max_relative_error, random_problem
 
 
@@ -124,6 +124,41 @@ def test_reads_the_sequence_by_slices(problems, tmp_path):
         module.loss_and_grads(params, Slices(bad), targets, algorithm="checkpoint", segment=4)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_within_a_memory_limit_runs_in_stretches(problems, name):
+    """loss(memory_limit=...) where the whole call does not fit: stretches of the steps
+    that do, each from the last one's states; the loss of the whole call to rounding
+    (float64, mask, initial states, L2), read by slices, each stretch checked."""
+    module, (params, x, targets, state0, mask) = problems(name, T=9)
+    kw = dict(state0=state0, l2=0.01)
+    whole = module.loss(params, x, targets, mask=mask, threads=1, **kw)
+    assert module.loss(params, x, targets, mask=mask, memory_limit=1e12, **kw) == whole
+    sizes = calls.check_call(module.SPEC, params, x, targets)[0]
+    one, two = (module._MODEL._call_bytes(sizes, t, 3, 8) for t in (1, 2))
+    for steps in (1, 2, 4):  # stretches of this many steps fit
+        limit = one + (steps - 1) * (two - one)
+        assert module._MODEL._steps_within(sizes, 9, 3, np.float64, limit) == steps
+        ts, ms = Slices(targets), Slices(mask)
+        got = module.loss(params, Slices(x), ts, mask=ms, memory_limit=limit, **kw)
+        assert abs(got - whole) <= 1e-12 * abs(whole), steps
+        assert ts.reads >= -(-9 // steps)
+    bad = x.copy()
+    bad[8, 1, 0] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        module.loss(params, Slices(bad), targets, memory_limit=one)
+    with pytest.raises(ValueError, match="for a single step, more than memory_limit"):
+        module.loss(params, x, targets, memory_limit=one - 1)
+
+
+def test_loss_of_a_reverse_state_needs_the_whole_sequence(problems):
+    module, (params, x, targets, _, _) = problems("bielman", T=6)
+    module.loss(params, x, targets, memory_limit=1e12)  # fits: no stretches
+    sizes = calls.check_call(module.SPEC, params, x, targets)[0]
+    two_steps = module._MODEL._call_bytes(sizes, 2, 3, 8)
+    with pytest.raises(ValueError, match="needs the whole sequence at once.*2 of 6 steps"):
+        module.loss(params, x, targets, memory_limit=two_steps)
+
+
 def traced_peak(call):
     """Bytes NumPy allocates at most during call() (tracemalloc sees NumPy's buffers)."""
     tracemalloc.start()
@@ -201,6 +236,21 @@ def test_trainer_trains_with_checkpoints(problems):
         trainer.fit(x, targets, epochs=2, batch_size=2, progress=False)
         runs.append(trainer.params)
     assert all(max_relative_error(runs[0][p], runs[1][p]) < 1e-12 for p in runs[0])
+
+
+def test_a_trainers_held_out_loss_keeps_to_its_memory_limit(problems):
+    """A Trainer whose memory_limit makes it checkpoint evaluates held-out data in
+    stretches within the same limit: the loss of the whole sequence to rounding."""
+    module, (params, x, targets, state0, mask) = problems("lstm", T=12)
+    sizes = calls.check_call(module.SPEC, params, x, targets)[0]
+    limit = module._MODEL._call_bytes(sizes, 5, 3, 8)  # 5 of the 12 steps fit
+    trainer = module.Trainer(sizes, dtype=np.float64, lr=0.1, algorithm="checkpoint",
+                             memory_limit=limit)
+    trainer.fit(x, targets, epochs=1, batch_size=3, progress=False, validation=(x, targets))
+    want = module.loss(trainer.params, x, targets)  # no limit: one call
+    assert abs(trainer.history["val_loss"][0] - want) <= 1e-12 * want
+    with pytest.raises(ValueError, match="more than memory_limit"):
+        module.loss_and_grads(trainer.params, x, targets, memory_limit=limit)
 
 
 def test_readme_long_sequence_example(capsys):

@@ -216,7 +216,7 @@ def run(model, params, x, targets, mask, state0, sizes, T, B, dtype, chosen, che
     views = {L: ws}
     O = sizes[model.spec["output"][1]]
     y = np.empty((L * B, O), dtype)
-    weights, total = _weights(model.spec, T, B, mask, dtype)
+    weights, total = segment_weights(model.spec, T, B, mask, dtype)
     zeros, ones = model.cache.zeros, model.cache.ones
 
     def load(i, state):
@@ -305,7 +305,7 @@ def walk(chosen, start, advance, sweep, add):
     return loss, grads
 
 
-def _weights(spec, T, B, mask, dtype):
+def segment_weights(spec, T, B, mask, dtype):
     """(weights(lo, hi): the loss weights of steps lo..hi-1 flat, total): as
     calls.loss_weights for the whole sequence, built one segment at a time."""
     last = spec["loss_at"] == "last"

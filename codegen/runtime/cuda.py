@@ -796,7 +796,7 @@ class Model:
         # one row of the input: (I,) floats, or a token (an int64)
         tokens = self.spec.get("tokens")
         I, O = (() if tokens else tuple(x.shape[2:])), sizes[self.spec["output"][1]]
-        weights, total_weight = checkpoint._weights(self.spec, T, B, mask, dtype)
+        weights, total_weight = checkpoint.segment_weights(self.spec, T, B, mask, dtype)
         ws = self.workspace(call, L)
         views = {L: ws}
         xbuf = None if is_device_array(x) else empty((L * B,) + I,

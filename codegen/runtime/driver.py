@@ -285,30 +285,85 @@ class Model:
             sizes, T, B, dtype=dtype), weights=np.zeros(T * B, dtype), y=y)
         return y.reshape(T, B, O), self._final_states(ws, T, B)
 
-    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0, threads=None):
+    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0, threads=None,
+             memory_limit=None):
         """The loss of loss_and_grads (its arguments, weights and L2) without the
         gradients: the forward and the loss phase, 0.35-0.6 of loss_and_grads' time
-        (BENCHMARKS.md). For a held-out loss. threads: as for forward()."""
+        (BENCHMARKS.md). For a held-out loss. threads: as for forward().
+
+        memory_limit (bytes): where the call would allocate more, the sequence is run
+        in stretches of as many steps as fit, each from the states the last one ended
+        in (the same loss up to the order of its sum); x, targets, mask may then be
+        arrays read by slices, such as np.memmap. A model with a reverse state needs
+        the whole sequence at once: refused then."""
         x = calls.pack_inputs(self.spec, x)
+        calls.check_memory_limit(memory_limit)
+        if memory_limit is not None:
+            T = checkpoint.check_sequence(self.spec, x, targets, mask)
+            first = slice(0, min(T, 1))
+            sizes, _, B, dtype = calls.check_call(
+                self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
+                None if mask is None else np.asarray(mask[first]), l2=l2)
+            steps = self._steps_within(sizes, T, B, dtype, memory_limit)
+            if steps < T:
+                return self._loss_in_stretches(params, x, targets, state0, mask, l2, sizes,
+                                               T, B, dtype, steps)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)
         weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
         weights = weights.reshape(T, B)
         n = self.pieces(params, T, B, dtype, threads=threads, forward=True)
 
-        def piece(lo, hi):  # the weighted sum of the losses of sequences lo..hi-1
+        def piece(lo, hi):
             s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
-            ws = self.workspace(sizes, T, hi - lo, dtype, params,
-                                np.ascontiguousarray(x[:, lo:hi]), s0)
-            y = np.empty((T * (hi - lo), sizes[self.spec["output"][1]]), dtype)
-            return self.run(STATES | READOUT | LOSS, self._tuple(ws),
-                            targets=self._targets(sizes, T, hi - lo, targets[:, lo:hi]),
-                            weights=np.ascontiguousarray(weights[:, lo:hi]).ravel(),
-                            scale=0.0, y=y)
+            return self._loss_sum(params, x[:, lo:hi], targets[:, lo:hi], s0,
+                                  weights[:, lo:hi], sizes, T, hi - lo, dtype)[0]
 
         sums = (split.run([lambda lo=lo, hi=hi: piece(lo, hi)
                            for lo, hi in split.pieces(B, n)]) if n > 1 else [piece(0, B)])
         return self._with_l2_penalty(params, sum(sums) / total, l2)
+
+    def _loss_sum(self, params, x, targets, state0, weights, sizes, T, B, dtype):
+        """(the weighted sum of the losses of a call's T steps, its final states), in
+        this thread: the arguments checked, weights (T, B)."""
+        ws = self.workspace(sizes, T, B, dtype, params, np.ascontiguousarray(x), state0)
+        y = np.empty((T * B, sizes[self.spec["output"][1]]), dtype)
+        total = self.run(STATES | READOUT | LOSS, self._tuple(ws),
+                         targets=self._targets(sizes, T, B, np.asarray(targets)),
+                         weights=np.ascontiguousarray(weights).reshape(-1), scale=0.0, y=y)
+        return total, self._final_states(ws, T, B)
+
+    def _steps_within(self, sizes, T, B, dtype, memory_limit):
+        """The most steps (at most T) whose loss() call allocates at most memory_limit
+        bytes; ValueError if not even one step's does."""
+        itemsize = np.dtype(dtype).itemsize
+        one, two = (self._call_bytes(sizes, t, B, itemsize) for t in (1, 2))
+        steps = min(T, int((memory_limit - one) // (two - one)) + 1)
+        if steps < 1:
+            raise ValueError(f"loss() on {self.name} with B={B} needs about "
+                             f"{calls.bytes_text(one)} for a single step, more than "
+                             f"memory_limit={calls.bytes_text(int(memory_limit))}")
+        return steps
+
+    def _loss_in_stretches(self, params, x, targets, state0, mask, l2, sizes, T, B, dtype,
+                           steps):
+        """loss() over stretches of ``steps`` steps, each checked as it is read and run
+        from the last one's final states."""
+        if self._reverse:
+            raise ValueError(f"loss() on {self.name} needs the whole sequence at once (its "
+                             f"state(s) {sorted(self._reverse)} run in reverse), which is "
+                             f"more than memory_limit allows: {steps} of {T} steps fit")
+        weights, total = checkpoint.segment_weights(self.spec, T, B, mask, dtype)
+        state, loss = state0, 0.0
+        for lo in range(0, T, steps):
+            hi = min(T, lo + steps)
+            xs, ts = np.asarray(x[lo:hi]), np.asarray(targets[lo:hi])
+            calls.check_data(self.spec, sizes, dtype, xs, ts, None,
+                             None if mask is None else np.asarray(mask[lo:hi]))
+            part, state = self._loss_sum(params, xs, ts, state, weights(lo, hi), sizes,
+                                         hi - lo, B, dtype)
+            loss += part
+        return self._with_l2_penalty(params, loss / total, l2)
 
     def loss_and_grads(self, params, x, targets, *, state0=None, algorithm="bptt", k1=None,
                        k2=None, mask=None, l2=0.0, c=None, seed=None, truncate=None,

@@ -399,12 +399,14 @@ class Trainer:
 
     def evaluate(self, x, targets, mask=None, state0=None):
         """The loss of the current parameters on x, targets (and mask), as a training
-        step would weigh it (with its L2), without gradients: module.loss."""
+        step would weigh it (with its L2), without gradients: module.loss (within the
+        trainer's memory_limit, in stretches of the sequence where it must)."""
         x = pack_inputs(self.module.SPEC, x)
         self._check_data(x, targets, mask)
         x, targets = self._cast(x, targets)
         return self.module.loss(self.params, x, targets, state0=state0, mask=mask,
-                                l2=self.l2)
+                                l2=self.l2, **{k: v for k, v in self.call_options.items()
+                                               if k == "memory_limit"})
 
     def _validation(self, validation):
         """fit's held-out data, (x, targets) or (x, targets, mask), checked before any
