@@ -213,6 +213,12 @@ def run_case(case_id, folder):
         alone = gpu.loss(params, x, targets, **kw)
         result["loss"] = max(result["loss"],
                              abs(alone - result["cpu_loss"]) / max(1.0, abs(result["cpu_loss"])))
+        try:  # over memory_limit: refused before anything reaches the device
+            gpu.loss(params, x, targets, memory_limit=1)
+            result["bad_arrays"].append("loss() ran a call over memory_limit")
+        except ValueError as err:
+            if "more than memory_limit" not in str(err):
+                result["bad_arrays"].append(f"loss() refused with {err}")
         return result
     if check in ("tbptt", "naive"):
         kw = TBPTT if check == "tbptt" else dict(algorithm="naive")

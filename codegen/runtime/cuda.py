@@ -637,9 +637,22 @@ class Model:
                  for s, array in self.states.items()}
         return call.output(y.reshape(T, B, y.shape[1])), final
 
-    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0):
+    def loss(self, params, x, targets, *, state0=None, mask=None, l2=0.0, memory_limit=None):
         """The loss of loss_and_grads (its arguments, weights and L2) without the
-        gradients: the forward and the loss kernel only."""
+        gradients: the forward and the loss kernel only. memory_limit (bytes of device
+        memory): a call that would allocate more is refused (the CPU module's loss()
+        runs such a sequence in stretches)."""
+        if memory_limit is not None:  # refused before anything is copied or allocated
+            calls.check_memory_limit(memory_limit)
+            if mask is not None and is_device_array(mask):
+                mask = to_device(mask).copy_to_host()
+            sizes, T, B, dtype = check_arguments(self.spec, params, x, targets, state0, mask)
+            need = self.memory(sizes, T, B, dtype)
+            if need > memory_limit:
+                raise ValueError(f"loss() on {self.name} with T={T}, B={B} needs about "
+                                 f"{calls.bytes_text(need)} of device memory, more than "
+                                 f"memory_limit={calls.bytes_text(int(memory_limit))}; the "
+                                 "CPU module's loss() runs the sequence in stretches")
         call = Call(self.spec, params, x, targets, state0, mask)
         weights, total_weight = call.weights(self.spec)
         ws = self.workspace(call)
