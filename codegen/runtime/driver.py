@@ -291,11 +291,11 @@ class Model:
         gradients: the forward and the loss phase, 0.35-0.6 of loss_and_grads' time
         (BENCHMARKS.md). For a held-out loss. threads: as for forward().
 
-        memory_limit (bytes): where the call would allocate more, the sequence is run
-        in stretches of as many steps as fit, each from the states the last one ended
-        in (the same loss up to the order of its sum); x, targets, mask may then be
-        arrays read by slices, such as np.memmap. A model with a reverse state needs
-        the whole sequence at once: refused then."""
+        memory_limit (bytes): the sequence is run in stretches of as many steps as fit
+        (all, where they do), each from the states the last one ended in (the same loss
+        up to the order of its sum), not split over threads; x, targets, mask may then
+        be arrays read by slices, such as np.memmap. A model with a reverse state needs
+        the whole sequence at once: refused where it does not fit."""
         x = calls.pack_inputs(self.spec, x)
         calls.check_memory_limit(memory_limit)
         if memory_limit is not None:
@@ -305,9 +305,8 @@ class Model:
                 self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
                 None if mask is None else np.asarray(mask[first]), l2=l2)
             steps = self._steps_within(sizes, T, B, dtype, memory_limit)
-            if steps < T:
-                return self._loss_in_stretches(params, x, targets, state0, mask, l2, sizes,
-                                               T, B, dtype, steps)
+            return self._loss_in_stretches(params, x, targets, state0, mask, l2, sizes, T, B,
+                                           dtype, steps)
         sizes, T, B, dtype = calls.check_call(self.spec, params, x, targets, state0, mask,
                                               l2=l2)
         weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
@@ -347,9 +346,9 @@ class Model:
 
     def _loss_in_stretches(self, params, x, targets, state0, mask, l2, sizes, T, B, dtype,
                            steps):
-        """loss() over stretches of ``steps`` steps, each checked as it is read and run
-        from the last one's final states."""
-        if self._reverse:
+        """loss() over stretches of ``steps`` steps (one, if they are T), each read by
+        slices, checked as it is read and run from the last one's final states."""
+        if self._reverse and steps < T:
             raise ValueError(f"loss() on {self.name} needs the whole sequence at once (its "
                              f"state(s) {sorted(self._reverse)} run in reverse), which is "
                              f"more than memory_limit allows: {steps} of {T} steps fit")
