@@ -405,8 +405,7 @@ class Trainer:
         self._check_data(x, targets, mask)
         x, targets = self._cast(x, targets)
         return self.module.loss(self.params, x, targets, state0=state0, mask=mask,
-                                l2=self.l2, **{k: v for k, v in self.call_options.items()
-                                               if k == "memory_limit"})
+                                l2=self.l2, memory_limit=self.call_options.get("memory_limit"))
 
     def _validation(self, validation):
         """fit's held-out data, (x, targets) or (x, targets, mask), checked before any
