@@ -1308,6 +1308,22 @@ def check_module(module, model, seed):
     if not err <= AGREE_TOL:
         raise CellFailure("wrong-forward", f"loss value {base_loss!r} differs from the "
                           f"reference {ref['loss']!r} (rel. {err:.2e})")
+    # loss(): the forward and the loss phase alone, whole and (no reverse state) in
+    # stretches of two steps, each from the last one's states (memory_limit)
+    losses = {"loss()": _call("loss()", module.loss, params, x, targets, **kw)}
+    if not reverse:
+        from bpttgen.codegen.runtime.calls import check_call
+
+        sizes = check_call(module.SPEC, params, x, targets)[0]
+        two = module._MODEL._call_bytes(sizes, 2, x.shape[1],
+                                        next(iter(params.values())).dtype.itemsize)
+        losses["loss(memory_limit)"] = _call("loss(memory_limit)", module.loss, params, x,
+                                             targets, memory_limit=two, **kw)
+    for label, value in losses.items():
+        err = abs(value - base_loss) / max(1.0, abs(base_loss))
+        if not err <= AGREE_TOL:
+            raise CellFailure("wrong-forward", f"{label} {value!r} differs from "
+                              f"loss_and_grads' {base_loss!r} (rel. {err:.2e})")
     bad = []
     for alg, (loss, grads) in results.items():
         lerr = abs(loss - base_loss) / max(1.0, abs(base_loss))
