@@ -88,6 +88,7 @@ import numpy as np
 
 from .calls import loss_weights
 from .split import combine
+from .split import rows as _rows
 
 INSTALL = ('data-parallel training needs dask.distributed: pip install '
            '"bpttgen[distributed]" (or pip install "dask[distributed]")')
@@ -373,17 +374,6 @@ def _nbytes(obj):
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(v) for v in obj)
     return 0
-
-
-def _rows(tree, lo, hi, axis):
-    """Each array of a dict (or an array) cut to rows lo:hi along ``axis``, contiguous."""
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        return {k: _rows(v, lo, hi, axis) for k, v in tree.items()}
-    index = [slice(None)] * tree.ndim
-    index[axis] = slice(lo, hi)
-    return np.ascontiguousarray(tree[tuple(index)])
 
 
 def _window(a, whole):

@@ -14,6 +14,7 @@ but RTRL, ``_run(stages, t_hi, t_lo, targets, weights, scale, y, args)``, which 
 the phases whose bits ``stages`` holds (calls.STATES, ... in the order they run).
 """
 
+import functools
 import math
 import operator
 
@@ -228,24 +229,26 @@ class Model:
             grads[w] = grads[w] + part
         return grads
 
+    def _l2_terms(self, params, l2):
+        """(name, penalty l2/2 ||W||^2, its gradient) of each weight matrix, in the
+        order the loss adds them (so loss() and loss_and_grads() give the same float)."""
+        if not l2:
+            return []
+        return [(name, *self.l2(params[name], l2))
+                for name, role in self.spec["roles"].items() if role == "weight"]
+
     def _with_l2(self, params, loss, grads, l2):
         """(loss, grads) with the penalty l2/2 sum ||W||^2 of the weight matrices added."""
-        if l2:
-            for name, role in self.spec["roles"].items():
-                if role == "weight":
-                    penalty, gradient = self.l2(params[name], l2)
-                    loss += penalty
-                    grads[name] = grads[name] + gradient
+        for name, penalty, gradient in self._l2_terms(params, l2):
+            loss += penalty
+            grads[name] = grads[name] + gradient
         # Copies: the workspace the gradients live in is reused by the next call.
         return float(loss), {name: np.array(grads[name]) for name in self.spec["params"]}
 
     def _with_l2_penalty(self, params, loss, l2):
-        """The loss with the penalty added as _with_l2 adds it (in the same order: the
-        same float)."""
-        if l2:
-            for name, role in self.spec["roles"].items():
-                if role == "weight":
-                    loss += self.l2(params[name], l2)[0]
+        """The loss alone with the penalty added as _with_l2 adds it."""
+        for _, penalty, _ in self._l2_terms(params, l2):
+            loss += penalty
         return float(loss)
 
     # -- the public functions of the module -------------------------------------------
@@ -266,14 +269,17 @@ class Model:
         n = self.pieces(params, T, B, dtype, threads=threads, forward=True)
         if n == 1:
             return self._forward(params, x, state0, sizes, T, B, dtype)
-
-        def piece(lo, hi):
-            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
-            return self._forward(params, x[:, lo:hi], s0, sizes, T, hi - lo, dtype)
-
-        results = split.run([lambda lo=lo, hi=hi: piece(lo, hi) for lo, hi in split.pieces(B, n)])
+        results = self._over_rows(n, B, lambda lo, hi: self._forward(
+            params, x[:, lo:hi], split.rows(state0, lo, hi), sizes, T, hi - lo, dtype))
         return (np.concatenate([y for y, _ in results], axis=1),
                 {s: np.concatenate([final[s] for _, final in results]) for s in self.states})
+
+    def _over_rows(self, n, B, piece):
+        """[piece(lo, hi) for the rows lo..hi-1 of each of n pieces of the batch's B]:
+        here for n = 1, else each on a thread of its own (split.py)."""
+        if n == 1:
+            return [piece(0, B)]
+        return split.run([functools.partial(piece, lo, hi) for lo, hi in split.pieces(B, n)])
 
     def _forward(self, params, x, state0, sizes, T, B, dtype):
         """forward on the whole batch, in this thread: the arguments checked."""
@@ -299,11 +305,7 @@ class Model:
         x = calls.pack_inputs(self.spec, x)
         calls.check_memory_limit(memory_limit)
         if memory_limit is not None:
-            T = checkpoint.check_sequence(self.spec, x, targets, mask)
-            first = slice(0, min(T, 1))
-            sizes, _, B, dtype = calls.check_call(
-                self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
-                None if mask is None else np.asarray(mask[first]), l2=l2)
+            sizes, T, B, dtype = self._check_by_slices(params, x, targets, state0, mask, l2)
             steps = self._steps_within(sizes, T, B, dtype, memory_limit)
             return self._loss_in_stretches(params, x, targets, state0, mask, l2, sizes, T, B,
                                            dtype, steps)
@@ -312,15 +314,21 @@ class Model:
         weights, total = calls.loss_weights(self.spec, T, B, mask, dtype)
         weights = weights.reshape(T, B)
         n = self.pieces(params, T, B, dtype, threads=threads, forward=True)
-
-        def piece(lo, hi):
-            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
-            return self._loss_sum(params, x[:, lo:hi], targets[:, lo:hi], s0,
-                                  weights[:, lo:hi], sizes, T, hi - lo, dtype)[0]
-
-        sums = (split.run([lambda lo=lo, hi=hi: piece(lo, hi)
-                           for lo, hi in split.pieces(B, n)]) if n > 1 else [piece(0, B)])
+        sums = self._over_rows(n, B, lambda lo, hi: self._loss_sum(
+            params, x[:, lo:hi], targets[:, lo:hi], split.rows(state0, lo, hi),
+            weights[:, lo:hi], sizes, T, hi - lo, dtype)[0])
         return self._with_l2_penalty(params, sum(sums) / total, l2)
+
+    def _check_by_slices(self, params, x, targets, state0, mask, l2):
+        """(sizes, T, B, dtype) of a call whose x, targets and mask are read by slices:
+        their shapes, and the parameters, states and L2 checked with the first step
+        (each later slice is checked as it is read)."""
+        T = checkpoint.check_sequence(self.spec, x, targets, mask)
+        first = slice(0, min(T, 1))
+        sizes, _, B, dtype = calls.check_call(
+            self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
+            None if mask is None else np.asarray(mask[first]), l2=l2)
+        return sizes, T, B, dtype
 
     def _loss_sum(self, params, x, targets, state0, weights, sizes, T, B, dtype):
         """(the weighted sum of the losses of a call's T steps, its final states), in
@@ -441,9 +449,9 @@ class Model:
             calls.loss_weights(self.spec, T, B, mask, dtype)  # refuses: no loss term
 
         def piece(lo, hi, m):
-            s0 = None if state0 is None else {s: a[lo:hi] for s, a in state0.items()}
-            return self._whole(params, x[:, lo:hi], targets[:, lo:hi], s0, m, 0.0, algorithm,
-                               k1, k2, None, None, None, sizes, T, hi - lo, dtype)
+            return self._whole(params, x[:, lo:hi], targets[:, lo:hi],
+                               split.rows(state0, lo, hi), m, 0.0, algorithm, k1, k2, None,
+                               None, None, sizes, T, hi - lo, dtype)
 
         results = split.run([lambda p=p: piece(*p) for p in pieces])
         loss, grads = split.combine(weights, results)
@@ -479,11 +487,7 @@ class Model:
         """Checkpointed BPTT (checkpoint.py). The arguments are checked one segment at a
         time as they are read, the whole of them never being in memory at once."""
         x = calls.pack_inputs(self.spec, x)
-        T = checkpoint.check_sequence(self.spec, x, targets, mask)
-        first = slice(0, min(T, 1))
-        sizes, _, B, dtype = calls.check_call(
-            self.spec, params, np.asarray(x[first]), np.asarray(targets[first]), state0,
-            None if mask is None else np.asarray(mask[first]), l2=l2)
+        sizes, T, B, dtype = self._check_by_slices(params, x, targets, state0, mask, l2)
         checkpoint.check_options(memory_limit, snapshots, segment)
         chosen = self._checkpoint_plan(sizes, T, B, np.dtype(dtype).itemsize, memory_limit,
                                        snapshots, segment)

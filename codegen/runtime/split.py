@@ -40,6 +40,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
+
 #: Algorithms whose gradient is a sum over sequences at fixed weights: the windows of
 #: naive and tbptt depend on T alone. Not artbp (its cuts are drawn per call), rtrl
 #: (its sensitivities are state) or checkpoint (segments of its own).
@@ -126,6 +128,18 @@ def count(threads, algorithm, T, B, loop_weight_bytes, parameters):
 def pieces(B, n):
     """Rows [lo, hi) of each of n pieces of B rows, as even as can be."""
     return [(i * B // n, (i + 1) * B // n) for i in range(n)]
+
+
+def rows(tree, lo, hi, axis=0):
+    """Each array of a dict (or an array; None stays None) cut to rows lo:hi along
+    ``axis``, contiguous: a piece's share of initial states, a mask, a shard's data."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: rows(v, lo, hi, axis) for k, v in tree.items()}
+    index = [slice(None)] * tree.ndim
+    index[axis] = slice(lo, hi)
+    return np.ascontiguousarray(tree[tuple(index)])
 
 
 def run(calls):
