@@ -1,6 +1,6 @@
 """loss() (forward and loss phase) against loss_and_grads() of the same call: one
-process, 0.5 s blocks of each in turn after a 0.25 s pause, float32, the default split
-rule; prints the medians and loss/loss_and_grads.
+process, 0.5 s blocks of each in turn after a 0.25 s pause (frameworks.timed_rounds),
+float32, the default split rule; prints the medians and loss/loss_and_grads.
 
     python bench/loss_vs_grads.py [--models elman,lstm,gru] [--rounds 3]
                                   [--sizes B,T,I,H,O ...]
@@ -10,27 +10,11 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from frameworks import fmt_load, problem, source_version  # noqa: E402
-
-
-def block(call, seconds=0.5, pause=0.25):
-    """The median time of ``call`` over a block of calls after a pause and one untimed
-    call (frameworks.timed_rounds explains both)."""
-    import numpy as np
-
-    time.sleep(pause)
-    call()
-    times, end = [], time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < end:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from frameworks import fmt_load, problem, source_version, timed_rounds  # noqa: E402
 
 
 def main(argv=None):
@@ -47,11 +31,10 @@ def main(argv=None):
         module = importlib.import_module(f"bpttgen.generated.{model}")
         for B, T, I, H, O in (tuple(map(int, s.split(","))) for s in args.sizes):
             params, x, targets = problem(np, module, model, B, T, I, H, O, np.float32)
-            both, alone = [], []
-            for _ in range(args.rounds):
-                both.append(block(lambda: module.loss_and_grads(params, x, targets)))
-                alone.append(block(lambda: module.loss(params, x, targets)))
-            a, b = 1e3 * float(np.median(both)), 1e3 * float(np.median(alone))
+            times = timed_rounds({"both": lambda: module.loss_and_grads(params, x, targets),
+                                  "alone": lambda: module.loss(params, x, targets)},
+                                 args.rounds, args.rounds, 0.0)
+            a, b = (1e3 * float(np.median(times[k])) for k in ("both", "alone"))
             print(f"{model:6s} {B},{T},{I},{H},{O}: loss_and_grads {a:8.2f} ms  loss "
                   f"{b:8.2f} ms  loss/loss_and_grads {b / a:.2f}", flush=True)
 

@@ -16,12 +16,12 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from frameworks import SIZES, fmt_load, pin_threads, problem, source_version  # noqa: E402
+from frameworks import (SIZES, fmt_load, pin_threads, problem, source_version,  # noqa: E402
+                        timed_rounds)
 
 #: Sizes near the rule's edges: the fewest rows, the least work it splits.
 EDGE_SIZES = ((32, 128, 16, 64, 16), (32, 32, 16, 64, 16), (64, 64, 32, 64, 32))
@@ -62,25 +62,12 @@ def main(argv=None):
                     return {"y": module.forward(params, x, threads=threads)[0]}
                 return module.loss_and_grads(params, x, targets, threads=threads)[1]
 
-            def block(threads):
-                time.sleep(args.pause)
-                grads = call(threads)
-                times, end = [], time.perf_counter() + args.seconds
-                while len(times) < 3 or time.perf_counter() < end:
-                    start = time.perf_counter()
-                    call(threads)
-                    times.append(time.perf_counter() - start)
-                return 1e3 * float(np.median(times)), grads
-
-            ms = {1: [], None: []}
-            grads = {}
-            for r in range(args.rounds):
-                for threads in ((1, None) if r % 2 == 0 else (None, 1)):
-                    t, grads[threads] = block(threads)
-                    ms[threads].append(t)
+            grads = {threads: call(threads) for threads in (1, None)}
+            times = timed_rounds({1: lambda: call(1), None: lambda: call(None)}, args.rounds,
+                                 args.rounds, 0.0, pause=args.pause, block=args.seconds)
             diff = max(float(np.abs(grads[None][k] - grads[1][k]).max()
                              / np.abs(grads[1][k]).max()) for k in grads[1])
-            one, rule = (float(np.median(ms[k])) for k in (1, None))
+            one, rule = (1e3 * float(np.median(times[k])) for k in (1, None))
             print(f"{model:6s} {B},{T},{I},{H},{O}: pieces {pieces}  unsplit {one:8.2f} ms  "
                   f"split {rule:8.2f} ms  unsplit/split {one / rule:5.2f}  "
                   f"grad diff {diff:.1e}", flush=True)
